@@ -1,0 +1,30 @@
+# All set-up lives here: a fresh machine needs only `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# The CPU wheel of torch first: a bare `torch` requirement would pull multi-GB CUDA builds.
+	$(VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VENV)/bin/pip install --quiet -e ".[dev,dp]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-slow lint bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/poisonlab demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_maml.py

@@ -1,0 +1,64 @@
+"""The two shapes every loader returns: a few-shot class bank and a supervised image set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class FewShotData:
+    """A bank of classes for few-shot episodes.
+
+    images: float32 tensor [num_classes, samples_per_class, channels, H, W] in [0, 1]
+    class_names: one name per class (e.g. "Latin/character01")
+    groups: the group of each class (Omniglot: its alphabet; glyphs: its script)
+    """
+
+    images: torch.Tensor
+    class_names: list[str]
+    groups: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def samples_per_class(self) -> int:
+        return int(self.images.shape[1])
+
+    def subset(self, class_indices: torch.Tensor | list[int]) -> FewShotData:
+        idx = torch.as_tensor(class_indices, dtype=torch.long)
+        return FewShotData(
+            images=self.images[idx],
+            class_names=[self.class_names[i] for i in idx.tolist()],
+            groups=[self.groups[i] for i in idx.tolist()],
+        )
+
+
+@dataclass
+class ImageSet:
+    """x: float32 [N, C, H, W] in [0, 1]; y: int64 [N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.x[index], self.y[index])
+
+
+@dataclass
+class SupervisedData:
+    """A train/test pair of labelled image sets with class names (label i = classes[i])."""
+
+    train: ImageSet
+    test: ImageSet
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)

@@ -1,0 +1,29 @@
+"""Errors that poisonlab reports to a user as one line (the CLI exits with code 2).
+
+Raise one of these at every boundary where input from outside (a file, a config value, a
+command-line argument) can be wrong. The message names the bad file, key or value.
+"""
+
+
+class PoisonlabError(Exception):
+    """Base class: a user-facing problem, printed as a single line without a traceback."""
+
+
+class ConfigError(PoisonlabError, ValueError):
+    """An invalid configuration value, unknown key or impossible parameter."""
+
+
+class DataError(PoisonlabError, ValueError):
+    """A missing, corrupt or malformed data set, or an impossible request on one."""
+
+
+class ModelFileError(PoisonlabError, ValueError):
+    """A model file that cannot be loaded safely or does not fit the architecture."""
+
+
+class DownloadError(PoisonlabError):
+    """A download that failed or whose checksum did not match."""
+
+
+class RunError(PoisonlabError):
+    """An unknown run id, or a run directory that cannot be used."""
