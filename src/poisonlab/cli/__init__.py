@@ -17,6 +17,14 @@ app = typer.Typer(
 )
 
 
+@app.command()
+def version() -> None:
+    """Print the poisonlab version."""
+    from poisonlab import __version__
+
+    print(__version__)
+
+
 def _register_all() -> None:
     from poisonlab.cli import audit, data, run, runs
 
