@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Red-team and audit ML models against data poisoning, backdoors and membership inference."""
+
+
 @app.command()
 def version() -> None:
     """Print the poisonlab version."""
