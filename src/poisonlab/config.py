@@ -1,0 +1,192 @@
+"""Configuration: pydantic models layered from defaults, a preset, a file and `--set` overrides.
+
+Every experiment declares a `BaseConfig` subclass (nested sections are plain pydantic models).
+`resolve_config` builds one in this order, each layer overriding the previous:
+
+1. the class defaults,
+2. a named preset (a partial dict),
+3. a YAML file (TOML or JSON by extension),
+4. `key=value` overrides; dotted keys reach nested sections (`attack.epsilon=0.3`) and values
+   are parsed as YAML, so `0.3`, `[0.1, 0.3]`, `true` and `null` mean what they look like.
+
+Any problem (unknown preset or key, wrong type, out-of-range value, unreadable file) becomes a
+one-line `ConfigError` naming the key or file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from poisonlab.errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class BaseConfig(BaseModel):
+    """Base of every experiment config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = 0
+
+
+def resolve_config(
+    cls: type[C],
+    presets: Mapping[str, Mapping[str, Any]],
+    preset: str | None = None,
+    file: Path | str | None = None,
+    overrides: Sequence[str] = (),
+) -> C:
+    """Build a validated `cls` from defaults, then `preset`, then `file`, then `overrides`."""
+    data = _nested_defaults(cls)
+    if preset is not None:
+        if preset not in presets:
+            valid = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(f"unknown preset '{preset}' (valid presets: {valid})")
+        _deep_merge(data, copy.deepcopy(dict(presets[preset])))
+    if file is not None:
+        _deep_merge(data, load_config_file(Path(file)))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return validate_config(cls, data)
+
+
+def validate_config(cls: type[C], data: Mapping[str, Any]) -> C:
+    """`cls.model_validate(data)`, with a failure turned into a one-line ConfigError."""
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(cls, exc)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `key=value`; the value is parsed as YAML (`0.3` → float, `[1,2]` → list)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"bad override '{item}': expected key=value, e.g. attack.epsilon=0.3")
+    if any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override '{item}': empty part in key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"bad override '{item}': cannot parse value ({problem})") from None
+    return key, value
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a mapping from a .yaml/.yml, .toml or .json file (other extensions: YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = _parse_text(text, path.suffix.lower())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        problem = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"cannot parse config file {path}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_text(text: str, suffix: str) -> Any:
+    if suffix == ".json":
+        return json.loads(text)
+    if suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    return yaml.safe_load(text)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable 12-hex-digit sha256 of the config's canonical JSON (sorted keys)."""
+    canonical = json.dumps(
+        cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """The config as YAML, fields in declaration order; `load_config_file` reads it back."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def describe_validation_error(cls: type[BaseModel], exc: ValidationError) -> str:
+    """One line: 'invalid config: <key>: <problem> (got <value>)' for each error, '; '-joined."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(cls, err["loc"][:-1])
+            hint = f" (valid keys: {', '.join(valid)})" if valid else ""
+            parts.append(f"{loc}: unknown key{hint}")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: required value is missing")
+        else:
+            parts.append(f"{loc}: {err['msg']} (got {_short(err.get('input'))})")
+    return "invalid config: " + "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _valid_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at `loc`, or [] if it cannot be followed."""
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _nested_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """Defaults of nested-model fields as dicts, so a partial layer keeps the other sub-keys."""
+    out: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            out[name] = default.model_dump()
+    return out
+
+
+def _deep_merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"cannot set {key}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
