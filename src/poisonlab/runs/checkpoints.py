@@ -1,0 +1,251 @@
+"""Safe model files: weights are written as safetensors and never read through plain pickle.
+
+`.safetensors` files hold only tensors and a string header, so reading one cannot run code.
+Legacy `.pt/.pth/.bin` files are read with `torch.load(weights_only=True)`, whose restricted
+unpickler refuses anything but tensors and plain containers; a file that tries more is refused
+with a `ModelFileError`.
+
+`pack_state`/`unpack_state` turn a nested training state (model and optimizer state dicts,
+counters, RNG states) into flat tensors plus a JSON skeleton, so it can be saved the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from poisonlab.errors import ModelFileError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def save_weights(
+    path: Path | str, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write `state_dict` (name → tensor) to a .safetensors file atomically; metadata → header."""
+    path = Path(path)
+    tensors = _storable(state_dict)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _storable(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors, none sharing memory (safetensors requires it)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise ModelFileError(f"cannot save '{key}': {type(value).__name__} is not a tensor")
+        t = value.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[str(key)] = t
+    return out
+
+
+def load_weights(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a weights file: (name → tensor on CPU, header metadata). Never runs pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _load_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _state_dict_from(path, _load_pickled(path)), {}
+    raise ModelFileError(
+        f"unsupported model file {path} (expected .safetensors, or {', '.join(PICKLE_SUFFIXES)})"
+    )
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path), device="cpu"), metadata
+    except Exception as exc:  # safetensors raises its own error types and OSError/ValueError
+        raise ModelFileError(
+            f"cannot read {path}: not a valid safetensors file ({_first_line(exc)})"
+        ) from None
+
+
+def _load_pickled(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"refusing to load {path}: it contains code, not just weights ({_unpickle_reason(exc)})"
+        ) from None
+    except Exception as exc:  # truncated zip, EOF, unknown format: all unreadable files
+        raise ModelFileError(f"cannot read {path}: {_first_line(exc)}") from None
+
+
+def _unpickle_reason(exc: Exception) -> str:
+    """The part of torch's long weights-only message that names the forbidden global."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line[:200]
+    return _first_line(exc)
+
+
+def _state_dict_from(path: Path, obj: Any) -> dict[str, Tensor]:
+    """The tensors of a loaded object: a flat state dict, or one under a usual wrapper key."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and _all_tensors(inner):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ModelFileError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise ModelFileError(
+                f"{path} does not hold a state dict: entry {key!r} is {type(value).__name__}, "
+                "not a tensor"
+            )
+    return dict(obj)
+
+
+def _all_tensors(mapping: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in mapping.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def load_into(
+    model: nn.Module,
+    path_or_state: Path | str | Mapping[str, Tensor],
+    strict: bool = True,
+    name: str | None = None,
+) -> nn.Module:
+    """Load weights into `model` after checking that every key and shape fits.
+
+    With strict=False missing and unexpected keys are allowed, but shapes must still match.
+    A `module.` prefix (from DataParallel) is dropped when the model does not use it.
+    """
+    if isinstance(path_or_state, Mapping):
+        state, source = dict(path_or_state), "the given state dict"
+    else:
+        state, _ = load_weights(path_or_state)
+        source = Path(path_or_state).name
+    expected = model.state_dict()
+    state = _strip_prefix(state, expected, "module.")
+    problems = _fit_problems(state, expected, strict)
+    if problems:
+        label = name or getattr(model, "name", None) or type(model).__name__
+        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ModelFileError(
+            f"weights in {source} do not fit {label}: {'; '.join(problems[:4])}{more}"
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _strip_prefix(state: dict[str, Tensor], expected: Mapping, prefix: str) -> dict[str, Tensor]:
+    if (
+        state
+        and all(k.startswith(prefix) for k in state)
+        and not any(k.startswith(prefix) for k in expected)
+    ):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _fit_problems(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], strict: bool
+) -> list[str]:
+    problems = []
+    for key, want in expected.items():
+        if key not in state:
+            if strict:
+                problems.append(f"{key} is missing (expected shape {_shape(want)})")
+        elif tuple(state[key].shape) != tuple(want.shape):
+            problems.append(f"{key} has shape {_shape(state[key])}, expected {_shape(want)}")
+    if strict:
+        problems += [f"{key} is not part of the model" for key in state if key not in expected]
+    return problems
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ",".join(str(d) for d in t.shape) + "]"
+
+
+def pack_state(obj: Any) -> tuple[dict[str, Tensor], str]:
+    """Split a nested state into (flat tensors, JSON skeleton); `unpack_state` inverts it.
+
+    Supports dicts (any str/int/float/bool keys), lists, tuples, tensors, numbers, strings and
+    None — enough for model and optimizer state dicts, counters and RNG states.
+    """
+    tensors: dict[str, Tensor] = {}
+    skeleton = _pack(obj, tensors, "")
+    return tensors, json.dumps(skeleton, separators=(",", ":"))
+
+
+def _pack(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    if isinstance(obj, Tensor):
+        key = path.rstrip(".") or "tensor"
+        while key in tensors:  # keys such as "a.b" and a nested a -> b give the same path
+            key += "_"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        items = [[_pack_key(k, path), _pack(v, tensors, f"{path}{k}.")] for k, v in obj.items()]
+        return {"__dict__": items}
+    if isinstance(obj, (list, tuple)):
+        items = [_pack(v, tensors, f"{path}{i}.") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ModelFileError(
+        f"cannot save state at '{path.rstrip('.')}': unsupported {type(obj).__name__}"
+    )
+
+
+def _pack_key(key: Any, path: str) -> Any:
+    if isinstance(key, (str, int, float, bool)):
+        return key
+    raise ModelFileError(f"cannot save state at '{path}{key}': unsupported key type")
+
+
+def unpack_state(tensors: Mapping[str, Tensor], skeleton: str) -> Any:
+    """Rebuild the object `pack_state` split."""
+    return _unpack(json.loads(skeleton), tensors)
+
+
+def _unpack(node: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if "__tuple__" in node:
+            return tuple(_unpack(v, tensors) for v in node["__tuple__"])
+        return {k: _unpack(v, tensors) for k, v in node["__dict__"]}
+    if isinstance(node, list):
+        return [_unpack(v, tensors) for v in node]
+    return node

@@ -1,0 +1,181 @@
+"""SQLite index of runs: one row per run directory, for fast listing and filtering.
+
+The run directories are the source of truth; the index only mirrors their run.json and headline
+metrics, and `rebuild_index` recreates it from them. Several processes may write it at once:
+the database is in WAL mode with a busy timeout, every write is one short transaction, and a
+write that still meets "database is locked" is retried with a randomised back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from poisonlab.errors import RunError
+
+INDEX_NAME = "index.sqlite"
+COLUMNS = ("run_id", "experiment", "config_hash", "status", "started", "ended", "headline", "path")
+HEADLINE_LIMIT = 12
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    config_hash TEXT,
+    status TEXT NOT NULL,
+    started TEXT,
+    ended TEXT,
+    headline TEXT,
+    path TEXT NOT NULL
+)
+"""
+_ATTEMPTS = 40
+T = TypeVar("T")
+
+
+def index_path(root: Path) -> Path:
+    return Path(root) / INDEX_NAME
+
+
+@contextmanager
+def _connect(root: Path) -> Iterator[sqlite3.Connection]:
+    """A connection in autocommit mode (transactions are explicit), WAL, 30 s busy timeout."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(index_path(root), timeout=30.0, isolation_level=None)
+    with closing(conn):
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(_SCHEMA)
+        yield conn
+
+
+def _with_retry(action: Callable[[sqlite3.Connection], T], root: Path) -> T:
+    """Run `action` on a fresh connection, retrying while the database is locked or busy."""
+    delay = 0.01
+    for attempt in range(_ATTEMPTS):
+        try:
+            with _connect(root) as conn:
+                return action(conn)
+        except sqlite3.OperationalError as exc:
+            message = str(exc).lower()
+            if ("locked" not in message and "busy" not in message) or attempt == _ATTEMPTS - 1:
+                raise RunError(f"cannot update the run index {index_path(root)}: {exc}") from None
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
+    raise AssertionError("unreachable")
+
+
+def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The few numbers shown in listings: `metrics["headline"]` if present, else the top-level
+    numbers of metrics.json (at most 12)."""
+    source = metrics.get("headline")
+    if isinstance(source, Mapping):
+        flat = flatten_numbers(source)
+    else:
+        flat = {k: v for k, v in metrics.items() if _is_number(v)}
+    return dict(list(flat.items())[:HEADLINE_LIMIT])
+
+
+def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Numbers of a nested mapping under dotted keys ({"a": {"b": 1}} → {"a.b": 1})."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_numbers(value, name + "."))
+        elif _is_number(value):
+            out[name] = value
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_run(
+    root: Path, info: Mapping[str, Any], headline: Mapping[str, Any], path: Path
+) -> None:
+    """Insert or update the row of one run."""
+    row = _row(info, headline, path)
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+            "ON CONFLICT(run_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:]),
+            row,
+        )
+
+    _with_retry(write, Path(root))
+
+
+def _row(info: Mapping[str, Any], headline: Mapping[str, Any], path: Path) -> tuple:
+    return (
+        info["id"],
+        info["experiment"],
+        info.get("config_hash"),
+        info.get("status", "created"),
+        info.get("started"),
+        info.get("ended"),
+        json.dumps(dict(headline)),
+        str(Path(path).resolve()),
+    )
+
+
+def list_runs(root: Path | str | None = None, experiment: str | None = None) -> list[dict]:
+    """Indexed runs (oldest first) whose directory still exists; rebuilds a missing index."""
+    from poisonlab.runs.record import runs_root
+
+    root = runs_root(root)
+    if not root.is_dir():
+        return []
+    if not index_path(root).exists():
+        rebuild_index(root)
+
+    def read(conn: sqlite3.Connection) -> list[tuple]:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM runs"
+        args: tuple = ()
+        if experiment is not None:
+            sql, args = sql + " WHERE experiment = ?", (experiment,)
+        return conn.execute(sql + " ORDER BY started, run_id", args).fetchall()
+
+    rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
+    for row in rows:
+        row["headline"] = json.loads(row["headline"] or "{}")
+    return [row for row in rows if Path(row["path"]).is_dir()]
+
+
+def rebuild_index(root: Path | str | None = None) -> int:
+    """Recreate the index from the run.json and metrics.json of every run directory."""
+    from poisonlab.runs.record import read_run_dir, runs_root
+
+    root = runs_root(root)
+    rows = []
+    for run_json in sorted(root.glob("*/run.json")):
+        try:
+            info, metrics = read_run_dir(run_json.parent)
+        except RunError:
+            continue  # an unreadable directory is skipped, not indexed
+        rows.append(_row(info, headline_metrics(metrics), run_json.parent))
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM runs")
+            conn.executemany(
+                f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                rows,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    _with_retry(write, root)
+    return len(rows)

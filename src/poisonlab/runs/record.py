@@ -1,0 +1,371 @@
+"""Run records: every run gets a directory (the source of truth) and a row in the index.
+
+Layout of `<root>/<experiment>-<YYYYmmdd-HHMMSS>-<4 hex>/`:
+
+    config.yaml    the resolved config
+    run.json       id, experiment, seed, status, start/end, config hash, versions, git revision
+    log.txt        timestamped log lines
+    metrics.json   the experiment's results
+    checkpoints/   safetensors files (weights, or packed training state for --resume)
+    figures/       images written by the experiment
+
+The root is an argument, else $POISONLAB_RUNS, else ./runs. Use a run as a context manager:
+the status becomes "running", then "completed", "interrupted" (Ctrl-C or SIGTERM) or "failed".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import secrets
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel
+from torch import Tensor
+
+from poisonlab.config import config_hash, dump_yaml
+from poisonlab.errors import RunError
+from poisonlab.runs import index
+from poisonlab.runs.checkpoints import load_weights, pack_state, save_weights, unpack_state
+
+STATUSES = ("created", "running", "completed", "interrupted", "failed")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_META_KEY = "poisonlab.meta"
+_STATE_KEY = "poisonlab.state"
+
+
+def runs_root(root: Path | str | None = None) -> Path:
+    """`root`, else $POISONLAB_RUNS, else ./runs."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("POISONLAB_RUNS") or "runs")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class Run:
+    """One run directory. Create with `Run.create`, reopen with `Run.open`."""
+
+    def __init__(self, path: Path, info: dict[str, Any], config: dict[str, Any], resumed: bool):
+        self.path = Path(path)
+        self.info = info
+        self.config = config
+        self.resumed = resumed
+        self.id: str = info["id"]
+        self.experiment: str = info["experiment"]
+        self.seed: int = int(info.get("seed", 0))
+        self._prev_sigterm: Any = None
+        self._sigterm_installed = False
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, status={self.status!r}, path='{self.path}')"
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "created")
+
+    @classmethod
+    def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None) -> Run:
+        """Make a new run directory for `experiment` with the resolved `config`."""
+        if not _SAFE_NAME.match(experiment):
+            raise RunError(
+                f"bad experiment name '{experiment}': use letters, digits, '_', '-', '.'"
+            )
+        base = runs_root(root)
+        base.mkdir(parents=True, exist_ok=True)
+        path = _new_run_dir(base, experiment)
+        (path / "checkpoints").mkdir()
+        (path / "figures").mkdir()
+        (path / "log.txt").touch()
+        _atomic_write(path / "config.yaml", dump_yaml(config))
+        cfg = config.model_dump(mode="json")
+        info = {
+            "id": path.name,
+            "experiment": experiment,
+            "seed": int(cfg.get("seed", 0)),
+            "status": "created",
+            "started": _now(),
+            "ended": None,
+            "config_hash": config_hash(config),
+            **environment(),
+            "resumed_at": [],
+        }
+        run = cls(path, info, cfg, resumed=False)
+        run._save_info()
+        return run
+
+    @classmethod
+    def open(cls, run_id_or_path: str | Path, root: Path | str | None = None) -> Run:
+        """Reopen an existing run (by path, id or unique id prefix) with resumed=True."""
+        path = resolve_run_dir(run_id_or_path, root)
+        info, _ = read_run_dir(path)
+        config = _read_yaml(path / "config.yaml")
+        return cls(path, info, config, resumed=True)
+
+    # --- records -------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """Append a timestamped line to log.txt."""
+        line = " ".join(str(message).splitlines())
+        with open(self.path / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{_now()} {line}\n")
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Write metrics.json atomically and put its headline numbers into the index."""
+        clean = to_jsonable(dict(metrics))
+        _atomic_write(self.path / "metrics.json", json.dumps(clean, indent=2) + "\n")
+        self._update_index(clean)
+
+    def figure_path(self, name: str) -> Path:
+        """Where to save figure `name` (figures/<name>); the folder exists."""
+        _check_name(name, "figure")
+        folder = self.path / "figures"
+        folder.mkdir(exist_ok=True)
+        return folder / name
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint_path(self, name: str) -> Path:
+        _check_name(name, "checkpoint")
+        return self.path / "checkpoints" / f"{name}.safetensors"
+
+    def save_checkpoint(
+        self, name: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Save tensors to checkpoints/<name>.safetensors atomically; `meta` is JSON in the header."""
+        header = {_META_KEY: json.dumps(to_jsonable(dict(meta or {})))}
+        return save_weights(self.checkpoint_path(name), tensors, header)
+
+    def load_checkpoint(self, name: str) -> tuple[dict[str, Tensor], dict] | None:
+        """(tensors, meta) of checkpoint `name`, or None if it was never saved."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
+            return None
+        tensors, header = load_weights(path)
+        return tensors, json.loads(header.get(_META_KEY) or "{}")
+
+    def save_state(self, name: str, state: Any) -> Path:
+        """Save a nested training state (state dicts, optimizer state, counters) for resuming."""
+        tensors, skeleton = pack_state(state)
+        return save_weights(self.checkpoint_path(name), tensors, {_STATE_KEY: skeleton})
+
+    def load_state(self, name: str) -> Any | None:
+        """The state saved by `save_state(name, ...)`, or None if there is none."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
+            return None
+        tensors, header = load_weights(path)
+        if _STATE_KEY not in header:
+            raise RunError(f"checkpoint {path} was not written by save_state")
+        return unpack_state(tensors, header[_STATE_KEY])
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def finish(self, status: str = "completed") -> None:
+        """Record the final status and end time."""
+        if status not in STATUSES:
+            raise RunError(f"unknown run status '{status}' (one of: {', '.join(STATUSES)})")
+        self.info["status"] = status
+        self.info["ended"] = _now()
+        self.log(f"status: {status}")
+        self._save_info()
+
+    def __enter__(self) -> Run:
+        if self.resumed:
+            self.info.setdefault("resumed_at", []).append(_now())
+        self.info.update(status="running", ended=None)
+        self.info.pop("error", None)
+        self._save_info()
+        self.log("resumed" if self.resumed else "started")
+        self._install_sigterm()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore_sigterm()
+        if exc_type is None:
+            self.finish("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.log(f"interrupted{': ' + str(exc) if str(exc) else ''}")
+            self.finish("interrupted")
+        else:
+            text = str(exc).strip().splitlines()
+            error = f"{exc_type.__name__}: {text[0] if text else ''}".rstrip(": ")
+            self.info["error"] = error
+            self.log(f"failed: {error}")
+            self.finish("failed")
+        return False
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._prev_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        self._sigterm_installed = True
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm_installed:
+            prev = self._prev_sigterm if self._prev_sigterm is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, prev)
+            self._sigterm_installed = False
+
+    # --- persistence ---------------------------------------------------------------------
+    def _save_info(self) -> None:
+        _atomic_write(self.path / "run.json", json.dumps(self.info, indent=2) + "\n")
+        metrics = (
+            _read_json(self.path / "metrics.json") if (self.path / "metrics.json").exists() else {}
+        )
+        self._update_index(metrics)
+
+    def _update_index(self, metrics: Mapping[str, Any]) -> None:
+        """Mirror the run into the index; a failure is logged, the run directory stays valid."""
+        try:
+            index.record_run(self.root, self.info, index.headline_metrics(metrics), self.path)
+        except RunError as exc:
+            self.log(f"warning: {exc}")
+            warnings.warn(str(exc), stacklevel=3)
+
+
+def _sigterm_to_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt("terminated by SIGTERM")
+
+
+def _new_run_dir(base: Path, experiment: str) -> Path:
+    for _ in range(50):
+        run_id = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            (base / run_id).mkdir()
+            return base / run_id
+        except FileExistsError:
+            continue
+    raise RunError(f"cannot create a new run directory under {base}")
+
+
+def _check_name(name: str, kind: str) -> None:
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise RunError(f"bad {kind} name '{name}': use a plain file name")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and place of this process: what run.json records beside the config."""
+    import poisonlab
+    from poisonlab.device import default_device
+
+    return {
+        "git_revision": _source_revision(),
+        "poisonlab_version": poisonlab.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(default_device()),
+        "host": platform.node(),
+    }
+
+
+@lru_cache(maxsize=1)
+def _source_revision() -> str | None:
+    """`git rev-parse HEAD` of the poisonlab source tree (with '+dirty'), or None without git."""
+    import poisonlab
+
+    here = Path(poisonlab.__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors and NumPy values become numbers or lists; paths become strings."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":
+        return value.tolist()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    return data or {}
+
+
+def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run.json, metrics.json or {}) of a run directory."""
+    info = _read_json(path / "run.json")
+    if not isinstance(info, dict) or "id" not in info or "experiment" not in info:
+        raise RunError(f"{path / 'run.json'} is not a run record")
+    metrics_file = path / "metrics.json"
+    metrics = _read_json(metrics_file) if metrics_file.exists() else {}
+    return info, metrics if isinstance(metrics, dict) else {}
+
+
+def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) -> Path:
+    """The directory of a run given as a path, an id or a unique id prefix under `root`."""
+    given = Path(run_id_or_path)
+    if (given / "run.json").is_file():
+        return given
+    base = runs_root(root)
+    key = str(run_id_or_path)
+    if "/" not in key and (base / key / "run.json").is_file():
+        return base / key
+    matches = sorted(p.parent for p in base.glob("*/run.json") if p.parent.name.startswith(key))
+    if len(matches) == 1 and key:
+        return matches[0]
+    if len(matches) > 1 and key:
+        names = ", ".join(p.name for p in matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise RunError(f"run id prefix '{key}' is ambiguous under {base}: {names}")
+    raise RunError(f"no run '{key}' under {base}")
