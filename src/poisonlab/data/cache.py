@@ -1,0 +1,95 @@
+"""On-disk cache of preprocessed data sets: safetensors files plus a JSON sidecar.
+
+A cache entry is keyed by a string (typically the data set name, a format version and the
+checksums of its source files). It holds named tensors (`<key>.safetensors`) and JSON metadata
+such as class names (`<key>.json`). Both files are written atomically (temporary file, then
+`os.replace`), the sidecar last, so a reader sees either a whole entry or none. An unreadable
+entry counts as a miss and is rebuilt by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from poisonlab.errors import DataError
+
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def cache_dir() -> Path:
+    """The cache folder: `$POISONLAB_CACHE`, else `~/.cache/poisonlab`; created on demand."""
+    env = os.environ.get("POISONLAB_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "poisonlab"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create cache directory {path}: {exc.strerror}") from exc
+    return path
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's content (sha256 by default), read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    return h.hexdigest()
+
+
+def make_key(name: str, *parts: str) -> str:
+    """A cache key `<name>-<16 hex digits>` derived from any identifying strings."""
+    h = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return f"{name}-{h}"
+
+
+def _paths(key: str) -> tuple[Path, Path]:
+    if not _KEY_PATTERN.match(key):
+        raise DataError(f"invalid cache key {key!r}: use letters, digits, '.', '_' or '-'")
+    base = cache_dir()
+    return base / f"{key}.safetensors", base / f"{key}.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_cached(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Store tensors and JSON-serialisable metadata under `key`, replacing any old entry."""
+    tensor_path, meta_path = _paths(key)
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(tensor_path, lambda tmp: save_file(contiguous, tmp))
+    text = json.dumps(meta, sort_keys=True)
+    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_cached(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and metadata stored under `key`, or None when absent or unreadable."""
+    tensor_path, meta_path = _paths(key)
+    if not (tensor_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(tensor_path)
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return tensors, meta

@@ -1,0 +1,156 @@
+"""Labelled image folders (`<root>/<class>/<image>`) and the shared image-decoding helpers.
+
+Classes are the sub-folder names, sorted; label i is `classes[i]`. Every image must have the
+same size (the given `image_size`, else the first image's); a mismatch is a DataError naming the
+file. Decoding uses Pillow in a small pool of forked worker processes (2 by default: decoding
+tens of thousands of small files is dominated by per-file Python overhead, which threads do not
+overlap).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from poisonlab.data.types import ImageSet
+from poisonlab.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# An image to decode: (name used in error messages, encoded bytes or a file path).
+ImageItem = tuple[str, "bytes | Path"]
+
+
+def default_workers() -> int:
+    """Worker processes used for decoding: 2, or 1 on a single-core machine."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = None) -> list[R]:
+    """`[fn(c) for c in chunks]`, spread over forked worker processes where available.
+
+    `fn` must be a module-level function that touches no torch state (forked children only
+    decode with Pillow/NumPy). Exceptions raised in a worker are re-raised here.
+    """
+    workers = default_workers() if workers is None else workers
+    can_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    if workers <= 1 or len(chunks) <= 1 or not can_fork:
+        return [fn(c) for c in chunks]
+    with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+        return pool.map(fn, chunks, chunksize=1)
+
+
+def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:
+    """`items` cut into at most `count` contiguous, nearly equal, non-empty slices."""
+    count = max(1, min(count, len(items)))
+    bounds = [round(i * len(items) / count) for i in range(count + 1)]
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def open_image(name: str, source: bytes | Path) -> Image.Image:
+    """Open and fully decode one image; unreadable or corrupt data is a DataError naming it."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {name}: {exc}") from exc
+    return image
+
+
+def _decode_chunk(job: tuple[Sequence[ImageItem], tuple[int, int], str]) -> np.ndarray:
+    items, size, mode = job
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(items), size[1], size[0], channels), dtype=np.uint8)
+    for i, (name, source) in enumerate(items):
+        image = open_image(name, source)
+        if image.size != size:
+            raise DataError(
+                f"image {name} is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}"
+            )
+        if image.mode != mode:
+            image = image.convert(mode)
+        out[i] = np.asarray(image).reshape(size[1], size[0], channels)
+    return out
+
+
+def decode_images(
+    items: Sequence[ImageItem],
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """Decode images into a uint8 tensor [N, C, H, W].
+
+    image_size is (height, width); None takes the first image's. channels is 1 (grayscale) or 3
+    (RGB); None takes 1 if the first image is grayscale, else 3.
+    """
+    if not items:
+        raise DataError("no images to decode")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if image_size is None or channels is None:
+        first = open_image(*items[0])
+        image_size = image_size or (first.size[1], first.size[0])
+        channels = channels or (1 if first.mode in _GRAY_MODES else 3)
+    size = (int(image_size[1]), int(image_size[0]))  # Pillow's (width, height)
+    mode = "L" if channels == 1 else "RGB"
+    jobs = [(c, size, mode) for c in split_chunks(items, 4 * default_workers())]
+    arrays = run_chunks(_decode_chunk, jobs, workers)
+    return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes (sorted sub-folder names) and every (image path, label), in a fixed order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {root} has no class sub-folders")
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        images = sorted(
+            p for p in (root / name).iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not images:
+            raise DataError(f"class folder {root / name} has no images")
+        files.extend((p, label) for p in images)
+    return classes, files
+
+
+def read_image_folder(
+    root: str | Path,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images [N, C, H, W], int64 labels [N] and the sorted class names of a folder."""
+    classes, files = scan_image_folder(root)
+    x = decode_images([(str(p), p) for p, _ in files], image_size, channels, workers)
+    y = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return x, y, classes
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> tuple[ImageSet, list[str]]:
+    """A labelled image folder as float32 images in [0, 1] plus its class names."""
+    x, y, classes = read_image_folder(root, image_size, channels)
+    return ImageSet(x.float().div_(255.0), y), classes
