@@ -42,4 +42,4 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
 
 
 # Architectures register themselves on import.
-from poisonlab.models import cnn4  # noqa: E402,F401
+from poisonlab.models import cnn4, resnet_cifar, small_cnn  # noqa: E402,F401
