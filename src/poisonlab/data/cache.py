@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from poisonlab.data.types import ImageSet, SupervisedData
 from poisonlab.errors import DataError
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -93,3 +95,28 @@ def load_cached(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | No
     except (OSError, ValueError, SafetensorError):
         return None
     return tensors, meta
+
+
+# What a supervised loader builds: uint8 train images, int64 labels, uint8 test images, labels,
+# class names.
+RawSupervised = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
+
+
+def cached_supervised(key: str, build: Callable[[], RawSupervised]) -> SupervisedData:
+    """Load a supervised set from the cache, or `build()` it (uint8 images) and cache it.
+
+    Images are stored as uint8 (a quarter of float32's size) and returned as float32 in [0, 1].
+    """
+    cached = load_cached(key)
+    if cached is None:
+        x_train, y_train, x_test, y_test, classes = build()
+        tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+        save_cached(key, tensors, {"classes": classes})
+    else:
+        tensors, meta = cached
+        classes = list(meta["classes"])
+    return SupervisedData(
+        train=ImageSet(tensors["x_train"].float().div_(255.0), tensors["y_train"].long()),
+        test=ImageSet(tensors["x_test"].float().div_(255.0), tensors["y_test"].long()),
+        classes=classes,
+    )

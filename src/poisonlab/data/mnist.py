@@ -1,0 +1,99 @@
+"""MNIST: 70,000 28x28 handwritten digits (60,000 train, 10,000 test).
+
+LeCun, Bottou, Bengio & Haffner, "Gradient-based learning applied to document recognition",
+Proc. IEEE 86(11), 1998. Official files: the four IDX files (train-images-idx3-ubyte,
+train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte), gzipped or not.
+
+IDX format: a big-endian header (magic 0x00000803 for 3-D uint8 images, 0x00000801 for 1-D uint8
+labels, then one uint32 per dimension) followed by the data. Magic numbers, dimensions and file
+lengths are checked; the decoded uint8 tensors are cached by the files' checksums.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poisonlab.data.cache import cached_supervised, file_digest, make_key
+from poisonlab.data.types import SupervisedData
+from poisonlab.errors import DataError
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CLASSES = [str(d) for d in range(10)]
+_MAGIC = {1: 0x00000801, 3: 0x00000803}  # uint8 data with 1 or 3 dimensions
+_FORMAT = "mnist-v1"
+
+
+def find_file(root: Path, base: str) -> Path:
+    """`<root>/<base>` or `<root>/<base>.gz`; a DataError naming both when neither exists."""
+    for path in (root / base, root / f"{base}.gz"):
+        if path.is_file():
+            return path
+    raise DataError(f"MNIST file {root / base} (or {base}.gz) is missing")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of uint8 data with `ndim` dimensions, gzipped or not, as a NumPy array."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than its IDX header")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != _MAGIC[ndim]:
+        raise DataError(f"{path} has magic number {magic:#010x}, expected {_MAGIC[ndim]:#010x}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path} has {len(raw)} bytes, expected {expected} for dimensions {list(dims)}"
+            + (" (truncated)" if len(raw) < expected else "")
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images_path = find_file(root, FILES[f"{split}_images"])
+    labels_path = find_file(root, FILES[f"{split}_labels"])
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, expected 28x28")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{images_path} has {images.shape[0]} images but {labels_path} has "
+            f"{labels.shape[0]} labels"
+        )
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path} has a label {int(labels.max())} outside 0..9")
+    x = torch.from_numpy(images.copy()).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(root: str | Path) -> SupervisedData:
+    """MNIST as float32 images [N, 1, 28, 28] in [0, 1] with int64 labels 0..9."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"MNIST folder {root} does not exist")
+    paths = [find_file(root, base) for base in FILES.values()]
+    key = make_key("mnist", _FORMAT, *(f"{p.name}:{file_digest(p)}" for p in paths))
+
+    def build():
+        x_train, y_train = _read_split(root, "train")
+        x_test, y_test = _read_split(root, "test")
+        return x_train, y_train, x_test, y_test, list(CLASSES)
+
+    return cached_supervised(key, build)
