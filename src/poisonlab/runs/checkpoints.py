@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _load_pickled(path: Path) -> Any:
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # a note about pickle protocols, not about the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise ModelFileError(
             f"refusing to load {path}: it contains code, not just weights ({_unpickle_reason(exc)})"
@@ -103,12 +107,13 @@ def _load_pickled(path: Path) -> Any:
 
 
 def _unpickle_reason(exc: Exception) -> str:
-    """The part of torch's long weights-only message that names the forbidden global."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line[:200]
-    return _first_line(exc)
+    """The part of torch's long weights-only message that names what was refused."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}, which no weights file needs"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    return f"unsupported pickle instruction {found.group(1)}" if found else _first_line(exc)
 
 
 def _state_dict_from(path: Path, obj: Any) -> dict[str, Tensor]:

@@ -143,7 +143,7 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None) -> 
         args: tuple = ()
         if experiment is not None:
             sql, args = sql + " WHERE experiment = ?", (experiment,)
-        return conn.execute(sql + " ORDER BY started, run_id", args).fetchall()
+        return conn.execute(sql + " ORDER BY started, rowid", args).fetchall()
 
     rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
     for row in rows:

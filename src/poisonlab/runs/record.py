@@ -56,7 +56,7 @@ def runs_root(root: Path | str | None = None) -> Path:
 
 
 def _now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 class Run:

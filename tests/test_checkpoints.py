@@ -1,0 +1,219 @@
+"""Safe model files: safetensors round trips, refused pickles, and weights that do not fit."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from poisonlab.errors import ModelFileError
+from poisonlab.runs.checkpoints import (
+    load_into,
+    load_weights,
+    pack_state,
+    save_weights,
+    unpack_state,
+)
+
+
+class FileCreator:
+    """A pickle payload that would create `target` if it were ever unpickled normally."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def mlp(hidden: int = 16) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path):
+    state = mlp().state_dict()
+    path = save_weights(tmp_path / "m.safetensors", state, {"arch": "mlp", "epoch": 3})
+    tensors, meta = load_weights(path)
+    assert meta == {"arch": "mlp", "epoch": "3"}
+    assert tensors.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(tensors[key], value)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_views_and_shared_tensors_are_saved(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"t": base.t(), "row": base[1], "same": base, "alias": base}
+    tensors, _ = load_weights(save_weights(tmp_path / "v.safetensors", state))
+    for key, value in state.items():
+        assert torch.equal(tensors[key], value)
+
+
+def test_non_tensor_value_is_refused(tmp_path):
+    with pytest.raises(ModelFileError, match="cannot save 'epoch': int is not a tensor"):
+        save_weights(tmp_path / "x.safetensors", {"epoch": 3})
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_torch_save_state_dict_loads(tmp_path, suffix):
+    state = mlp().state_dict()
+    path = tmp_path / f"m{suffix}"
+    torch.save(state, path)
+    tensors, meta = load_weights(path)
+    assert meta == {}
+    assert all(torch.equal(tensors[k], v) for k, v in state.items())
+
+
+def test_wrapped_state_dict_is_unwrapped(tmp_path):
+    state = mlp().state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 7, "state_dict": state}, path)
+    tensors, _ = load_weights(path)
+    assert tensors.keys() == state.keys()
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, writer):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    payload = {"weight": FileCreator(target)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    with pytest.raises(ModelFileError) as info:
+        load_weights(path)
+    message = str(info.value)
+    assert message.startswith(f"refusing to load {path}: it contains code, not just weights (")
+    assert "\n" not in message
+    assert not target.exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="model file not found: .*nope.safetensors"):
+        load_weights(tmp_path / "nope.safetensors")
+
+
+def test_corrupt_safetensors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ModelFileError, match=f"cannot read {path}: not a valid safetensors file"):
+        load_weights(path)
+
+
+def test_truncated_pt_file(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save(mlp().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelFileError, match=f"cannot read {path}: "):
+        load_weights(path)
+
+
+@pytest.mark.parametrize(
+    "obj, found",
+    [
+        ([torch.ones(2)], "found list"),
+        ({"w": torch.ones(2), "epoch": 3}, "entry 'epoch' is int, not a tensor"),
+        ({}, "found dict"),
+    ],
+)
+def test_pickle_that_is_not_a_state_dict(tmp_path, obj, found):
+    path = tmp_path / "odd.pth"
+    torch.save(obj, path)
+    with pytest.raises(ModelFileError, match=f"{path} does not hold a state dict.*{found}"):
+        load_weights(path)
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=f"unsupported model file {path}"):
+        load_weights(path)
+
+
+def test_load_into_round_trip(tmp_path):
+    source, target = mlp(), nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    path = save_weights(tmp_path / "m.safetensors", source.state_dict())
+    assert load_into(target, path) is target
+    x = torch.randn(5, 10)
+    assert torch.equal(target(x), source(x))
+
+
+def test_shape_mismatch_names_keys_and_shapes(tmp_path):
+    path = save_weights(tmp_path / "m.safetensors", mlp(hidden=8).state_dict())
+    with pytest.raises(ModelFileError) as info:
+        load_into(mlp(hidden=16), path, name="mlp16")
+    assert str(info.value) == (
+        "weights in m.safetensors do not fit mlp16: 0.weight has shape [8,10], expected [16,10]; "
+        "0.bias has shape [8], expected [16]; 2.weight has shape [3,8], expected [3,16]"
+    )
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    state = mlp().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["2.bias"]
+    with pytest.raises(ModelFileError) as info:
+        load_into(mlp(), state)
+    message = str(info.value)
+    assert message.startswith("weights in the given state dict do not fit Sequential: ")
+    assert "2.bias is missing (expected shape [3])" in message
+    assert "extra.weight is not part of the model" in message
+    model = mlp()
+    load_into(model, {"0.weight": torch.ones(16, 10)}, strict=False)
+    assert torch.equal(model[0].weight, torch.ones(16, 10))
+    with pytest.raises(ModelFileError, match="0.weight has shape \\[2,2\\], expected \\[16,10\\]"):
+        load_into(mlp(), {"0.weight": torch.ones(2, 2)}, strict=False)
+
+
+def test_many_problems_are_summarised():
+    deep = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    with pytest.raises(ModelFileError, match="; and 6 more$"):
+        load_into(deep, {})
+
+
+def test_data_parallel_prefix_is_dropped():
+    source = mlp()
+    wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
+    target = load_into(mlp(hidden=16), wrapped)
+    assert torch.equal(target[2].bias, source[2].bias)
+
+
+def test_pack_state_round_trips_optimizer_state(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    state = {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "step": 12,
+        "pair": (1, None),
+        "a.b": torch.ones(1),
+        "a": {"b": torch.zeros(1)},
+        "rng": torch.get_rng_state(),
+    }
+    tensors, skeleton = pack_state(state)
+    path = save_weights(tmp_path / "state.safetensors", tensors, {"s": skeleton})
+    loaded, meta = load_weights(path)
+    back = unpack_state(loaded, meta["s"])
+    assert back["step"] == 12 and back["pair"] == (1, None)
+    assert torch.equal(back["a.b"], torch.ones(1)) and torch.equal(back["a"]["b"], torch.zeros(1))
+    assert torch.equal(back["rng"], state["rng"])
+    assert list(back["optim"]["state"]) == [0, 1, 2, 3]  # integer keys survive
+    restored = torch.optim.SGD(mlp().parameters(), lr=0.5, momentum=0.9)
+    restored.load_state_dict(back["optim"])
+    assert restored.param_groups[0]["lr"] == 0.1
+    momentum = restored.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_pack_state_refuses_unknown_objects():
+    with pytest.raises(
+        ModelFileError, match="cannot save state at 'model': unsupported Sequential"
+    ):
+        pack_state({"model": mlp()})

@@ -1,0 +1,357 @@
+"""Run records: directory layout, lifecycle statuses, resume, the SQLite index and its CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import Field
+
+from poisonlab.cli import main
+from poisonlab.config import BaseConfig, config_hash
+from poisonlab.errors import RunError
+from poisonlab.runs import (
+    Run,
+    compare_runs,
+    get_run,
+    list_runs,
+    rebuild_index,
+    runs_root,
+)
+from poisonlab.runs import record as record_module
+from poisonlab.runs.index import index_path
+
+ID_PATTERN = re.compile(r"^demo-\d{8}-\d{6}-[0-9a-f]{4}$")
+
+
+class DemoConfig(BaseConfig):
+    lr: float = Field(0.01, gt=0)
+    ways: int = 5
+
+
+def index_status(root: Path, run_id: str) -> str:
+    with sqlite3.connect(index_path(root)) as conn:
+        return conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+
+def run_json(run: Run) -> dict:
+    return json.loads((run.path / "run.json").read_text())
+
+
+def test_create_lays_out_the_directory(tmp_path):
+    cfg = DemoConfig(seed=7, lr=0.1)
+    run = Run.create("demo", cfg, root=tmp_path)
+    assert ID_PATTERN.match(run.id) and run.path == tmp_path / run.id
+    assert (run.seed, run.experiment, run.resumed) == (7, "demo", False)
+    assert {p.name for p in run.path.iterdir()} == {
+        "config.yaml", "run.json", "log.txt", "checkpoints", "figures",
+    }  # fmt: skip
+    assert yaml.safe_load((run.path / "config.yaml").read_text()) == {
+        "seed": 7,
+        "lr": 0.1,
+        "ways": 5,
+    }
+    info = run_json(run)
+    assert info["status"] == "created" and info["config_hash"] == config_hash(cfg)
+    assert info["torch"] == torch.__version__ and info["poisonlab_version"]
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert {"git_revision", "device", "started", "ended"} <= info.keys()
+    assert index_status(tmp_path, run.id) == "created"
+
+
+def test_root_comes_from_the_environment_then_cwd(tmp_path, monkeypatch):
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "env-runs"))
+    assert Run.create("demo", DemoConfig()).path.parent == tmp_path / "env-runs"
+    monkeypatch.delenv("POISONLAB_RUNS")
+    monkeypatch.chdir(tmp_path)
+    assert runs_root() == Path("runs")
+    assert Run.create("demo", DemoConfig()).path.parent.resolve() == tmp_path / "runs"
+
+
+def test_git_absent_is_not_an_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    record_module._source_revision.cache_clear()
+    try:
+        assert record_module.environment()["git_revision"] is None
+    finally:
+        record_module._source_revision.cache_clear()
+
+
+def test_bad_experiment_name(tmp_path):
+    with pytest.raises(RunError, match="bad experiment name '../x'"):
+        Run.create("../x", DemoConfig(), root=tmp_path)
+
+
+def test_completed_run_records_log_metrics_and_index(tmp_path):
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        assert run_json(run)["status"] == "running"
+        assert index_status(tmp_path, run.id) == "running"
+        run.log("epoch 1\nloss 0.3")
+        run.write_metrics({"acc": torch.tensor(0.75), "asr": {"mean": 0.5}, "curve": [1, 2]})
+    info = run_json(run)
+    assert info["status"] == "completed" and info["ended"] is not None
+    assert index_status(tmp_path, run.id) == "completed"
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics == {"acc": 0.75, "asr": {"mean": 0.5}, "curve": [1, 2]}
+    log = (run.path / "log.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in log] == [
+        "started",
+        "epoch 1 loss 0.3",
+        "status: completed",
+    ]
+    assert list_runs(tmp_path)[0]["headline"] == {"acc": 0.75}
+    assert not list(run.path.glob(".*.tmp"))
+
+
+def test_explicit_headline_metrics(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    run.write_metrics({"headline": {"clean_acc": 0.9, "asr": {"mean": 0.8}}, "acc": 0.1})
+    assert list_runs(tmp_path)[0]["headline"] == {"clean_acc": 0.9, "asr.mean": 0.8}
+
+
+def test_keyboard_interrupt_marks_interrupted_and_reraises(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    with pytest.raises(KeyboardInterrupt), run:
+        raise KeyboardInterrupt
+    assert run_json(run)["status"] == "interrupted"
+    assert index_status(tmp_path, run.id) == "interrupted"
+
+
+def test_exception_marks_failed_with_one_line_error(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    with pytest.raises(ValueError), run:
+        raise ValueError("bad batch\nsecond line")
+    info = run_json(run)
+    assert info["status"] == "failed" and info["error"] == "ValueError: bad batch"
+    assert "failed: ValueError: bad batch" in (run.path / "log.txt").read_text()
+    assert index_status(tmp_path, run.id) == "failed"
+
+
+def test_sigterm_handler_is_installed_and_restored(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with Run.create("demo", DemoConfig(), root=tmp_path):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+SLEEPER = textwrap.dedent(
+    """
+    import sys, time
+    from poisonlab.config import BaseConfig
+    from poisonlab.runs import Run
+    with Run.create("sleepy", BaseConfig(), root=sys.argv[1]) as run:
+        print(run.id, flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_sigterm_in_a_subprocess_marks_interrupted(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = proc.stdout.readline().strip()
+        assert run_id.startswith("sleepy-"), proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode != 0
+    info = json.loads((tmp_path / run_id / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert index_status(tmp_path, run_id) == "interrupted"
+    assert "interrupted: terminated by SIGTERM" in (tmp_path / run_id / "log.txt").read_text()
+
+
+def test_resume_reopens_the_same_directory(tmp_path):
+    run = Run.create("demo", DemoConfig(seed=3, lr=0.2), root=tmp_path)
+    with pytest.raises(KeyboardInterrupt), run:
+        run.save_checkpoint("last", {"w": torch.ones(2)}, {"epoch": 4})
+        raise KeyboardInterrupt
+    again = Run.open(run.id, root=tmp_path)
+    assert again.path == run.path and again.resumed and again.id == run.id
+    assert again.config == {"seed": 3, "lr": 0.2, "ways": 5} and again.seed == 3
+    assert DemoConfig.model_validate(again.config) == DemoConfig(seed=3, lr=0.2)
+    tensors, meta = again.load_checkpoint("last")
+    assert torch.equal(tensors["w"], torch.ones(2)) and meta == {"epoch": 4}
+    with again:
+        pass
+    info = run_json(again)
+    assert info["status"] == "completed" and len(info["resumed_at"]) == 1
+    assert "resumed" in (run.path / "log.txt").read_text()
+    assert len(list(tmp_path.glob("demo-*"))) == 1
+
+
+def test_open_by_path_and_prefix(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    assert Run.open(str(run.path)).path == run.path
+    assert Run.open(run.id[:-2], root=tmp_path).id == run.id
+
+
+def test_unknown_and_ambiguous_ids(tmp_path):
+    Run.create("demo", DemoConfig(), root=tmp_path)
+    Run.create("demo", DemoConfig(), root=tmp_path)
+    with pytest.raises(RunError, match=f"^no run 'nope' under {tmp_path}$"):
+        Run.open("nope", root=tmp_path)
+    with pytest.raises(RunError, match="run id prefix 'demo-' is ambiguous"):
+        get_run(tmp_path, "demo-")
+
+
+def test_checkpoints_and_state(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    assert run.load_checkpoint("none") is None and run.load_state("none") is None
+    path = run.save_checkpoint("w", {"a": torch.arange(3.0)})
+    assert path == run.path / "checkpoints" / "w.safetensors"
+    assert run.load_checkpoint("w")[1] == {}
+    run.save_state("train", {"step": 5, "weights": {"a": torch.ones(1)}})
+    state = run.load_state("train")
+    assert state["step"] == 5 and torch.equal(state["weights"]["a"], torch.ones(1))
+    with pytest.raises(RunError, match="was not written by save_state"):
+        run.load_state("w")
+    with pytest.raises(RunError, match="bad checkpoint name '../w'"):
+        run.save_checkpoint("../w", {})
+
+
+def test_figure_path(tmp_path):
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    assert run.figure_path("acc.png") == run.path / "figures" / "acc.png"
+    with pytest.raises(RunError, match="bad figure name"):
+        run.figure_path("a/b.png")
+
+
+def test_finish_rejects_unknown_status(tmp_path):
+    with pytest.raises(RunError, match="unknown run status 'done'"):
+        Run.create("demo", DemoConfig(), root=tmp_path).finish("done")
+
+
+def _create_runs(root: str, count: int, barrier) -> None:
+    barrier.wait()
+    for i in range(count):
+        with Run.create("demo", DemoConfig(seed=i), root=root) as run:
+            run.write_metrics({"acc": i / count})
+
+
+def test_concurrent_processes_all_reach_the_index(tmp_path):
+    # fork starts at once (spawn would re-import torch in every worker); no connection is open
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    workers, per_worker = 4, 8
+    barrier = ctx.Barrier(workers)
+    procs = [
+        ctx.Process(target=_create_runs, args=(str(tmp_path), per_worker, barrier))
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    rows = list_runs(tmp_path)
+    assert len(rows) == workers * per_worker == len(list(tmp_path.glob("demo-*")))
+    assert {r["status"] for r in rows} == {"completed"}
+
+
+def test_rebuild_index_from_directories(tmp_path):
+    with Run.create("demo", DemoConfig(), root=tmp_path) as a:
+        a.write_metrics({"acc": 0.5})
+    b = Run.create("other", DemoConfig(), root=tmp_path)
+    index_path(tmp_path).unlink()
+    assert rebuild_index(tmp_path) == 2
+    rows = {r["run_id"]: r for r in list_runs(tmp_path)}
+    assert rows[a.id]["status"] == "completed" and rows[a.id]["headline"] == {"acc": 0.5}
+    assert rows[b.id]["status"] == "created"
+    index_path(tmp_path).unlink()
+    assert [r["run_id"] for r in list_runs(tmp_path, experiment="other")] == [b.id]
+
+
+def test_list_runs_on_missing_root(tmp_path):
+    assert list_runs(tmp_path / "nothing") == []
+
+
+def test_get_run_and_compare(tmp_path):
+    with Run.create("demo", DemoConfig(lr=0.1), root=tmp_path) as a:
+        a.write_metrics({"acc": 0.5, "asr": {"mean": 0.9}})
+        a.save_checkpoint("final", {"w": torch.ones(1)})
+    with Run.create("demo", DemoConfig(lr=0.2), root=tmp_path) as b:
+        b.write_metrics({"acc": 0.6})
+    shown = get_run(tmp_path, a.id)
+    assert shown["metrics"]["asr"]["mean"] == 0.9 and shown["checkpoints"] == ["final"]
+    assert shown["config"]["lr"] == 0.1 and shown["status"] == "completed"
+    table = compare_runs(tmp_path, [a.id, b.id])
+    assert table["columns"] == ["key", a.id, b.id]
+    assert table["rows"] == [
+        ["experiment", "demo", "demo"],
+        ["status", "completed", "completed"],
+        ["metrics.acc", 0.5, 0.6],
+        ["metrics.asr.mean", 0.9, None],
+        ["config.lr", 0.1, 0.2],
+    ]
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with Run.create("demo", DemoConfig(lr=0.1), root=tmp_path) as a:
+        a.write_metrics({"acc": 0.5})
+    with Run.create("demo", DemoConfig(lr=0.2), root=tmp_path) as b:
+        b.write_metrics({"acc": 0.625})
+    return tmp_path, a.id, b.id
+
+
+def test_cli_list(two_runs, capsys):
+    root, a, b = two_runs
+    assert main(["runs", "list", "--out", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert a in out and b in out and "acc=0.625" in out and "completed" in out
+    assert main(["runs", "list", "--out", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["run_id"] for r in data["runs"]] == [a, b]
+    assert main(["runs", "list", "--out", str(root), "-e", "other"]) == 0
+    assert "no runs under" in capsys.readouterr().out
+
+
+def test_cli_show(two_runs, capsys):
+    root, a, _ = two_runs
+    assert main(["runs", "show", a, "--out", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert a in out and "lr: 0.1" in out and "0.5" in out
+    assert main(["runs", "show", a[:-1], "--out", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["id"] == a and data["metrics"] == {"acc": 0.5}
+
+
+def test_cli_compare(two_runs, capsys):
+    root, a, b = two_runs
+    assert main(["runs", "compare", a, b, "--out", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "metrics.acc" in out and "0.625" in out and "config.lr" in out
+    assert main(["runs", "compare", a, b, "--out", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ["metrics.acc", 0.5, 0.625] in data["rows"]
+
+
+@pytest.mark.parametrize("command", ["show", "compare"])
+def test_cli_unknown_id_exits_2_with_one_line(two_runs, capsys, command):
+    root, a, _ = two_runs
+    args = ["runs", command, "nope"] + ([a] if command == "compare" else []) + ["--out", str(root)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no run 'nope' under {root}\n"
