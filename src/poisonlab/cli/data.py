@@ -1,9 +1,86 @@
-"""`poisonlab` command group: data (filled in by its owner)."""
+"""`poisonlab data`: inspect and download the data sets.
+
+`data info NAME` loads a data set and summarises it (with --json: one JSON object on the last
+line of stdout); `data download NAME` fetches the official files with checksums.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+data_app = typer.Typer(name="data", help="Inspect and download data sets.", no_args_is_help=True)
+
+DirOption = Annotated[
+    Path | None,
+    typer.Option("--dir", help="Data set folder (default: $POISONLAB_DATA/NAME or ./data/NAME)."),
+]
+
+
+def _summary_lines(name: str, info: dict) -> list[str]:
+    lines = [f"{name}: {info['kind']} data set, loaded in {info['load_seconds']:.2f} s"]
+    low, high = info["value_range"]
+    shape = "x".join(str(d) for d in info["image_shape"])
+    if info["kind"] == "few-shot":
+        group_word = "alphabets" if name == "omniglot" else "groups"
+        lines += [
+            f"  classes: {info['num_classes']} ({info['num_groups']} {group_word})",
+            f"  images: {info['num_images']:,} ({info['samples_per_class']} per class)",
+        ]
+    else:
+        lines += [
+            f"  classes: {info['num_classes']} ({', '.join(info['classes'])})",
+            *(
+                f"  {split}: {count:,} images, per class {info['images_per_class'][split]}"
+                for split, count in info["images"].items()
+            ),
+        ]
+    lines += [f"  image shape: {shape} (C x H x W)", f"  value range: [{low:g}, {high:g}]"]
+    return lines
+
+
+@data_app.command("info")
+def info_command(
+    name: Annotated[str, typer.Argument(help="omniglot, cifar10, mnist or glyphs.")],
+    data_dir: DirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+) -> None:
+    """Load a data set and print its classes, split sizes, image shape and value range."""
+    from poisonlab.data.registry import check_name, describe_dataset, load_dataset
+
+    check_name(name)
+    start = time.perf_counter()
+    data = load_dataset(name, data_dir)
+    seconds = time.perf_counter() - start
+    info = {"name": name, **describe_dataset(data), "load_seconds": round(seconds, 3)}
+    if as_json:
+        print(json.dumps(info))
+        return
+    print("\n".join(_summary_lines(name, info)))
+
+
+@data_app.command("download")
+def download_command(
+    name: Annotated[str, typer.Argument(help="omniglot, cifar10 or mnist.")],
+    data_dir: DirOption = None,
+    mirror: Annotated[
+        str | None, typer.Option("--mirror", help="Base URL serving the same file names.")
+    ] = None,
+) -> None:
+    """Download the official files of a data set, verifying their checksums."""
+    from poisonlab.data.download import download_dataset
+    from poisonlab.data.registry import default_data_dir
+
+    dest = data_dir if data_dir is not None else default_data_dir(name)
+    for action in download_dataset(name, dest, base_url=mirror):
+        print(action)
+    print(f"{name}: files in {dest}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,105 @@
+"""Data sets by name: where their files live, how to load them, and a summary for `data info`.
+
+A data set's directory is, in order: the explicit `data_dir`, `$POISONLAB_DATA/<name>`, or
+`./data/<name>`. The embedded glyph set needs no directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poisonlab.data.types import FewShotData, SupervisedData
+from poisonlab.errors import DataError
+
+DATASETS = ("omniglot", "cifar10", "mnist", "glyphs")
+DOWNLOADABLE = ("omniglot", "cifar10", "mnist")
+
+
+def check_name(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
+    """`name` itself if it is one of `allowed`, else a DataError listing them."""
+    if name not in allowed:
+        raise DataError(f"unknown data set {name!r}: choose one of {', '.join(allowed)}")
+    return name
+
+
+def default_data_dir(name: str) -> Path:
+    """`$POISONLAB_DATA/<name>` when POISONLAB_DATA is set, else `./data/<name>`."""
+    base = os.environ.get("POISONLAB_DATA")
+    return (Path(base).expanduser() if base else Path("data")) / name
+
+
+def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
+    """The directory holding `name`'s files; a DataError suggesting a download when absent."""
+    path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
+    if not path.exists():
+        hint = f"poisonlab data download {name}" + (f" --dir {path}" if data_dir else "")
+        raise DataError(f"{name} data not found at {path}: run `{hint}` or pass --dir")
+    return path
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> FewShotData | SupervisedData:
+    """Load a data set by name: omniglot and glyphs are few-shot banks, cifar10 and mnist
+    supervised train/test sets."""
+    check_name(name)
+    if name == "glyphs":
+        try:
+            from poisonlab.data.glyphs import load_glyphs
+        except ImportError as exc:
+            raise DataError(f"the embedded glyph set is not available: {exc}") from exc
+        return load_glyphs()
+    path = resolve_data_dir(name, data_dir)
+    if name == "omniglot":
+        from poisonlab.data.omniglot import load_omniglot
+
+        return load_omniglot(path)
+    if name == "cifar10":
+        from poisonlab.data.cifar10 import load_cifar10
+
+        return load_cifar10(path)
+    from poisonlab.data.mnist import load_mnist
+
+    return load_mnist(path)
+
+
+def _value_range(*tensors: torch.Tensor) -> list[float]:
+    """[min, max] over the non-empty tensors (no concatenated copy of large image sets)."""
+    present = [t for t in tensors if t.numel()]
+    if not present:
+        return [0.0, 0.0]
+    low = min(float(t.min()) for t in present)
+    high = max(float(t.max()) for t in present)
+    return [round(low, 6), round(high, 6)]
+
+
+def describe_dataset(data: FewShotData | SupervisedData) -> dict[str, Any]:
+    """A JSON-ready summary: kind, classes, images per split, image shape and value range."""
+    if isinstance(data, FewShotData):
+        return {
+            "kind": "few-shot",
+            "num_classes": data.num_classes,
+            "samples_per_class": data.samples_per_class,
+            "num_images": data.num_classes * data.samples_per_class,
+            "num_groups": len(set(data.groups)),
+            "image_shape": list(data.images.shape[2:]),
+            "value_range": _value_range(data.images),
+            "class_names_head": data.class_names[:5],
+        }
+    if isinstance(data, SupervisedData):
+        splits = {"train": data.train, "test": data.test}
+        return {
+            "kind": "supervised",
+            "num_classes": data.num_classes,
+            "classes": list(data.classes),
+            "images": {split: len(s) for split, s in splits.items()},
+            "images_per_class": {
+                split: torch.bincount(s.y, minlength=data.num_classes).tolist()
+                for split, s in splits.items()
+            },
+            "image_shape": list(data.train.x.shape[1:]),
+            "value_range": _value_range(data.train.x, data.test.x),
+        }
+    raise DataError(f"cannot describe {type(data).__name__}: not a poisonlab data set")
