@@ -190,7 +190,7 @@ class Run:
     def __enter__(self) -> Run:
         if self.resumed:
             self.info.setdefault("resumed_at", []).append(_now())
-        self.info.update(status="running", ended=None)
+        self.info.update(status="running", ended=None, pid=os.getpid())
         self.info.pop("error", None)
         self._save_info()
         self.log("resumed" if self.resumed else "started")
