@@ -69,6 +69,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache entry is ordinary data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -92,7 +92,8 @@ def _group_characters(src: _Source, members: list[tuple[str, str]]) -> list[_Cha
                 f"{src.path}: {key[0]}/{key[1]} has {len(files)} images, "
                 f"expected {SAMPLES_PER_CLASS}"
             )
-        characters.append((key, [(f"{src.path}:{rel}", loc) for rel, loc in files]))
+        named = [(f"{src.path}:{loc}" if src.is_zip else loc, loc) for _, loc in files]
+        characters.append((key, named))
     return characters
 
 
