@@ -110,6 +110,21 @@ def _open(url: str, offset: int):
         raise DownloadError(f"cannot download {url}: {reason}") from exc
 
 
+def _stream(response, out, url: str, done: int, total: int | None, progress, task) -> None:
+    """Copy the response body to `out`; a body cut short raises DownloadError (the caller
+    keeps the partial file for a later resume)."""
+    try:
+        for block in iter(lambda: response.read(_BLOCK), b""):
+            out.write(block)
+            done += len(block)
+            if progress is not None:
+                progress.update(task, completed=done)
+    except (OSError, http.client.HTTPException) as exc:
+        raise DownloadError(f"download of {url} interrupted after {done:,} bytes: {exc}") from exc
+    if total is not None and done < total:
+        raise DownloadError(f"download of {url} interrupted after {done:,} of {total:,} bytes")
+
+
 def _fetch(url: str, part: Path, progress: Progress | None) -> str:
     """Stream `url` into `part`, resuming it when possible; returns downloaded or resumed."""
     offset = part.stat().st_size if part.is_file() else 0
@@ -120,19 +135,12 @@ def _fetch(url: str, part: Path, progress: Progress | None) -> str:
         resumed = offset > 0 and response.status == 206
         if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
             raise DownloadError(f"cannot resume {url}: unexpected Content-Range")
+        start = offset if resumed else 0
         length = response.headers.get("Content-Length")
-        total = (int(length) + (offset if resumed else 0)) if length else None
-        task = progress.add_task(part.name[:-5], total=total) if progress else None
+        total = int(length) + start if length and length.isdigit() else None
+        task = progress.add_task(part.name.removesuffix(".part"), total=total) if progress else None
         with open(part, "ab" if resumed else "wb") as out:
-            done = offset if resumed else 0
-            try:
-                for block in iter(lambda: response.read(_BLOCK), b""):
-                    out.write(block)
-                    done += len(block)
-                    if progress is not None:
-                        progress.update(task, completed=done)
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(f"download of {url} interrupted after {done:,} bytes: {exc}") from exc
+            _stream(response, out, url, start, total, progress, task)
     return "resumed" if resumed else "downloaded"
 
 
