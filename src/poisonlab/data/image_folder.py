@@ -43,14 +43,15 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     """`[fn(c) for c in chunks]`, spread over forked worker processes where available.
 
     `fn` must be a module-level function that touches no torch state (forked children only
-    decode with Pillow/NumPy). Exceptions raised in a worker are re-raised here.
+    decode with Pillow/NumPy). The exception of the first failing chunk, in order, is re-raised
+    here, so errors name the same file as a serial run would.
     """
     workers = default_workers() if workers is None else workers
     can_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
     if workers <= 1 or len(chunks) <= 1 or not can_fork:
         return [fn(c) for c in chunks]
     with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
-        return pool.map(fn, chunks, chunksize=1)
+        return list(pool.imap(fn, chunks))
 
 
 def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:
@@ -83,7 +84,8 @@ def _decode_chunk(job: tuple[Sequence[ImageItem], tuple[int, int], str]) -> np.n
             )
         if image.mode != mode:
             image = image.convert(mode)
-        out[i] = np.asarray(image).reshape(size[1], size[0], channels)
+        # tobytes + frombuffer is cheaper than np.asarray (array interface) for tiny images
+        out[i] = np.frombuffer(image.tobytes(), np.uint8).reshape(size[1], size[0], channels)
     return out
 
 

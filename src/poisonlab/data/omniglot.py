@@ -144,7 +144,7 @@ def _decode_chunk(items: Sequence[tuple[str, bytes]]) -> np.ndarray:
                 f"expected {SOURCE_SIZE}x{SOURCE_SIZE}"
             )
         small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-        out[i] = 255 - np.asarray(small)
+        out[i] = 255 - np.frombuffer(small.tobytes(), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
     return out
 
 
@@ -225,7 +225,7 @@ def split_omniglot_classes(
 
 
 def _scaled_sizes(n: int) -> tuple[int, int, int]:
-    ref_train, ref_val, ref_test = REFERENCE_SPLIT
+    _, ref_val, ref_test = REFERENCE_SPLIT
     total = sum(REFERENCE_SPLIT)
     val, test = round(n * ref_val / total), round(n * ref_test / total)
     if n >= 3:
