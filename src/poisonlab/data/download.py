@@ -39,7 +39,8 @@ class RemoteFile:
     checksum: str
 
 
-# Base URL and files of each data set. Every checksum below is the published MD5.
+# Base URL and files of each data set. Every checksum below is the published MD5. (The test
+# copies in shared/data are repacked, so their SHA-256 sums do not describe these files.)
 SOURCES: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
     "omniglot": (
         "https://github.com/brendenlake/omniglot/raw/master/python/",
