@@ -34,6 +34,8 @@ class TrainConfig:
     schedule: "cosine" (per step, from lr to 0), "onecycle" (linear warm-up over `warmup` of the
     run to lr, then cosine to 0), "step" (×gamma at each epoch in `milestones`), "none".
     augment: random crop (zero padding `crop_padding`) + horizontal flip, per batch on tensors.
+    channels_last: NHWC memory layout (measured about 2× faster for ResNet-20 on a 2-core CPU,
+    slower for tiny CNNs).
     device: None picks poisonlab.device.default_device().
     """
 
@@ -52,6 +54,7 @@ class TrainConfig:
     flip: bool = True
     seed: int = 0
     device: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -219,6 +222,8 @@ def train_classifier(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, cfg)
     history: dict = {"loss": [], "train_acc": [], "val_acc": [], "lr": [], "epoch_seconds": []}
     start = _restore(model, opt, store, gen, history)
@@ -250,7 +255,7 @@ def _state(model, opt, gen, history, epoch, cfg) -> dict:
     config = asdict(cfg)
     config["milestones"] = list(cfg.milestones)
     return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
         "generator": gen.get_state(),
         "history": history,

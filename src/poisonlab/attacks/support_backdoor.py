@@ -1,0 +1,110 @@
+"""Backdoor poisoning of a few-shot support set (Kato, Takahashi, Suzuki 2023).
+
+"Backdoor attacks on meta-learning" in the support-set setting: the attacker changes only the
+support images X of a meta-test task (labels untouched, ||δ||∞ ≤ ε) so that after the victim
+fine-tunes the meta-trained θ* on (X + δ, Y), ONE trigger query X'_tr is classified as the
+attacker's label Y'_adv, while the other queries stay mostly correct. Algorithm 1:
+
+    δ ~ U(−ε, ε); X̃ ← X + δ
+    repeat L times:
+        X̃ ← X̃ − γ · sign(∇_X̃ CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv))    # through fine-tuning g
+        X̃ ← X + clip(X̃ − X, −ε, ε)     (and into [0, 1], switchable)
+
+The attacker knows θ*, the support set and the trigger only: `poison` takes no other query and no
+query label, so the API cannot leak them.
+
+Deviation, stated: the CNN uses BatchNorm with batch statistics, so a prediction depends on the
+batch it is made in. The victim classifies its query set as one batch (transductive, as in the
+MAML reference); the attacker does not know those queries, so by default (`trigger_batch=
+"support"`) it classifies the trigger together with the poisoned support images, whose
+statistics stand in for the unknown query batch. `"alone"` classifies the trigger by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from poisonlab.attacks.support_pgd import PoisonResult, check_budget, support_pgd
+from poisonlab.errors import ConfigError
+from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
+
+
+class SupportBackdoor:
+    """Targeted support-set poisoning: one trigger query → the attacker's label."""
+
+    def __init__(
+        self,
+        forward: TaskForward,
+        theta: Params,
+        epsilon: float = 0.3,
+        step_size: float = 0.01,
+        iterations: int = 10,
+        finetune_steps: int = 1,
+        finetune_lr: float = 0.5,
+        clamp: bool = True,
+        trigger_batch: Literal["support", "alone"] = "support",
+    ) -> None:
+        check_budget(epsilon, step_size, iterations)
+        if finetune_steps < 1:
+            raise ConfigError(f"finetune_steps={finetune_steps} must be >= 1")
+        if trigger_batch not in ("support", "alone"):
+            raise ConfigError(f"trigger_batch='{trigger_batch}' must be 'support' or 'alone'")
+        self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
+        self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
+        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.clamp, self.trigger_batch = clamp, trigger_batch
+
+    def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor) -> Tensor:
+        """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x."""
+        batched = expand_params(self.theta, support_x.shape[0])
+        adapted = adapt(self.forward, batched, support_x, support_y, self.finetune_steps,
+                        self.finetune_lr, create_graph=True)
+        if self.trigger_batch == "support":
+            logits = self.forward(adapted, torch.cat([support_x, trigger_x], dim=1))[:, -1]
+        else:
+            logits = self.forward(adapted, trigger_x)[:, 0]
+        return F.cross_entropy(logits, target, reduction="none")
+
+    def poison(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        trigger_x: Tensor,
+        target: Tensor,
+        start: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PoisonResult:
+        """Poison a batch of support sets.
+
+        support_x [B, n, C, H, W], support_y [B, n], trigger_x [B, 1, C, H, W] (or [B, C, H, W]),
+        target [B]: the label each task's trigger should receive.
+        """
+        trigger_x = _one_trigger_per_task(trigger_x, support_x)
+        target = torch.as_tensor(target, device=support_x.device).reshape(-1)
+        if target.shape[0] != support_x.shape[0]:
+            raise ConfigError(f"target has {target.shape[0]} labels for {support_x.shape[0]} tasks")
+
+        def objective(x: Tensor) -> Tensor:
+            return self.trigger_loss(x, support_y, trigger_x, target)
+
+        return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
+                           descend=True, clamp=self.clamp, start=start, generator=generator)
+
+
+def _one_trigger_per_task(trigger_x: Tensor, support_x: Tensor) -> Tensor:
+    if trigger_x.dim() == support_x.dim() - 1:
+        trigger_x = trigger_x.unsqueeze(1)
+    if trigger_x.dim() != support_x.dim() or trigger_x.shape[1] != 1:
+        raise ConfigError(
+            f"trigger_x must hold exactly one query image per task ([B, 1, C, H, W]), "
+            f"got shape {tuple(trigger_x.shape)}: the attacker sees only the trigger"
+        )
+    if trigger_x.shape[0] != support_x.shape[0] or trigger_x.shape[2:] != support_x.shape[2:]:
+        raise ConfigError(
+            f"trigger_x shape {tuple(trigger_x.shape)} does not fit support_x {tuple(support_x.shape)}"
+        )
+    return trigger_x

@@ -1,0 +1,123 @@
+"""MAML meta-learning as pure functions over parameter dicts (Finn, Abbeel, Levine, ICML 2017).
+
+A *task-batched forward* is `forward(params, x) -> logits` where every parameter carries a leading
+task dimension B, x is [B, n, C, H, W] and the logits are [B, n, classes]
+(`poisonlab.models.cnn4.cnn4_forward_tasks`, or `vmap_forward(module)` for any nn.Module).
+Running all tasks of a meta-batch through one call is what makes meta-training fast on a CPU.
+
+- `adapt` is the inner loop g(D_S, θ): `steps` plain gradient steps of size `lr` on the support
+  loss, per task. With `create_graph=True` (second order) the result stays differentiable w.r.t.
+  θ and w.r.t. the support images, which the support-set attacks need.
+- `meta_loss` is the MAML outer objective: the query loss after adaptation, averaged over tasks.
+- `finetune_and_predict` is meta-test: adapt on the support set, classify the queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TaskForward = Callable[[dict[str, Tensor], Tensor], Tensor]
+Params = dict[str, Tensor]
+
+
+def expand_params(params: Params, tasks: int) -> Params:
+    """Give every parameter a leading task dimension (a view: gradients flow back summed)."""
+    return {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
+
+
+def task_losses(forward: TaskForward, params: Params, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy per task: [B]."""
+    logits = forward(params, x)
+    per_example = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    return per_example.view(y.shape).mean(dim=1)
+
+
+def adapt(
+    forward: TaskForward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    steps: int,
+    lr: float,
+    create_graph: bool = True,
+) -> Params:
+    """The inner loop: `steps` gradient steps of size `lr` on each task's support loss.
+
+    `params` have a leading task dimension. Summing the per-task losses gives each task's slice
+    the gradient of its own loss, so one autograd call adapts all tasks.
+    """
+    names = list(params)
+    current = {
+        k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()
+    }
+    for _ in range(steps):
+        loss = task_losses(forward, current, support_x, support_y).sum()
+        grads = torch.autograd.grad(loss, [current[k] for k in names], create_graph=create_graph)
+        current = {k: current[k] - lr * g for k, g in zip(names, grads, strict=True)}
+    return current
+
+
+def meta_loss(
+    forward: TaskForward,
+    theta: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    inner_lr: float,
+    steps: int = 1,
+    first_order: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """MAML's outer loss (mean query loss after adaptation) and the per-task query accuracy [B]."""
+    batched = expand_params(theta, support_x.shape[0])
+    adapted = adapt(forward, batched, support_x, support_y, steps, inner_lr, not first_order)
+    logits = forward(adapted, query_x)
+    loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
+    acc = (logits.argmax(-1) == query_y).float().mean(1)
+    return loss, acc.detach()
+
+
+def finetune_and_predict(
+    forward: TaskForward,
+    theta: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    steps: int,
+    lr: float,
+) -> Tensor:
+    """Meta-test: adapt θ on each task's support set and return the query logits [B, n, classes].
+
+    The queries of a task are classified together, so BatchNorm uses the query batch's
+    statistics (the transductive protocol of the MAML reference code).
+    """
+    with torch.enable_grad():
+        theta = {k: v.detach() for k, v in theta.items()}
+        adapted = adapt(
+            forward, expand_params(theta, support_x.shape[0]), support_x, support_y, steps, lr,
+            create_graph=False,
+        )
+    with torch.no_grad():
+        return forward({k: v.detach() for k, v in adapted.items()}, query_x)
+
+
+def vmap_forward(module: nn.Module) -> TaskForward:
+    """A task-batched forward for any nn.Module (torch.func.functional_call under vmap).
+
+    General but slower than a hand-batched forward such as `cnn4_forward_tasks`.
+    """
+    from torch.func import functional_call, vmap
+
+    def single(params: Params, x: Tensor) -> Tensor:
+        return functional_call(module, params, (x,))
+
+    batched = vmap(single, in_dims=(0, 0), randomness="different")
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        return batched(params, x)
+
+    return forward
