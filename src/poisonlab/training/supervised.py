@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ModelFileError
+from poisonlab.progress import progress_bar
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "onecycle", "step", "none")
@@ -97,6 +98,20 @@ class FileCheckpoint:
             raise ModelFileError(f"cannot load training checkpoint {self.path}: {exc}") from exc
 
 
+class RunCheckpoint:
+    """Training state kept in a run directory (poisonlab.runs.Run.save_state / load_state)."""
+
+    def __init__(self, run, name: str) -> None:
+        self.run = run
+        self.name = name
+
+    def save(self, state: dict) -> None:
+        self.run.save_state(self.name, state)
+
+    def load(self) -> dict | None:
+        return self.run.load_state(self.name)
+
+
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate at global step `step` under cfg.schedule."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -139,28 +154,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False
-    )
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-        transient=True,
     )
 
 
@@ -228,13 +221,13 @@ def train_classifier(
     history: dict = {"loss": [], "train_acc": [], "val_acc": [], "lr": [], "epoch_seconds": []}
     start = _restore(model, opt, store, gen, history)
     steps = math.ceil(len(train) / cfg.batch_size)
-    with _progress(progress) as bar:
-        task = bar.add_task("train", total=(cfg.epochs - start) * steps, info="")
+    total = (cfg.epochs - start) * steps
+    with progress_bar(total, "training", enabled=progress and total > 0) as bar:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
 
             def tick(loss: float, epoch: int = epoch) -> None:
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}")
+                bar.advance(status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}")
 
             loss, acc, _ = _epoch(model, train, cfg, opt, gen, device, epoch * steps, steps, tick)
             history["loss"].append(loss)
