@@ -1,0 +1,156 @@
+"""`poisonlab scan`, `poisonlab purify` and `poisonlab run backdoor-defense` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from poisonlab.attacks.backdoor_injection import BackdoorInjection
+from poisonlab.attacks.triggers import badnets_patch
+from poisonlab.cli import main
+from poisonlab.data.types import ImageSet
+from poisonlab.runs.checkpoints import save_weights
+
+TARGET = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_folder(root: Path, images: ImageSet) -> Path:
+    """An image folder: one sub-folder per label, 8-bit grayscale PNGs."""
+    for i, (x, y) in enumerate(zip(images.x, images.y.tolist(), strict=True)):
+        folder = root / f"class{y}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[0] * 255).round().byte().numpy(), mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A BadNets tiny CNN saved as safetensors, plus clean and test image folders (14×14)."""
+    from poisonlab.data.glyphs import load_glyph_supervised
+    from poisonlab.models import build_model
+    from poisonlab.training.supervised import TrainConfig, train_classifier
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("audit")
+    data = load_glyph_supervised()
+    pool = torch.nn.functional.avg_pool2d
+    # Quantise like the PNG files, so folder images are exactly what the model sees.
+    train = ImageSet((pool(data.train.x, 2) * 255).round() / 255, data.train.y)
+    test = ImageSet((pool(data.test.x, 2) * 255).round() / 255, data.test.y)
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10, 1)
+    poisoned = BackdoorInjection(badnets_patch((1, 14, 14)), TARGET, 0.1).poison(train).data
+    train_classifier(model, poisoned, TrainConfig(epochs=4, batch_size=64, lr=0.05, device="cpu"),
+                     progress=False)
+    weights = save_weights(root / "model.safetensors", model.state_dict(),
+                           {"input_shape": "[1, 14, 14]"})
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    return {
+        "model": weights,
+        "clean": write_folder(root / "clean", train.subset(order[:250])),
+        "test": write_folder(root / "test", test.subset(torch.arange(300))),
+        "big": write_folder(root / "big", ImageSet(data.test.x[:20], data.test.y[:20])),
+        "root": root,
+    }
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_scan_flags_the_target_and_writes_a_report(files, capsys, tmp_path):
+    report = tmp_path / "report"
+    code = main(["scan", str(files["model"]), "--arch", "tiny_cnn", "--data", str(files["test"]),
+                 "--samples", "64", "--steps", "60", "--batch-size", "16", "--report", str(report),
+                 "--json", "--quiet"])
+    assert code == 0
+    result = last_json(capsys)
+    assert result["backdoor"]["flagged"] == [TARGET]
+    assert result["backdoor"]["labels"][TARGET]["anomaly_index"] > 2
+    assert (report / "report.html").stat().st_size > 1000
+    assert (report / "neural_cleanse_triggers.png").exists()
+    assert json.loads((report / "scan.json").read_text())["backdoor"]["flagged"] == [TARGET]
+
+
+def test_purify_lowers_asr_and_writes_safetensors(files, capsys, tmp_path):
+    out = tmp_path / "purified.safetensors"
+    code = main(["purify", str(files["model"]), "--arch", "tiny_cnn", "--clean-data",
+                 str(files["clean"]), "--target", str(TARGET), "--test-data", str(files["test"]),
+                 "--trigger", "badnets", "--epochs", "10", "--inversion-steps", "30",
+                 "--ce-weight", "1", "--out", str(out), "--json", "--quiet"])
+    assert code == 0
+    result = last_json(capsys)
+    assert result["before"]["attack_success_rate"] > 0.9
+    assert result["after"]["attack_success_rate"] < 0.2
+    assert result["after"]["benign_accuracy"] > result["before"]["benign_accuracy"] - 0.05
+    from poisonlab.runs.checkpoints import load_weights
+
+    state, meta = load_weights(out)
+    assert "head.weight" in state and meta["purified_by"] == "mcl"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "resnet21", "--data", "{test}"], "unknown architecture 'resnet21'"),
+        (["--arch", "resnet20", "--data", "{test}"], "do not fit resnet20"),
+        (["--arch", "tiny_cnn", "--data", "{big}"], "model expects 1x14x14"),
+        (["--arch", "tiny_cnn", "--data", "{root}/missing"], "does not exist"),
+        (["--arch", "tiny_cnn", "--data", "{test}", "--check", "nope"], "unknown check 'nope'"),
+    ],
+)
+def test_scan_bad_inputs_are_one_line_errors(files, capsys, args, message):
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    assert main(["scan", str(files["model"]), *args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_model_files_are_never_unpickled(files, capsys, tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"head.weight": torch.zeros(10, 64), "x": Boom()}, evil)
+    assert main(["scan", str(evil), "--arch", "tiny_cnn", "--data", str(files["test"])]) == 2
+    captured = capsys.readouterr()
+    assert "pickled code ran" not in captured.out and captured.err.startswith("error: ")
+    out = tmp_path / "x.bin"
+    assert main(["purify", str(files["model"]), "--arch", "tiny_cnn", "--clean-data",
+                 str(files["clean"]), "--out", str(out)]) == 2
+    assert "--out must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_run_backdoor_defense_smoke(capsys, tmp_path):
+    sets = ["attack.attacks=[badnets]", "train.epochs=3", "nc.steps=15", "defense.epochs=3",
+            "defense.inversion_steps=10", "figures.points=60"]
+    code = main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
+                 "--quiet", *sum((["--set", s] for s in sets), [])])
+    assert code == 0
+    metrics = last_json(capsys)
+    entry = metrics["attacks"]["badnets"]
+    for stage in ("backdoored", "mcl", "fine_tuning", "nc_unlearning"):
+        assert set(entry[stage]) == {"benign_accuracy", "attack_success_rate"}
+        assert 0 <= entry[stage]["attack_success_rate"] <= 1
+    assert entry["backdoored"]["attack_success_rate"] > 0.9
+    assert entry["mcl"]["attack_success_rate"] < entry["backdoored"]["attack_success_rate"]
+    assert isinstance(entry["nc_anomaly_index"], float) and isinstance(entry["nc_flagged"], list)
+    assert isinstance(metrics["clean_model"]["nc_flagged"], list)
+    run_dir = next(tmp_path.glob("backdoor-defense-*"))
+    assert json.loads((run_dir / "metrics.json").read_text())["attacks"]["badnets"] == entry
+    assert (run_dir / "report.html").exists()
+    assert (run_dir / "figures" / "triggers.png").exists()
+    assert (run_dir / "figures" / "features.png").exists()
