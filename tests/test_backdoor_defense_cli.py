@@ -135,7 +135,8 @@ def test_model_files_are_never_unpickled(files, capsys, tmp_path):
 
 
 def test_run_backdoor_defense_smoke(capsys, tmp_path):
-    sets = ["attack.attacks=[badnets]", "train.epochs=3", "nc.steps=15", "defense.epochs=3",
+    sets = ["attack.attacks=[badnets]", "train.arch=tiny_cnn", "data.train_size=2000",
+            "train.epochs=3", "nc.samples=32", "nc.steps=15", "defense.epochs=3",
             "defense.inversion_steps=10", "figures.points=60"]
     code = main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
                  "--quiet", *sum((["--set", s] for s in sets), [])])
