@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("POISONLAB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_configure(config) -> None:
+    """One cache and one runs folder per test session, never the user's (set before any
+    fixture, session-scoped ones included, can load data)."""
+    base = Path(tempfile.mkdtemp(prefix="poisonlab-tests-"))
+    os.environ["POISONLAB_CACHE"] = str(base / "cache")
+    os.environ["POISONLAB_RUNS"] = str(base / "runs")
+    os.environ["MPLBACKEND"] = "Agg"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path to the real data sets; tests that need them skip only if the folder is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own cache and runs folders, never the user's."""
-    cache = tmp_path_factory.getbasetemp() / "poisonlab-cache"
-    monkeypatch.setenv("POISONLAB_CACHE", str(cache))
-    monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -1,9 +1,85 @@
-"""`poisonlab` command group: run (filled in by its owner)."""
+"""`poisonlab run EXPERIMENT` and `poisonlab demo`: reproduce an experiment into a run directory."""
 
 from __future__ import annotations
 
+import inspect
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+from poisonlab.config import resolve_config, validate_config
+from poisonlab.errors import ConfigError
+from poisonlab.experiments import EXPERIMENTS, get_experiment
+from poisonlab.runs import Run
+from poisonlab.runs.record import to_jsonable
+
+OutOpt = typer.Option(None, "--out", "-o", help="Root folder of run directories (default ./runs or $POISONLAB_RUNS).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides the config's).")
+JsonOpt = typer.Option(False, "--json", help="Print the metrics as one JSON object on the last line.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def execute(name: str, preset: str | None = None, config: Path | None = None,
+            sets: list[str] | None = None, data_dir: Path | None = None, out: Path | None = None,
+            seed: int | None = None, resume: str | None = None, model: str | None = None,
+            progress: bool = True) -> tuple[Run, dict, object]:
+    """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module)."""
+    exp = get_experiment(name)
+    if resume is not None:
+        run = Run.open(resume, root=out)
+        if run.experiment != name:
+            raise ConfigError(f"run {run.id} is a '{run.experiment}' run, not '{name}'")
+        cfg = validate_config(exp.Config, run.config)
+    else:
+        cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])
+        if seed is not None:
+            cfg.seed = seed
+    accepted = inspect.signature(exp.run).parameters
+    extra = {"progress": progress} if "progress" in accepted else {}
+    if model is not None:
+        if "model" not in accepted:
+            raise ConfigError(f"--model is not supported by experiment '{name}'")
+        extra["model"] = model
+    if resume is None:
+        run = Run.create(name, cfg, root=out)
+    with run:
+        metrics = exp.run(cfg, run, data_dir, **extra)
+    return run, metrics, exp
+
+
+def show(run: Run, metrics: dict, exp, as_json: bool) -> None:
+    console = Console()
+    console.print(exp.render(metrics))
+    console.print(f"run {run.id}: {run.path}" + (f"  report: {run.path / 'report.html'}"
+                                                 if (run.path / "report.html").exists() else ""))
+    if as_json:
+        print(json.dumps(to_jsonable(metrics)))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the main app."""
+    @app.command("run")
+    def run_cmd(
+        experiment: str = typer.Argument(..., help=f"One of: {', '.join(EXPERIMENTS)}."),
+        preset: str = typer.Option(None, "--preset", "-p", help="smoke, cpu, paper (default: the published settings)."),
+        config: Path = typer.Option(None, "--config", "-c", help="YAML/TOML/JSON config file."),
+        sets: list[str] = typer.Option(None, "--set", "-s", help="Override: key=value (dotted keys)."),
+        data_dir: Path = typer.Option(None, "--data-dir", "-d", help="Folder with the data set."),
+        out: Path = OutOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
+        resume: str = typer.Option(None, "--resume", help="Continue an interrupted run (id)."),
+        model: str = typer.Option(None, "--model", "-m", help="Attack an existing model (run id or weights file)."),
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Run a reproducible experiment into its own run directory."""
+        run, metrics, exp = execute(experiment, preset, config, sets, data_dir, out, seed, resume,
+                                    model, progress=not quiet)
+        show(run, metrics, exp, as_json)
+
+    @app.command("demo")
+    def demo_cmd(out: Path = OutOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
+                 quiet: bool = QuietOpt) -> None:
+        """The main job on the embedded glyph set: meta-train MAML, backdoor its support sets."""
+        run, metrics, exp = execute("fewshot-backdoor", preset="demo", out=out, seed=seed,
+                                    progress=not quiet)
+        show(run, metrics, exp, as_json)

@@ -8,9 +8,9 @@ scale U(0, 1) and zero shift, head weights N(0, 1) and zero bias.
 Two forms share one parameter layout:
 - `CNN4`, an ordinary `nn.Module` for users and for single tasks;
 - `cnn4_forward_tasks(params, x)`, a functional forward over a *batch of tasks*, each task with its
-  own weights (leading dimension B on every parameter). All tasks run as one grouped convolution
-  (tasks stacked as channel groups), which on a CPU is several times faster than a Python loop over
-  tasks or torch.func.vmap, and BatchNorm statistics stay per task and per channel.
+  own weights (leading dimension B on every parameter). The tasks run as one grouped convolution
+  (tasks stacked as channel groups) and BatchNorm statistics stay per task and per channel. How
+  many tasks to put in one call is a speed question answered in `poisonlab.training.maml`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def cnn4_forward_tasks(params: dict[str, Tensor], x: Tensor) -> Tensor:
     (e.g. `body.0.weight` of shape [B, hidden, C, 3, 3]).
     """
     b, n, c, h, w = x.shape
-    # Tasks become channel groups: [n, B*C, H, W]; channels-last helps the CPU convolution.
-    out = x.transpose(0, 1).reshape(n, b * c, h, w).contiguous(memory_format=torch.channels_last)
+    # Tasks become channel groups: [n, B*C, H, W].
+    out = x.transpose(0, 1).reshape(n, b * c, h, w)
     for i in range(LAYERS):
         weight = params[f"body.{3 * i}.weight"]
         bias = params[f"body.{3 * i}.bias"]

@@ -10,10 +10,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from poisonlab.data.episodes import EpisodeSampler, Episodes
+from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
 from poisonlab.progress import progress_bar
-from poisonlab.training.maml import Params, TaskForward, finetune_and_predict, meta_loss
+from poisonlab.training.maml import (
+    Params,
+    TaskForward,
+    default_workers,
+    finetune_and_predict,
+    map_task_chunks,
+    meta_gradient,
+)
 
 
 @dataclass
@@ -34,6 +41,8 @@ class MetaTrainSettings:
     val_tasks: int = 200
     test_steps: int = 1
     test_lr: float = 0.5
+    task_chunk: int | None = 4  # tasks per chunk; None = all at once (best on a GPU)
+    workers: int | None = None  # threads over chunks; None = one per core on a CPU
 
 
 @dataclass
@@ -50,18 +59,19 @@ class MetaTrainState:
 
 
 def evaluate_tasks(
-    forward: TaskForward, theta: Params, episodes: Episodes, steps: int, lr: float, chunk: int = 100
+    forward: TaskForward, theta: Params, episodes: Episodes, steps: int, lr: float,
+    chunk: int | None = 10, workers: int = 1,
 ) -> Tensor:
     """Query accuracy per task [T] after fine-tuning θ on each support set (in chunks of tasks)."""
-    accs = []
-    for start in range(0, episodes.batch, chunk):
-        sl = slice(start, start + chunk)
+
+    def one(sl: slice) -> Tensor:
         logits = finetune_and_predict(
             forward, theta, episodes.support_x[sl], episodes.support_y[sl],
             episodes.query_x[sl], steps, lr,
         )
-        accs.append((logits.argmax(-1) == episodes.query_y[sl]).float().mean(1))
-    return torch.cat(accs)
+        return (logits.argmax(-1) == episodes.query_y[sl]).float().mean(1)
+
+    return torch.cat(map_task_chunks(one, episodes.batch, chunk, workers))
 
 
 def meta_train(
@@ -93,22 +103,23 @@ def meta_train(
         optimizer.load_state_dict(state.optimizer)
     if state.generator is not None:
         sampler.generator.set_state(state.generator)
+    workers = s.workers or default_workers(device)
     start = time.perf_counter()
     with progress_bar(s.iterations, "meta-training", enabled=progress) as bar:
         bar.advance(state.iteration)
         while state.iteration < s.iterations:
             ep = sampler.sample(s.meta_batch).to(device)
-            loss, acc = meta_loss(
+            loss, acc, grads = meta_gradient(
                 forward, theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y,
-                s.inner_lr, s.adaptation_steps, s.first_order,
+                s.inner_lr, s.adaptation_steps, s.first_order, s.task_chunk, workers,
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for p, g in zip(theta.values(), grads, strict=True):
+                p.grad = g
             optimizer.step()
             state.iteration += 1
             done = state.iteration == s.iterations
             if state.iteration % s.eval_every == 0 or done:
-                _validate(forward, theta, val_episodes, s, state, float(loss), float(acc.mean()))
+                _validate(forward, theta, val_episodes, s, state, loss, float(acc.mean()), workers)
                 state.optimizer = copy.deepcopy(optimizer.state_dict())
                 state.generator = sampler.generator.get_state()
                 entry = state.history[-1]
@@ -129,9 +140,10 @@ def _fresh_state(theta: Params, s: MetaTrainSettings) -> MetaTrainState:
 
 def _validate(
     forward: TaskForward, theta: Params, val_episodes: Episodes, s: MetaTrainSettings,
-    state: MetaTrainState, train_loss: float, train_acc: float,
+    state: MetaTrainState, train_loss: float, train_acc: float, workers: int,
 ) -> None:
-    val_acc = float(evaluate_tasks(forward, theta, val_episodes, s.test_steps, s.test_lr).mean())
+    val_acc = float(evaluate_tasks(forward, theta, val_episodes, s.test_steps, s.test_lr,
+                                   s.task_chunk, workers).mean())
     state.theta = {k: v.detach().clone() for k, v in theta.items()}
     if val_acc > state.best_val:
         state.best_val = val_acc

@@ -1,0 +1,133 @@
+"""Figures and the HTML report of the few-shot support-set backdoor experiment.
+
+The paper's three figures: (1) PGD loss vs iteration, (2) BA and ASR vs ε with their crossing,
+(3) an original support image beside its poisoned versions at three ε values; plus the
+meta-training curve when the run trained the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from poisonlab.report.html import Section, Table, write_html_report
+from poisonlab.report.style import new_figure, save_figure
+
+
+def crossing_point(eps: list[float], ba: list[float], asr: list[float]) -> tuple[float, float] | None:
+    """Where ASR − BA changes sign, by linear interpolation between neighbouring ε; else None."""
+    diff = np.asarray(asr) - np.asarray(ba)
+    for i in range(len(eps) - 1):
+        if diff[i] == 0:
+            return eps[i], ba[i]
+        if diff[i] * diff[i + 1] < 0:
+            t = diff[i] / (diff[i] - diff[i + 1])
+            return eps[i] + t * (eps[i + 1] - eps[i]), ba[i] + t * (ba[i + 1] - ba[i])
+    return None
+
+
+def plot_loss(path, ev: dict) -> None:
+    fig, ax = new_figure(6, 4)
+    for eps, parts in ev["outcomes"].items():
+        losses = torch.cat([p.backdoor_losses for p in parts], dim=1).numpy()  # [L, T]
+        it = np.arange(1, losses.shape[0] + 1)
+        mean = losses.mean(1)
+        lo, hi = np.percentile(losses, [25, 75], axis=1)
+        ax.plot(it, mean, marker="o", ms=3, label=f"ε = {eps:g}")
+        ax.fill_between(it, lo, hi, alpha=0.15)
+    ax.set(xlabel="PGD iteration", ylabel="trigger loss CE(F(X'_tr), Y'_adv)", yscale="log",
+           title="Backdoor PGD loss (mean, 25–75% band over tasks)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_ba_asr(path, metrics: dict) -> None:
+    rows = metrics["per_epsilon"]
+    eps = [r["epsilon"] for r in rows]
+    ba = [r["backdoor_accuracy"] for r in rows]
+    asr = [r["attack_success_rate"] for r in rows]
+    fig, ax = new_figure(6, 4)
+    ax.errorbar(eps, ba, yerr=[r["backdoor_accuracy_ci95"] for r in rows], marker="o", label="BA")
+    ax.errorbar(eps, asr, yerr=[r["attack_success_rate_ci95"] for r in rows], marker="s", label="ASR")
+    asp = [(r["epsilon"], r["asp_accuracy"]) for r in rows if "asp_accuracy" in r]
+    if asp:
+        ax.plot(*zip(*asp, strict=True), marker="^", ls="--", label="ASP accuracy")
+    ax.axhline(metrics["clean_accuracy"], color="grey", ls=":", label="CA (clean)")
+    cross = crossing_point(eps, ba, asr)
+    if cross is not None:
+        ax.plot(*cross, marker="X", ms=12, color="black", ls="none",
+                label=f"BA = ASR at ε ≈ {cross[0]:.3f}")
+    ax.set(xlabel="ε (L∞ budget)", ylabel="fraction", xscale="log", ylim=(0, 1.02),
+           title="Backdoor accuracy and attack success vs ε")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_examples(path, ev: dict, chosen: list[float]) -> None:
+    """Support image 0 of task 0, clean and poisoned at the chosen ε."""
+    original = ev["episodes"].support_x[0, 0, 0].numpy()
+    fig, axes = new_figure(2.0 * (len(chosen) + 1), 2.4, 1, len(chosen) + 1)
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(original, cmap="gray_r", vmin=0, vmax=1)
+    axes[0].set_title("original")
+    for ax, eps in zip(axes[1:], chosen, strict=True):
+        poisoned = ev["outcomes"][eps][0].examples[0, 0, 0].numpy()
+        ax.imshow(poisoned, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"ε = {eps:g}")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    save_figure(fig, path)
+
+
+def plot_meta_training(path, history: list[dict]) -> None:
+    fig, ax = new_figure(6, 3.5)
+    it = [h["iteration"] for h in history]
+    ax.plot(it, [h["val_accuracy"] for h in history], marker="o", ms=3, label="validation accuracy")
+    ax.plot(it, [h["train_accuracy"] for h in history], alpha=0.6, label="meta-batch query accuracy")
+    ax.set(xlabel="meta-iteration", ylabel="accuracy", title="MAML meta-training")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def pick_three(eps: list[float]) -> list[float]:
+    """ε values for the example figure: the paper's 0.07, 0.3, 0.5 when swept, else spread out."""
+    wanted = [e for e in (0.07, 0.3, 0.5) if e in eps]
+    if len(wanted) == 3 or len(eps) <= 3:
+        return wanted if len(wanted) == 3 else sorted(eps)
+    ordered = sorted(eps)
+    return [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
+
+
+def write_report(run, cfg, metrics: dict, ev: dict, history: list[dict]) -> None:
+    """All figures into the run's figures/ folder and report.html beside them."""
+    from poisonlab.experiments.fewshot_backdoor import results_table
+
+    figures = {
+        "pgd_loss": plot_loss, "ba_asr_vs_epsilon": lambda p, _ev: plot_ba_asr(p, metrics),
+        "poisoned_examples": lambda p, e: plot_examples(p, e, pick_three(cfg.attack.epsilons)),
+    }
+    paths = {}
+    for name, draw in figures.items():
+        paths[name] = run.figure_path(f"{name}.png")
+        draw(paths[name], ev)
+    sections = [Section("Results", [_setting_text(cfg, metrics)], [results_table(metrics)],
+                        [paths["ba_asr_vs_epsilon"]]),
+                Section("PGD loss", ["Algorithm 1's loss on the trigger at every iteration."],
+                        figures=[paths["pgd_loss"]]),
+                Section("Poisoned support images", figures=[paths["poisoned_examples"]])]
+    if history:
+        path = run.figure_path("meta_training.png")
+        plot_meta_training(path, history)
+        sections.append(Section("Meta-training", figures=[path], tables=[Table(
+            ["iteration", "val accuracy"], [[h["iteration"], h["val_accuracy"]] for h in history])]))
+    write_html_report(run.path / "report.html", "poisonlab: few-shot support-set backdoor", sections)
+
+
+def _setting_text(cfg, metrics: dict) -> str:
+    m, a = cfg.meta, cfg.attack
+    return (f"{metrics['dataset']}, {m.ways}-way {m.shots}-shot, {metrics['tasks']} meta-test tasks, "
+            f"PGD L = {a.iterations}, γ = {a.step_size}, fine-tuning {a.finetune_steps} step(s) "
+            f"at lr {a.finetune_lr}, clamp to [0, 1]: {a.clamp}. Clean trigger→target rate "
+            f"{100 * metrics['clean_trigger_to_target_rate']:.1f}% (chance level of ASR).")
