@@ -1,0 +1,136 @@
+"""Support-set backdoor (Kato et al.) and ASP: budgets, label invariance, the API's threat model,
+and the attacks really moving their metrics on a small meta-trained model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
+from poisonlab.attacks.fewshot_evaluation import choose_triggers, task_outcomes
+from poisonlab.attacks.support_backdoor import SupportBackdoor
+from poisonlab.data.episodes import EpisodeSampler
+from poisonlab.data.glyphs import load_glyphs
+from poisonlab.errors import ConfigError
+from poisonlab.models import build_model
+from poisonlab.models.cnn4 import cnn4_forward_tasks
+from poisonlab.training.maml import finetune_and_predict
+from poisonlab.training.meta_trainer import MetaTrainSettings, meta_train
+
+WAYS, SHOTS = 3, 2
+
+
+def untrained(hidden=8, ways=WAYS):
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in build_model("cnn4", ways, 1, hidden=hidden).state_dict().items()}
+
+
+def support(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, WAYS * SHOTS, 1, 12, 12, generator=g)
+    y = torch.arange(WAYS).repeat_interleave(SHOTS).expand(b, -1).clone()
+    return x, y
+
+
+@settings(max_examples=12, deadline=None)
+@given(eps=st.floats(0.0, 0.6), clamp=st.booleans(), iters=st.integers(0, 3), seed=st.integers(0, 99))
+def test_backdoor_stays_in_budget_and_never_touches_labels(eps, clamp, iters, seed):
+    sx, sy = support(seed=seed)
+    labels = sy.clone()
+    attack = SupportBackdoor(cnn4_forward_tasks, untrained(), epsilon=eps, step_size=0.05,
+                             iterations=iters, clamp=clamp)
+    trig = torch.rand(2, 1, 1, 12, 12)
+    res = attack.poison(sx, sy, trig, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(seed))
+    assert (res.support_x - sx).abs().max() <= eps + 1e-6
+    if clamp:
+        assert res.support_x.min() >= 0 and res.support_x.max() <= 1
+    assert torch.equal(sy, labels)
+    assert res.losses.shape == (iters, 2)
+
+
+@settings(max_examples=8, deadline=None)
+@given(eps=st.floats(0.0, 0.5), seed=st.integers(0, 99))
+def test_asp_stays_in_budget(eps, seed):
+    sx, sy = support(seed=seed)
+    qx, qy = support(seed=seed + 1)
+    res = AdversarialSupportPoisoning(cnn4_forward_tasks, untrained(), epsilon=eps, iterations=2).poison(sx, sy, qx, qy)
+    assert (res.support_x - sx).abs().max() <= eps + 1e-6
+    assert res.support_x.min() >= 0 and res.support_x.max() <= 1
+
+
+def test_backdoor_api_accepts_only_one_trigger_query():
+    sx, sy = support()
+    attack = SupportBackdoor(cnn4_forward_tasks, untrained())
+    with pytest.raises(ConfigError, match="exactly one query image per task"):
+        attack.poison(sx, sy, torch.rand(2, 3, 1, 12, 12), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("kwargs, word", [({"epsilon": -0.1}, "epsilon"), ({"step_size": 0}, "step_size"),
+                                          ({"iterations": -1}, "iterations"), ({"finetune_steps": 0}, "finetune_steps")])
+def test_impossible_attack_parameters_are_rejected(kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        SupportBackdoor(cnn4_forward_tasks, untrained(), **kwargs)
+
+
+def test_trigger_choice_and_outcomes_hand_computed():
+    qy = torch.tensor([[0, 0, 1, 1, 2, 2]] * 50)
+    choice = choose_triggers(qy, 3, seed=1)
+    true = qy.gather(1, choice.index[:, None]).squeeze(1)
+    assert (choice.target != true).all() and choice.target.max() < 3
+    logits = torch.zeros(2, 3, 3)
+    logits[0, torch.arange(3), torch.tensor([0, 1, 1])] = 1  # task 0 predicts 0,1,1
+    logits[1, torch.arange(3), torch.tensor([2, 2, 2])] = 1  # task 1 predicts 2,2,2
+    y = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    from poisonlab.attacks.fewshot_evaluation import TriggerChoice
+
+    acc, hits = task_outcomes(logits, y, TriggerChoice(torch.tensor([2, 0]), torch.tensor([1, 1])))
+    assert acc.tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert hits.tolist() == [1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def meta_trained():
+    """A small CNN4 meta-trained for a few seconds on 60 glyph classes, 3-way 2-shot."""
+    bank = load_glyphs(num_classes=60, samples=20, seed=3)
+    train, test = bank.subset(range(40)), bank.subset(range(40, 60))
+    theta = untrained(hidden=16)
+    s = MetaTrainSettings(ways=WAYS, shots=SHOTS, queries=3, meta_batch=6, iterations=50,
+                          eval_every=50, val_tasks=12, rotate=False, inner_lr=0.5, meta_lr=0.005)
+    state = meta_train(cnn4_forward_tasks, theta, train, test, s, seed=0, progress=False)
+    episodes = EpisodeSampler(test, WAYS, SHOTS, 3, seed=1).sample_fixed(24, seed=5)
+    return state, episodes
+
+
+def test_meta_training_learns(meta_trained):
+    state, _ = meta_trained
+    assert state.best_val > 0.55  # chance is 1/3
+
+
+def test_backdoor_raises_asr_far_above_the_clean_rate(meta_trained):
+    state, ep = meta_trained
+    theta = state.best_theta
+    trig = choose_triggers(ep.query_y, WAYS, seed=0)
+    trig_x = ep.query_x[torch.arange(ep.batch), trig.index].unsqueeze(1)
+    clean = finetune_and_predict(cnn4_forward_tasks, theta, ep.support_x, ep.support_y, ep.query_x, 1, 0.5)
+    ca, clean_hits = task_outcomes(clean, ep.query_y, trig)
+    attack = SupportBackdoor(cnn4_forward_tasks, theta, epsilon=0.3, iterations=10, step_size=0.03)
+    res = attack.poison(ep.support_x, ep.support_y, trig_x, trig.target,
+                        generator=torch.Generator().manual_seed(0))
+    poisoned = finetune_and_predict(cnn4_forward_tasks, theta, res.support_x, ep.support_y, ep.query_x, 1, 0.5)
+    ba, hits = task_outcomes(poisoned, ep.query_y, trig)
+    assert hits.mean() >= clean_hits.mean() + 0.5
+    assert res.losses[-1].mean() < res.losses[0].mean()
+    assert ba.mean() > 1 / WAYS  # the other queries are not wrecked
+
+
+def test_asp_lowers_query_accuracy(meta_trained):
+    state, ep = meta_trained
+    theta = state.best_theta
+    clean = finetune_and_predict(cnn4_forward_tasks, theta, ep.support_x, ep.support_y, ep.query_x, 1, 0.5)
+    res = AdversarialSupportPoisoning(cnn4_forward_tasks, theta, epsilon=0.3, iterations=10,
+                                      step_size=0.03).poison(ep.support_x, ep.support_y, ep.query_x, ep.query_y)
+    poisoned = finetune_and_predict(cnn4_forward_tasks, theta, res.support_x, ep.support_y, ep.query_x, 1, 0.5)
+    acc = lambda lg: (lg.argmax(-1) == ep.query_y).float().mean()  # noqa: E731
+    assert acc(poisoned) < acc(clean) - 0.2
