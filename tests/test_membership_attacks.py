@@ -160,3 +160,26 @@ def test_bad_input_is_a_one_line_error():
         LiRA().infer(torch.zeros(4), torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(DataError, match="differ in length"):
         LabelOnlyAttack().infer(lambda x: x.sum((1, 2, 3)), torch.zeros(4, 1, 8, 8), torch.zeros(3))
+
+
+def test_shadow_attack_accepts_one_tensor_per_shadow_model(setup):
+    p = predict_proba(setup["shadow"], setup["shadow_x"])
+    y, member = setup["shadow_y"], torch.cat([torch.ones(200), torch.zeros(200)])
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(0))
+    a, b = order[:200], order[200:]
+    whole = ShadowModelAttack(epochs=5, batch_size=400).fit(p[order], y[order], member[order])
+    parts = ShadowModelAttack(epochs=5, batch_size=400).fit([p[a], p[b]], [y[a], y[b]], [member[a], member[b]])
+    target = predict_proba(setup["target"], setup["x"])
+    assert torch.allclose(whole.infer(target, setup["y"]), parts.infer(target, setup["y"]))
+
+
+def test_lira_scores_match_hand_computed_gaussians():
+    # One record, four shadow models: IN φ = 2, 4 (mean 3, var 1), OUT φ = 0, 2 (mean 1, var 1).
+    shadow = torch.tensor([[2.0], [4.0], [0.0], [2.0]])
+    shadow_in = torch.tensor([[True], [True], [False], [False]])
+    target = torch.tensor([3.0])
+    # log N(3; 3, 1) − log N(3; 1, 1) = 0 − (−2) = 2; offline z = (3 − 1) / 1 = 2.
+    assert LiRA(online=True).infer(target, shadow, shadow_in).item() == pytest.approx(2.0)
+    assert LiRA(online=False).infer(target, shadow, shadow_in).item() == pytest.approx(2.0)
+    with pytest.raises(DataError, match="at least one shadow model trained"):
+        LiRA(online=True).infer(target, shadow, torch.zeros(4, 1, dtype=torch.bool))
