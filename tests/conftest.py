@@ -19,6 +19,12 @@ def pytest_configure(config) -> None:
     os.environ["POISONLAB_CACHE"] = str(base / "cache")
     os.environ["POISONLAB_RUNS"] = str(base / "runs")
     os.environ["MPLBACKEND"] = "Agg"
+    # Test tensors are tiny: one intra-op thread is faster, and with more threads than free
+    # cores OpenMP's barriers make every op wait for descheduled threads (measured: 10 s
+    # instead of 0.15 s for a small attack on a busy 2-core machine).
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
