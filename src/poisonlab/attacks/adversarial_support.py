@@ -13,38 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poisonlab.attacks.support_pgd import PoisonResult, check_budget, support_pgd
+from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack
 from poisonlab.errors import ConfigError
-from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
 
 
-class AdversarialSupportPoisoning:
+class AdversarialSupportPoisoning(SupportAttack):
     """Untargeted support-set poisoning that degrades accuracy on the whole query set."""
-
-    def __init__(
-        self,
-        forward: TaskForward,
-        theta: Params,
-        epsilon: float = 0.3,
-        step_size: float = 0.01,
-        iterations: int = 10,
-        finetune_steps: int = 1,
-        finetune_lr: float = 0.5,
-        clamp: bool = True,
-    ) -> None:
-        check_budget(epsilon, step_size, iterations)
-        if finetune_steps < 1:
-            raise ConfigError(f"finetune_steps={finetune_steps} must be >= 1")
-        self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
-        self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
-        self.finetune_steps, self.finetune_lr, self.clamp = finetune_steps, finetune_lr, clamp
 
     def query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """Mean query cross-entropy per task [B] after fine-tuning on the support set."""
-        batched = expand_params(self.theta, support_x.shape[0])
-        adapted = adapt(self.forward, batched, support_x, support_y, self.finetune_steps,
-                        self.finetune_lr, create_graph=True)
-        logits = self.forward(adapted, query_x)
+        logits = self.forward(self.finetuned(support_x, support_y), query_x)
         return F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none").view(
             query_y.shape).mean(1)
 
@@ -64,5 +42,4 @@ class AdversarialSupportPoisoning:
         def objective(x: Tensor) -> Tensor:
             return self.query_loss(x, support_y, query_x, query_y)
 
-        return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
-                           descend=False, clamp=self.clamp, start=start, generator=generator)
+        return self.run_pgd(objective, support_x, False, start, generator)

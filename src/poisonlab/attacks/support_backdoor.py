@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poisonlab.attacks.support_pgd import PoisonResult, check_budget, support_pgd
+from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack
 from poisonlab.errors import ConfigError
-from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
+from poisonlab.training.maml import Params, TaskForward
 
 
-class SupportBackdoor:
+class SupportBackdoor(SupportAttack):
     """Targeted support-set poisoning: one trigger query → the attacker's label."""
 
     def __init__(
@@ -48,21 +48,15 @@ class SupportBackdoor:
         clamp: bool = True,
         trigger_batch: Literal["support", "alone"] = "support",
     ) -> None:
-        check_budget(epsilon, step_size, iterations)
-        if finetune_steps < 1:
-            raise ConfigError(f"finetune_steps={finetune_steps} must be >= 1")
+        super().__init__(forward, theta, epsilon, step_size, iterations, finetune_steps,
+                         finetune_lr, clamp)
         if trigger_batch not in ("support", "alone"):
             raise ConfigError(f"trigger_batch='{trigger_batch}' must be 'support' or 'alone'")
-        self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
-        self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
-        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
-        self.clamp, self.trigger_batch = clamp, trigger_batch
+        self.trigger_batch = trigger_batch
 
     def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor) -> Tensor:
         """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x."""
-        batched = expand_params(self.theta, support_x.shape[0])
-        adapted = adapt(self.forward, batched, support_x, support_y, self.finetune_steps,
-                        self.finetune_lr, create_graph=True)
+        adapted = self.finetuned(support_x, support_y)
         if self.trigger_batch == "support":
             logits = self.forward(adapted, torch.cat([support_x, trigger_x], dim=1))[:, -1]
         else:
@@ -91,8 +85,7 @@ class SupportBackdoor:
         def objective(x: Tensor) -> Tensor:
             return self.trigger_loss(x, support_y, trigger_x, target)
 
-        return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
-                           descend=True, clamp=self.clamp, start=start, generator=generator)
+        return self.run_pgd(objective, support_x, True, start, generator)
 
 
 def _one_trigger_per_task(trigger_x: Tensor, support_x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from poisonlab.errors import ConfigError
+from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
 
 
 @dataclass
@@ -74,3 +75,36 @@ def support_pgd(
         x = project(x.detach() + direction * step_size * grad.sign(), original, epsilon, clamp)
     stacked = torch.stack(losses) if losses else original.new_zeros(0, original.shape[0])
     return PoisonResult(support_x=x.detach(), losses=stacked)
+
+
+class SupportAttack:
+    """Common settings of the support-set attacks: θ*, the budget and the victim's fine-tuning."""
+
+    def __init__(
+        self,
+        forward: TaskForward,
+        theta: Params,
+        epsilon: float = 0.3,
+        step_size: float = 0.01,
+        iterations: int = 10,
+        finetune_steps: int = 1,
+        finetune_lr: float = 0.5,
+        clamp: bool = True,
+    ) -> None:
+        check_budget(epsilon, step_size, iterations)
+        if finetune_steps < 1:
+            raise ConfigError(f"finetune_steps={finetune_steps} must be >= 1")
+        self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
+        self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
+        self.finetune_steps, self.finetune_lr, self.clamp = finetune_steps, finetune_lr, clamp
+
+    def finetuned(self, support_x: Tensor, support_y: Tensor) -> Params:
+        """g((X̃, Y), θ*) per task, differentiable w.r.t. the support images."""
+        batched = expand_params(self.theta, support_x.shape[0])
+        return adapt(self.forward, batched, support_x, support_y, self.finetune_steps,
+                     self.finetune_lr, create_graph=True)
+
+    def run_pgd(self, objective, support_x: Tensor, descend: bool, start: Tensor | None,
+                generator: torch.Generator | None) -> PoisonResult:
+        return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
+                           descend=descend, clamp=self.clamp, start=start, generator=generator)
