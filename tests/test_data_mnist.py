@@ -17,12 +17,10 @@ from poisonlab.errors import DataError
 
 
 @pytest.fixture(scope="session")
-def real_mnist(shared_data, tmp_path_factory):
-    # Session fixtures run before the autouse per-test cache fixture: use the same session cache.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POISONLAB_CACHE", str(tmp_path_factory.getbasetemp() / "poisonlab-cache"))
-        start = time.perf_counter()
-        data = load_mnist(shared_data / "mnist")
+def real_mnist(shared_data):
+    # The session cache (tests/conftest.py) is set before any fixture runs.
+    start = time.perf_counter()
+    data = load_mnist(shared_data / "mnist")
     print(f"\nMNIST first load in this session: {time.perf_counter() - start:.2f} s")
     return data
 

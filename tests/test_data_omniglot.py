@@ -19,12 +19,10 @@ from poisonlab.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="session")
-def real_omniglot(shared_data, tmp_path_factory):
-    # Session fixtures run before the autouse per-test cache fixture: use the same session cache.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POISONLAB_CACHE", str(tmp_path_factory.getbasetemp() / "poisonlab-cache"))
-        start = time.perf_counter()
-        data = load_omniglot(shared_data / "omniglot")
+def real_omniglot(shared_data):
+    # The session cache (tests/conftest.py) is set before any fixture runs.
+    start = time.perf_counter()
+    data = load_omniglot(shared_data / "omniglot")
     print(f"\nOmniglot first load in this session: {time.perf_counter() - start:.2f} s")
     return data
 
