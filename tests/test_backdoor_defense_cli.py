@@ -155,3 +155,9 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
     assert (run_dir / "report.html").exists()
     assert (run_dir / "figures" / "triggers.png").exists()
     assert (run_dir / "figures" / "features.png").exists()
+    # Resuming the finished run reloads the models and results instead of recomputing them.
+    assert main(["run", "backdoor-defense", "--resume", run_dir.name, "--out", str(tmp_path),
+                 "--json", "--quiet"]) == 0
+    assert last_json(capsys)["attacks"]["badnets"] == entry
+    log = (run_dir / "log.txt").read_text()
+    assert "badnets: model loaded from the run" in log and "badnets: results loaded" in log

@@ -235,11 +235,13 @@ def defend(cfg: Config, model, trigger: Trigger, clean: ImageSet, test: ImageSet
     out["mcl_inversion"] = {"norm": purified.inversion.norm,
                             "attack_success": purified.inversion.attack_success}
     out["seconds"] = timing
-    return out, {"purified": purified, "nc_trigger": nc_trigger}
+    return out, {"purified_model": purified.model, "mcl_trigger": purified.inversion.trigger,
+                 "nc_trigger": nc_trigger}
 
 
 def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: ImageSet,
                progress: bool) -> tuple[dict, dict]:
+    """Train (or reload) the model of one attack, scan it, defend it; (metrics, artefacts)."""
     shape = tuple(data.train.x.shape[1:])
     trigger = build_trigger(cfg, name, shape)
     injection = BackdoorInjection(trigger, cfg.attack.target, cfg.attack.poison_rate, cfg.seed)
@@ -247,6 +249,9 @@ def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: Im
     t0 = time.perf_counter()
     model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress)
     t1 = time.perf_counter()
+    saved = run.load_state(f"result-{name}")
+    if saved is not None:  # a resumed run: this attack is already done
+        return saved["entry"], _restore_artefacts(cfg, run, name, saved, model, trigger)
     entry = {"backdoored": backdoor_metrics(model, trigger, data.test, cfg.attack.target)}
     detection = scan(cfg, model, clean, data.num_classes, progress)
     t2 = time.perf_counter()
@@ -256,10 +261,31 @@ def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: Im
     defended, artefacts = defend(cfg, model, trigger, clean, data.test, detection)
     entry |= defended
     entry["seconds"] |= {"train": t1 - t0, "neural_cleanse": t2 - t1}
+    _save_artefacts(run, name, entry, artefacts)
     run.log(f"{name}: BA {entry['backdoored']['benign_accuracy']:.4f} ASR "
             f"{entry['backdoored']['attack_success_rate']:.4f} -> MCL ASR "
             f"{entry['mcl']['attack_success_rate']:.4f}; NC index {entry['nc_anomaly_index']:.2f}")
     return entry, {"model": model, "trigger": trigger, **artefacts}
+
+
+def _save_artefacts(run: Run, name: str, entry: dict, artefacts: dict) -> None:
+    nc = artefacts["nc_trigger"]
+    run.save_checkpoint(f"model-{name}-mcl", artefacts["purified_model"].state_dict(),
+                        {"arch": "purified", "model": name})
+    run.save_state(f"result-{name}", {"entry": entry, "nc_mask": nc.mask, "nc_pattern": nc.pattern,
+                                      "mcl_delta": artefacts["mcl_trigger"].delta})
+
+
+def _restore_artefacts(cfg: Config, run: Run, name: str, saved: dict, model, trigger) -> dict:
+    from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger
+
+    purified = build_model(cfg.train.arch, num_classes=int(model.head.out_features),
+                           in_channels=int(saved["mcl_delta"].shape[0]))
+    purified.load_state_dict(run.load_checkpoint(f"model-{name}-mcl")[0])
+    run.log(f"{name}: results loaded from the run")
+    return {"model": model, "trigger": trigger, "purified_model": purified.eval(),
+            "mcl_trigger": AdditiveTrigger(saved["mcl_delta"]),
+            "nc_trigger": MaskTrigger(saved["nc_mask"], saved["nc_pattern"])}
 
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True) -> dict:
@@ -347,7 +373,7 @@ def trigger_figure(path: Path, artefacts: dict, example: torch.Tensor) -> Path:
         _show(axes[row, 0], a["trigger"].visual(), f"{name}: real trigger")
         _show(axes[row, 1], a["trigger"].apply(example), "triggered input")
         _show(axes[row, 2], a["nc_trigger"].visual(), "NC inverted (mask·pattern)")
-        _show(axes[row, 3], a["purified"].inversion.trigger.visual(), "MCL inverted |δ|")
+        _show(axes[row, 3], a["mcl_trigger"].visual(), "MCL inverted |δ|")
     return save_figure(fig, path)
 
 
@@ -375,7 +401,7 @@ def feature_figure(path: Path, cfg: Config, artefacts: dict, test: ImageSet) -> 
         a = artefacts[name]
         xt = a["trigger"].apply(x)
         for col, (label, model) in enumerate((("before MCL", a["model"]),
-                                              ("after MCL", a["purified"].model))):
+                                              ("after MCL", a["purified_model"]))):
             feats = predict_features(model, torch.cat([x, xt]))
             pts = _embed(feats, cfg.figures.method, cfg.seed)
             ax = axes[row, col]
