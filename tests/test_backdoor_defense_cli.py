@@ -18,13 +18,6 @@ from poisonlab.runs.checkpoints import save_weights
 TARGET = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_folder(root: Path, images: ImageSet) -> Path:
     """An image folder: one sub-folder per label, 8-bit grayscale PNGs."""
