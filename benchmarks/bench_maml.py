@@ -60,7 +60,7 @@ def loop_attack(module, theta, sx, sy, trigger, target, eps, gamma, iters, lr, s
             loss = F.cross_entropy(functional_call(module, theta, (x,)), sy[t])
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             adapted = {k: v - lr * g for (k, v), g in zip(theta.items(), grads, strict=True)}
-            joint = torch.cat([x, trigger[t]])
+            joint = torch.cat([sx[t], trigger[t]])  # the clean support set as the BN batch
             logit = functional_call(module, adapted, (joint,))[-1:]
             adv = F.cross_entropy(logit, target[t : t + 1])
             (gx,) = torch.autograd.grad(adv, x)

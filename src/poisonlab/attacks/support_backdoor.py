@@ -15,9 +15,13 @@ query label, so the API cannot leak them.
 
 Deviation, stated: the CNN uses BatchNorm with batch statistics, so a prediction depends on the
 batch it is made in. The victim classifies its query set as one batch (transductive, as in the
-MAML reference); the attacker does not know those queries, so by default (`trigger_batch=
-"support"`) it classifies the trigger together with the poisoned support images, whose
-statistics stand in for the unknown query batch. `"alone"` classifies the trigger by itself.
+MAML reference); the attacker does not know those queries, so it classifies the trigger inside a
+stand-in batch. Default `trigger_batch="clean_support"`: the trigger with the CLEAN support images
+(known to the attacker, and distributed like the queries). Measured on Omniglot 5w5s (750
+meta-iterations, 40 tasks, ε = 0.3): clean_support ASR 100% (BA 71.5%); the victim's own query
+batch (an oracle the threat model forbids) 100% (BA 72.1%); the poisoned support set as the batch
+("support") 37.5%; the trigger alone ("alone") 17.5%: a batch of perturbed images has statistics
+unlike the victim's, so the attack then optimises the wrong prediction.
 """
 
 from __future__ import annotations
@@ -46,19 +50,26 @@ class SupportBackdoor(SupportAttack):
         finetune_steps: int = 1,
         finetune_lr: float = 0.5,
         clamp: bool = True,
-        trigger_batch: Literal["support", "alone"] = "support",
+        trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support",
     ) -> None:
         super().__init__(forward, theta, epsilon, step_size, iterations, finetune_steps,
                          finetune_lr, clamp)
-        if trigger_batch not in ("support", "alone"):
-            raise ConfigError(f"trigger_batch='{trigger_batch}' must be 'support' or 'alone'")
+        if trigger_batch not in ("clean_support", "support", "alone"):
+            raise ConfigError(
+                f"trigger_batch='{trigger_batch}' must be 'clean_support', 'support' or 'alone'")
         self.trigger_batch = trigger_batch
 
-    def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor) -> Tensor:
-        """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x."""
+    def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor,
+                     clean_support_x: Tensor | None = None) -> Tensor:
+        """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x.
+
+        `clean_support_x` (default: support_x) forms the stand-in batch for "clean_support".
+        """
         adapted = self.finetuned(support_x, support_y)
-        if self.trigger_batch == "support":
-            logits = self.forward(adapted, torch.cat([support_x, trigger_x], dim=1))[:, -1]
+        if self.trigger_batch in ("support", "clean_support"):
+            companions = support_x if self.trigger_batch == "support" else (
+                support_x if clean_support_x is None else clean_support_x)
+            logits = self.forward(adapted, torch.cat([companions, trigger_x], dim=1))[:, -1]
         else:
             logits = self.forward(adapted, trigger_x)[:, 0]
         return F.cross_entropy(logits, target, reduction="none")
@@ -82,8 +93,10 @@ class SupportBackdoor(SupportAttack):
         if target.shape[0] != support_x.shape[0]:
             raise ConfigError(f"target has {target.shape[0]} labels for {support_x.shape[0]} tasks")
 
+        clean = support_x.detach()
+
         def objective(x: Tensor) -> Tensor:
-            return self.trigger_loss(x, support_y, trigger_x, target)
+            return self.trigger_loss(x, support_y, trigger_x, target, clean)
 
         return self.run_pgd(objective, support_x, True, start, generator)
 

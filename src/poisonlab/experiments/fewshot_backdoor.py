@@ -64,7 +64,7 @@ class AttackConfig(_Section):
     step_size: float = Field(0.01, gt=0)
     iterations: int = Field(10, ge=1)
     clamp: bool = True
-    trigger_batch: Literal["support", "alone"] = "support"
+    trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support"
     finetune_steps: int = Field(1, ge=1)
     finetune_lr: float = Field(0.5, gt=0)
     tasks: int = Field(2000, ge=1)
