@@ -20,15 +20,6 @@ from poisonlab.training.supervised import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def template_set(n: int, seed: int, classes: int = 4, size: int = 16) -> ImageSet:
     """Each class is a fixed random template plus noise: learnable in a few epochs."""
     g = torch.Generator().manual_seed(1234)

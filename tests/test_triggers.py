@@ -24,15 +24,6 @@ from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_badnets_patch_is_a_corner_checkerboard():
     x = torch.full((2, 3, 8, 8), 0.5)
     out = badnets_patch((3, 8, 8), size=3).apply(x)

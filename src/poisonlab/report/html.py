@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from poisonlab.errors import RunError
+from poisonlab.runs.record import atomic_write_text
 
 _MIME = {
     ".png": "image/png",
@@ -133,14 +132,7 @@ def write_html_report(
     path = Path(path)
     text = render_html(title, sections)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, text)
     return path
 
 

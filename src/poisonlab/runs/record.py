@@ -97,7 +97,7 @@ class Run:
         (path / "checkpoints").mkdir()
         (path / "figures").mkdir()
         (path / "log.txt").touch()
-        _atomic_write(path / "config.yaml", dump_yaml(config))
+        atomic_write_text(path / "config.yaml", dump_yaml(config))
         cfg = config.model_dump(mode="json")
         info = {
             "id": path.name,
@@ -132,7 +132,7 @@ class Run:
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Write metrics.json atomically and put its headline numbers into the index."""
         clean = to_jsonable(dict(metrics))
-        _atomic_write(self.path / "metrics.json", json.dumps(clean, indent=2) + "\n")
+        atomic_write_text(self.path / "metrics.json", json.dumps(clean, indent=2) + "\n")
         self._update_index(clean)
 
     def figure_path(self, name: str) -> Path:
@@ -226,7 +226,7 @@ class Run:
 
     # --- persistence ---------------------------------------------------------------------
     def _save_info(self) -> None:
-        _atomic_write(self.path / "run.json", json.dumps(self.info, indent=2) + "\n")
+        atomic_write_text(self.path / "run.json", json.dumps(self.info, indent=2) + "\n")
         metrics = (
             _read_json(self.path / "metrics.json") if (self.path / "metrics.json").exists() else {}
         )
@@ -317,7 +317,8 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and os.replace: never half-written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
