@@ -1,11 +1,14 @@
 """`poisonlab scan` and `poisonlab purify`: audit a model you did not train.
 
-scan MODEL --arch NAME (--data DIR | --dataset NAME)
-    Loads the weights safely (safetensors, or torch.load(weights_only=True)), runs each check on a
-    small clean sample and prints a verdict; writes a report folder (report.html, scan.json,
-    figures). Exit code 0 whatever the verdict; --json prints the result as one JSON object on
-    the last line. Checks are listed in CHECKS: each takes the loaded context and returns
-    (summary dict, report section, verdict line); more checks plug in there.
+scan MODEL --arch NAME [--data DIR | --dataset NAME] [--members R --non-members R]
+    Loads the weights safely (safetensors, or torch.load(weights_only=True)), runs each check and
+    prints a verdict; writes a report folder (report.html, scan.json, figures). Exit code 0
+    whatever the verdict; --json prints the result as one JSON object on the last line. Checks are
+    listed in CHECKS: each takes the loaded context and returns (summary dict, report section,
+    verdict line); more checks plug in there. "backdoor" (Neural Cleanse) needs clean images
+    (--data or --dataset); "membership" (cli/scan_membership.py) needs a member and a non-member
+    record set (record files, see poisonlab.data.records, or splits of --dataset). By default
+    every check whose inputs are given runs; --check picks some.
 
 purify MODEL --arch NAME (--clean-data DIR | --dataset NAME) --out NEW_MODEL [--target L]
     MCL purification with the clean data (target from a Neural Cleanse scan when not given);
@@ -25,6 +28,12 @@ import torch
 import typer
 from rich.console import Console
 
+from poisonlab.cli.scan_membership import (
+    SPLITS,
+    check_record_sets,
+    load_record_sets,
+    membership_check,
+)
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError
 
@@ -43,16 +52,34 @@ StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+RecordsHelp = ("a .safetensors record file ('images' uint8 or float in [0, 1] [N, C, H, W], "
+               "'labels' int64 [N]) or an image folder with one sub-folder per class (folders "
+               "named 0, 1, ... give the labels)")
+MembersOpt = Annotated[Path | None, typer.Option(
+    "--members", help=f"Records the model was trained on: {RecordsHelp}.")]
+NonMembersOpt = Annotated[Path | None, typer.Option(
+    "--non-members", help="Records from the same distribution the model never saw (same format).")]
+MembersSplitOpt = Annotated[str | None, typer.Option(
+    "--members-split", help=f"Instead of --members: a split of --dataset ({', '.join(SPLITS)}).")]
+NonMembersSplitOpt = Annotated[str | None, typer.Option(
+    "--non-members-split", help=f"Instead of --non-members: a split of --dataset "
+    f"({', '.join(SPLITS)}).")]
+RecordsOpt = Annotated[int | None, typer.Option(
+    "--records", help="At most N records from each set, drawn with --seed (default: all of a file "
+    "or folder, 1000 of a split).")]
+LabelOnlyOpt = Annotated[bool, typer.Option(
+    "--label-only", help="Also run the label-only membership attack (predicted labels only).")]
 
 
 @dataclass
 class AuditContext:
-    """What every check gets: the model, its name, the clean sample and output options."""
+    """What every check gets: the model, its name, the clean sample (None when no check needs
+    it) and options (the membership record sets are options["records"])."""
 
     model: torch.nn.Module
     model_path: Path
     arch: str
-    clean: ImageSet
+    clean: ImageSet | None
     classes: list[str]
     report_dir: Path
     options: dict[str, Any] = field(default_factory=dict)
@@ -189,7 +216,11 @@ def _trigger_grid(path: Path, result, classes: list[str]) -> Path:
     return save_figure(fig, path)
 
 
-CHECKS: dict[str, Callable[[AuditContext], tuple[dict, Any, str]]] = {"backdoor": backdoor_check}
+CHECKS: dict[str, Callable[[AuditContext], tuple[dict, Any, str]]] = {
+    "backdoor": backdoor_check, "membership": membership_check}
+# What each check needs: clean images (--data/--dataset) or the membership record sets.
+NEEDS = {"backdoor": ("clean", "clean images: give --data DIR or --dataset NAME"),
+         "membership": ("records", "--members and --non-members (or their --*-split options)")}
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -202,6 +233,12 @@ def scan_command(
                                               "sub-folder per class.")] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
+    members: MembersOpt = None,
+    non_members: NonMembersOpt = None,
+    members_split: MembersSplitOpt = None,
+    non_members_split: NonMembersSplitOpt = None,
+    records: RecordsOpt = None,
+    label_only: LabelOnlyOpt = False,
     samples: SamplesOpt = 200,
     steps: StepsOpt = 40,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
@@ -210,30 +247,52 @@ def scan_command(
     report: Annotated[Path | None, typer.Option("--report", help="Report folder (default: "
                                                 "./scan-<model name>).")] = None,
     check: Annotated[list[str] | None, typer.Option("--check", help=f"Checks to run: "
-                                                    f"{', '.join(CHECKS)} (default: all).")] = None,
+                                                    f"{', '.join(CHECKS)} (default: every check "
+                                                    "whose inputs are given).")] = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Scan a model for a backdoor on a small clean sample; print a verdict per label."""
+    """Scan a model for a backdoor and for membership leakage; print a verdict per check.
+
+    Each check runs when its inputs are given (--check picks some):
+
+    backdoor: Neural Cleanse on clean images (--data DIR, or the test split of --dataset NAME).
+
+    membership: can a loss-threshold attack tell --members (training records) from --non-members?
+    Record sets are .safetensors files or image folders, or splits of --dataset
+    (--members-split train --non-members-split test).
+
+    A quick leakage audit without Neural Cleanse: --check membership.
+    """
     from poisonlab.report.html import Section, rich_table, write_html_report
 
-    checks = check or list(CHECKS)
-    unknown = [c for c in checks if c not in CHECKS]
-    if unknown:
-        raise ConfigError(f"unknown check '{unknown[0]}' (known: {', '.join(CHECKS)})")
-    images, classes = load_clean(data, dataset, data_dir, "test", seed)
-    net, meta = load_model_file(model, arch, None, int(images.x.shape[1]))
-    check_images(images, input_shape(arch, meta, image_size, int(images.x.shape[1])),
-                 str(data or dataset))
+    sets = load_record_sets(members, non_members, members_split, non_members_split, dataset,
+                            data_dir, records, seed)
+    checks = _select_checks(check, data is not None or dataset is not None, sets is not None)
+    images, classes = (load_clean(data, dataset, data_dir, "test", seed) if "backdoor" in checks
+                       else (None, []))
+    channels = int(images.x.shape[1]) if images is not None else None
+    net, meta = load_model_file(model, arch, None, channels)
+    shape = input_shape(arch, meta, image_size, channels or _model_channels(net, sets))
+    if images is not None:
+        check_images(images, shape, str(data or dataset))
     classes = _class_names(classes, net)
+    if sets is not None and "membership" in checks:
+        check_record_sets(sets, net, shape, len(classes))
     report_dir = report or Path(f"scan-{model.stem}")
     report_dir.mkdir(parents=True, exist_ok=True)
-    ctx = AuditContext(net, model, arch, sample(images, samples, seed), classes, report_dir,
+    clean = sample(images, samples, seed) if images is not None else None
+    ctx = AuditContext(net, model, arch, clean, classes, report_dir,
                        {"steps": steps, "batch_size": batch_size, "threshold": threshold,
-                        "seed": seed, "progress": not quiet})
-    result: dict[str, Any] = {"model": str(model), "arch": arch, "samples": len(ctx.clean)}
-    sections = [Section("Model", paragraphs=[f"{model} ({arch}), {len(ctx.clean)} clean images"])]
+                        "seed": seed, "progress": not quiet, "records": sets,
+                        "label_only": label_only})
+    result: dict[str, Any] = {"model": str(model), "arch": arch}
+    about = f"{model} ({arch})"
+    if clean is not None:
+        result["samples"] = len(clean)
+        about += f", {len(clean)} clean images"
+    sections = [Section("Model", paragraphs=[about])]
     console = Console()
     for name in checks:
         summary, section, verdict = CHECKS[name](ctx)
@@ -247,6 +306,33 @@ def scan_command(
     console.print(f"report: {report_dir / 'report.html'}")
     if as_json:
         print(json.dumps(result))
+
+
+def _select_checks(check: list[str] | None, has_clean: bool, has_records: bool) -> list[str]:
+    """The checks asked for (each must have its inputs), or every check whose inputs are given."""
+    given = {"clean": has_clean, "records": has_records}
+    if not check:
+        checks = [name for name, (need, _) in NEEDS.items() if given[need]]
+        if not checks:
+            raise ConfigError("nothing to scan: give clean images (--data DIR or --dataset NAME) "
+                              "and/or --members and --non-members")
+        return checks
+    unknown = [c for c in check if c not in CHECKS]
+    if unknown:
+        raise ConfigError(f"unknown check '{unknown[0]}' (known: {', '.join(CHECKS)})")
+    for name in check:
+        need, what = NEEDS[name]
+        if not given[need]:
+            raise ConfigError(f"the {name} check needs {what}")
+    return list(dict.fromkeys(check))
+
+
+def _model_channels(net: torch.nn.Module, sets) -> int:
+    """Input channels of the model's first convolution (else of the member records)."""
+    conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is not None:
+        return int(conv.in_channels)
+    return int(sets.members.x.shape[1]) if sets is not None else 3
 
 
 def _class_names(classes: list[str], net: torch.nn.Module) -> list[str]:
