@@ -50,6 +50,19 @@ def test_backdoor_stays_in_budget_and_never_touches_labels(eps, clamp, iters, se
     assert res.losses.shape == (iters, 2)
 
 
+def test_without_random_start_each_step_moves_pixels_by_at_most_the_step_size():
+    sx, sy = support()
+    trig = torch.rand(2, 1, 1, 12, 12)
+    for iters in (1, 2):
+        attack = SupportBackdoor(cnn4_forward_tasks, untrained(), epsilon=0.3, step_size=0.02,
+                                 iterations=iters, clamp=False, random_start=False)
+        delta = (attack.poison(sx, sy, trig, torch.tensor([1, 2])).support_x - sx).abs()
+        # Unclamped signed steps from δ = 0: every pixel with a non-zero gradient moves by exactly
+        # iters·γ or less (opposite signs cancel); the random start would reach up to ε = 0.3.
+        assert delta.max() <= iters * 0.02 + 1e-6
+        assert delta.max() >= 0.02 - 1e-6
+
+
 @settings(max_examples=8, deadline=None)
 @given(eps=st.floats(0.0, 0.5), seed=st.integers(0, 99))
 def test_asp_stays_in_budget(eps, seed):

@@ -51,9 +51,10 @@ class SupportBackdoor(SupportAttack):
         finetune_lr: float = 0.5,
         clamp: bool = True,
         trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support",
+        random_start: bool = True,
     ) -> None:
         super().__init__(forward, theta, epsilon, step_size, iterations, finetune_steps,
-                         finetune_lr, clamp)
+                         finetune_lr, clamp, random_start)
         if trigger_batch not in ("clean_support", "support", "alone"):
             raise ConfigError(
                 f"trigger_batch='{trigger_batch}' must be 'clean_support', 'support' or 'alone'")

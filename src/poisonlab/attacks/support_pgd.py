@@ -53,13 +53,17 @@ def support_pgd(
     clamp: bool = True,
     start: Tensor | None = None,
     generator: torch.Generator | None = None,
+    random_start: bool = True,
 ) -> PoisonResult:
     """Signed-gradient PGD on `support_x` for a per-task objective [B] (descent or ascent).
 
-    `start` is the initial perturbation (default δ ~ U(−ε, ε), drawn with `generator`).
+    `start` is the initial perturbation (default δ ~ U(−ε, ε), drawn with `generator`, as in
+    Algorithm 1; δ = 0 with `random_start=False`).
     """
     check_budget(epsilon, step_size, iterations)
     original = support_x.detach()
+    if start is None and not random_start:
+        start = torch.zeros_like(original)
     if start is None:
         noise = torch.rand(original.shape, generator=generator, dtype=original.dtype)
         start = (noise.to(original.device) * 2 - 1) * epsilon
@@ -90,6 +94,7 @@ class SupportAttack:
         finetune_steps: int = 1,
         finetune_lr: float = 0.5,
         clamp: bool = True,
+        random_start: bool = True,
     ) -> None:
         check_budget(epsilon, step_size, iterations)
         if finetune_steps < 1:
@@ -97,6 +102,7 @@ class SupportAttack:
         self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
         self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
         self.finetune_steps, self.finetune_lr, self.clamp = finetune_steps, finetune_lr, clamp
+        self.random_start = random_start
 
     def finetuned(self, support_x: Tensor, support_y: Tensor) -> Params:
         """g((X̃, Y), θ*) per task, differentiable w.r.t. the support images."""
@@ -107,4 +113,5 @@ class SupportAttack:
     def run_pgd(self, objective, support_x: Tensor, descend: bool, start: Tensor | None,
                 generator: torch.Generator | None) -> PoisonResult:
         return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
-                           descend=descend, clamp=self.clamp, start=start, generator=generator)
+                           descend=descend, clamp=self.clamp, start=start, generator=generator,
+                           random_start=self.random_start)

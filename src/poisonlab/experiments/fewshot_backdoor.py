@@ -64,6 +64,7 @@ class AttackConfig(_Section):
     step_size: float = Field(0.01, gt=0)
     iterations: int = Field(10, ge=1)
     clamp: bool = True
+    random_start: bool = True  # Algorithm 1 starts at δ ~ U(−ε, ε); False starts at δ = 0
     trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support"
     finetune_steps: int = Field(1, ge=1)
     finetune_lr: float = Field(0.5, gt=0)
@@ -255,7 +256,8 @@ def _chunk_triggers(triggers, start: int, size: int):
 def _attackers(cfg: Config, theta: dict, eps: float):
     a = cfg.attack
     common = dict(epsilon=eps, step_size=a.step_size, iterations=a.iterations,
-                  finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr, clamp=a.clamp)
+                  finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr, clamp=a.clamp,
+                  random_start=a.random_start)
     backdoor = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=a.trigger_batch, **common)
     asp = None
     if a.asp and (a.asp_epsilons is None or eps in a.asp_epsilons):
