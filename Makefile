@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev,dp]"
 	touch $(STAMP)
 
-.PHONY: install demo test test-slow lint bench
+.PHONY: install demo test test-slow lint bench bench-membership
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -28,3 +28,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_maml.py
+
+# ART is a comparison, not a dependency: the `bench` extra installs it.
+bench-membership: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/bench_shadow_batched.py
+	$(PY) benchmarks/bench_membership_art.py
