@@ -1,0 +1,155 @@
+"""Tables, figures and the HTML report of the membership-inference experiment.
+
+Figures: ROC curves of every attack on log-log axes (the low-FPR regime that Carlini et al. 2022
+argue matters), the target × shadow architecture heatmaps of the shadow attack's accuracy (normal
+and dropout-trained targets, as in the seed's table), and the defence trade-off (attack AUC and
+accuracy against the target's test accuracy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poisonlab.metrics import roc_points
+from poisonlab.report.html import Section, Table, write_html_report
+from poisonlab.report.style import new_figure, save_figure
+
+METRIC_COLUMNS = ["attack acc", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "test acc"]
+
+
+def _cells(entry: dict) -> list:
+    return [entry["attack_accuracy"], entry["auc"], entry["tpr_at_fpr_0.001"],
+            entry["tpr_at_fpr_0.01"], entry["test_accuracy"]]
+
+
+def attack_table(metrics: dict) -> Table:
+    return Table(["attack", *METRIC_COLUMNS],
+                 [[name, *_cells(e)] for name, e in metrics["attacks"].items()])
+
+
+def defense_table(metrics: dict) -> Table:
+    rows = [[name, e["attack"], *_cells(e), e.get("epsilon")]
+            for name, e in metrics["defenses"].items()]
+    return Table(["defence", "measured with", *METRIC_COLUMNS, "ε"], rows)
+
+
+def matrix_table(block: dict, label: str = "target") -> Table:
+    rows = [[t, *vals, test] for t, vals, test in
+            zip(block["targets"], block["attack_accuracy"], block["target_test_accuracy"],
+                strict=True)]
+    return Table([f"{label} \\ shadow", *block["shadows"], "target test acc"], rows)
+
+
+def roc_figure(path: Path, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """ROC curve of every attack on log-log axes, with the chance diagonal."""
+    fig, ax = new_figure(5.5, 5.0)
+    floor = 1.0
+    for name, (s, y) in scores.items():
+        fpr, tpr, _ = roc_points(s, y)
+        n_out = int((y == 0).sum())
+        floor = min(floor, 1.0 / max(n_out, 1))
+        ax.plot(fpr.clamp_min(0.5 / max(n_out, 1)).numpy(), tpr.clamp_min(1e-5).numpy(),
+                label=name, lw=1.4)
+    grid = np.logspace(np.log10(floor), 0, 50)
+    ax.plot(grid, grid, ls="--", color="gray", lw=1, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(floor / 2, 1), ylim=(floor / 2, 1.02),
+           xlabel="false-positive rate", ylabel="true-positive rate",
+           title="Membership inference ROC (log-log)")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def matrix_figure(path: Path, block: dict, title: str) -> Path:
+    """Heatmap of attack accuracy, rows = target architectures, columns = shadow architectures."""
+    values = np.asarray(block["attack_accuracy"], dtype=float)
+    fig, ax = new_figure(1.2 + 1.0 * values.shape[1], 1.0 + 0.6 * values.shape[0])
+    image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=max(0.8, float(values.max())))
+    ax.set_xticks(range(values.shape[1]), block["shadows"], rotation=30, ha="right")
+    ax.set_yticks(range(values.shape[0]), block["targets"])
+    ax.set(xlabel="shadow model", ylabel="target model", title=title)
+    ax.grid(False)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                color="white" if v < 0.65 else "black")
+    fig.colorbar(image, ax=ax, label="attack accuracy")
+    return save_figure(fig, path)
+
+
+def tradeoff_figure(path: Path, defenses: dict) -> Path:
+    """Attack AUC and accuracy against the target's test accuracy, one point per defence."""
+    fig, ax = new_figure(6.0, 4.5)
+    for key, marker in (("auc", "o"), ("attack_accuracy", "s")):
+        xs = [e["test_accuracy"] for e in defenses.values()]
+        ys = [e[key] for e in defenses.values()]
+        ax.scatter(xs, ys, marker=marker, label=key.replace("_", " "))
+        if key == "auc":
+            for name, x, y in zip(defenses, xs, ys, strict=True):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0.5, ls="--", color="gray", lw=1)
+    attack = next(iter(defenses.values()))["attack"]
+    ax.set(xlabel="target test accuracy", ylabel=f"{attack} attack",
+           title="Defences: privacy against utility")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def write_report(run, cfg, metrics: dict,
+                 scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """Figures into the run's figures/ folder and report.html beside metrics.json."""
+    figures = [roc_figure(run.figure_path("roc.png"), scores)] if scores else []
+    matrix = metrics.get("matrix") or {}
+    tables = []
+    if matrix:
+        figures.append(matrix_figure(run.figure_path("matrix.png"), matrix,
+                                     "Shadow-attack accuracy"))
+        tables.append(matrix_table(matrix))
+        if "dropout" in matrix:
+            figures.append(matrix_figure(run.figure_path("matrix_dropout.png"), matrix["dropout"],
+                                         f"… dropout-trained targets (p = {matrix['dropout']['rate']})"))
+            tables.append(matrix_table(matrix["dropout"], "dropout target"))
+    if metrics["defenses"]:
+        figures.append(tradeoff_figure(run.figure_path("defense_tradeoff.png"),
+                                       metrics["defenses"]))
+    sections = [
+        Section("Settings", paragraphs=[_settings(cfg, metrics)]),
+        Section("Attacks on the target", tables=[attack_table(metrics)]),
+        Section("Defences", paragraphs=[_defense_note(cfg, metrics)],
+                tables=[defense_table(metrics)]),
+        Section("Architecture matrix", tables=tables),
+        Section("Figures", figures=figures),
+    ]
+    return write_html_report(run.path / "report.html", "membership inference", sections)
+
+
+def _settings(cfg, metrics: dict) -> str:
+    t = cfg.train
+    return (f"{metrics['dataset']}: four disjoint parts of {cfg.data.part_size} records (target-in, "
+            f"target-out, shadow-in, shadow-out). Target {t.arch} trained {t.epochs} epochs "
+            f"({t.optimizer}, lr {t.lr}, {t.schedule}, weight decay {t.weight_decay}, "
+            f"augmentation {'on' if t.augment else 'off'}): train accuracy "
+            f"{metrics['target']['train_accuracy']:.4f}, test accuracy "
+            f"{metrics['target']['test_accuracy']:.4f}. Attacks scored on the {metrics['records']} "
+            f"target-in (members) and target-out records; label-only on {cfg.label_only.records}. "
+            f"Shadow attack: MLP classes → {' → '.join(map(str, cfg.shadow.hidden))} → 1 on "
+            f"{cfg.shadow.count} shadow model(s) per architecture. LiRA: {cfg.lira.shadows} shadow "
+            f"models on random halves of the evaluation records"
+            f"{' plus the shadow-attack models as OUT models' if cfg.lira.reuse_shadow else ''}, "
+            f"{'global' if cfg.lira.global_variance else 'per-record'} variance"
+            f"{', flipped queries' if cfg.lira.flip_query else ''}. Attack accuracy is the "
+            "balanced accuracy at the best threshold.")
+
+
+def _defense_note(cfg, metrics: dict) -> str:
+    d = cfg.defense
+    text = (f"Every defence is measured with the {d.attack} attack. Dropout p = {d.dropout} before "
+            f"the last layer; rounding to {d.decimals} decimal(s); top-{d.top_k}. Output-side "
+            "defences are applied to the shadow models' outputs too (the attacker adapts).")
+    if "dp_sgd" in metrics:
+        p = metrics["dp_sgd"]
+        text += (f" DP-SGD: noise multiplier {p['noise_multiplier']:.3f}, clipping norm "
+                 f"{p['max_grad_norm']}, sampling rate {p['sample_rate']:.4f}, {p['steps']} steps: "
+                 f"ε = {p['epsilon']:.3f} at δ = {p['delta']:.2e} ({p['accountant']} accountant).")
+    return text
