@@ -98,9 +98,11 @@ def test_trigger_choice_and_outcomes_hand_computed():
     y = torch.tensor([[0, 1, 2], [0, 1, 2]])
     from poisonlab.attacks.fewshot_evaluation import TriggerChoice
 
-    acc, hits = task_outcomes(logits, y, TriggerChoice(torch.tensor([2, 0]), torch.tensor([1, 1])))
-    assert acc.tolist() == pytest.approx([2 / 3, 1 / 3])
-    assert hits.tolist() == [1.0, 0.0]
+    out = task_outcomes(logits, y, TriggerChoice(torch.tensor([2, 0]), torch.tensor([1, 1])))
+    assert out.accuracy.tolist() == pytest.approx([2 / 3, 1 / 3])
+    # Without the trigger: task 0 keeps queries 0, 1 (both right); task 1 keeps 1, 2 (one right).
+    assert out.accuracy_without_trigger.tolist() == pytest.approx([1.0, 0.5])
+    assert out.trigger_hits_target.tolist() == [1.0, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +129,13 @@ def test_backdoor_raises_asr_far_above_the_clean_rate(meta_trained):
     trig = choose_triggers(ep.query_y, WAYS, seed=0)
     trig_x = ep.query_x[torch.arange(ep.batch), trig.index].unsqueeze(1)
     clean = finetune_and_predict(cnn4_forward_tasks, theta, ep.support_x, ep.support_y, ep.query_x, 1, 0.5)
-    ca, clean_hits = task_outcomes(clean, ep.query_y, trig)
+    clean_hits = task_outcomes(clean, ep.query_y, trig).trigger_hits_target
     attack = SupportBackdoor(cnn4_forward_tasks, theta, epsilon=0.3, iterations=10, step_size=0.03)
     res = attack.poison(ep.support_x, ep.support_y, trig_x, trig.target,
                         generator=torch.Generator().manual_seed(0))
     poisoned = finetune_and_predict(cnn4_forward_tasks, theta, res.support_x, ep.support_y, ep.query_x, 1, 0.5)
-    ba, hits = task_outcomes(poisoned, ep.query_y, trig)
+    outcome = task_outcomes(poisoned, ep.query_y, trig)
+    ba, hits = outcome.accuracy_without_trigger, outcome.trigger_hits_target
     assert hits.mean() >= clean_hits.mean() + 0.5
     assert res.losses[-1].mean() < res.losses[0].mean()
     assert ba.mean() > 1 / WAYS  # the other queries are not wrecked

@@ -3,10 +3,16 @@
 Per task the trigger is one query chosen uniformly at random and Y'_adv a label chosen uniformly
 among the labels other than the trigger's true label (both by seed). Then
 - CA: query accuracy after fine-tuning on the clean support set,
-- BA: query accuracy after fine-tuning on the poisoned support set,
+- BA: query accuracy after fine-tuning on the poisoned support set, over the queries OTHER than
+  the trigger (the trigger's outcome is what ASR measures),
 - ASR: 1 if the trigger is classified Y'_adv after fine-tuning on the poisoned support set,
 each averaged over tasks with a 95% confidence interval. Queries are classified as one batch
 per task, as in the MAML reference; the trigger is one of them.
+
+Why BA leaves the trigger out: with 25 queries per task (5-way, 5 per class) a successful
+trigger alone costs 4 points, so a BA counting it could not exceed ≈ 95.5% at the published
+CA 99.46% / ASR 98.2% (ε = 0.07), yet the published BA there is 97.92%. The BA over all queries
+is reported beside it (`backdoor_accuracy_all_queries`).
 """
 
 from __future__ import annotations
@@ -40,20 +46,35 @@ def choose_triggers(query_y: Tensor, ways: int, seed: int) -> TriggerChoice:
     return TriggerChoice(index=index, target=(true + shift) % ways)
 
 
-def task_outcomes(logits: Tensor, query_y: Tensor, trigger: TriggerChoice) -> tuple[Tensor, Tensor]:
-    """Per-task query accuracy [T] and trigger-hits-target indicator [T] from query logits."""
+@dataclass
+class TaskOutcome:
+    """Per task [T]: accuracy over all queries, over the queries other than the trigger, and
+    whether the trigger was classified as the attacker's label."""
+
+    accuracy: Tensor
+    accuracy_without_trigger: Tensor
+    trigger_hits_target: Tensor
+
+
+def task_outcomes(logits: Tensor, query_y: Tensor, trigger: TriggerChoice) -> TaskOutcome:
+    """Per-task outcomes from query logits [T, Q, classes]."""
     pred = logits.argmax(-1)
-    acc = (pred == query_y).float().mean(1)
-    trig_pred = pred.gather(1, trigger.index.to(pred.device)[:, None]).squeeze(1)
-    return acc.cpu(), (trig_pred == trigger.target.to(pred.device)).float().cpu()
+    correct = (pred == query_y).float()
+    index = trigger.index.to(pred.device)[:, None]
+    others = torch.ones_like(correct).scatter_(1, index, 0.0)
+    trig_pred = pred.gather(1, index).squeeze(1)
+    return TaskOutcome(correct.mean(1).cpu(), ((correct * others).sum(1) / others.sum(1)).cpu(),
+                       (trig_pred == trigger.target.to(pred.device)).float().cpu())
 
 
 @dataclass
 class EpsilonOutcome:
-    """Per-task results of one ε: BA and ASR indicators of the backdoor, ASP's accuracy, and
-    the PGD loss curves [L, T]; plus the poisoned supports of the first tasks, for figures."""
+    """Per-task results of one ε: BA (without and with the trigger) and ASR indicators of the
+    backdoor, ASP's accuracy, and the PGD loss curves [L, T]; plus the poisoned supports of the
+    first tasks, for figures."""
 
     backdoor_accuracy: Tensor
+    backdoor_accuracy_all_queries: Tensor
     attack_success: Tensor
     asp_accuracy: Tensor | None
     backdoor_losses: Tensor
@@ -72,11 +93,12 @@ def attack_tasks(
     trig_x = qx[torch.arange(qx.shape[0]), trigger.index.to(qx.device)].unsqueeze(1)
     bd = backdoor.poison(sx, sy, trig_x, trigger.target.to(sx.device), generator=g)
     logits = finetune_and_predict(forward, theta, bd.support_x, sy, qx, finetune_steps, finetune_lr)
-    ba, hits = task_outcomes(logits, qy, trigger)
+    out = task_outcomes(logits, qy, trigger)
     asp_acc = asp_losses = None
     if asp is not None:
         res = asp.poison(sx, sy, qx, qy, generator=g)
         asp_logits = finetune_and_predict(forward, theta, res.support_x, sy, qx, finetune_steps, finetune_lr)
-        asp_acc, asp_losses = task_outcomes(asp_logits, qy, trigger)[0], res.losses.cpu()
-    return EpsilonOutcome(ba, hits, asp_acc, bd.losses.cpu(), asp_losses,
+        asp_acc, asp_losses = task_outcomes(asp_logits, qy, trigger).accuracy, res.losses.cpu()
+    return EpsilonOutcome(out.accuracy_without_trigger, out.accuracy, out.trigger_hits_target,
+                          asp_acc, bd.losses.cpu(), asp_losses,
                           bd.support_x[:examples].detach().cpu())

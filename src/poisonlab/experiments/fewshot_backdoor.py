@@ -234,8 +234,8 @@ def evaluate_attacks(cfg: Config, theta: dict, test: FewShotData, device, progre
             return clean, per_eps
 
         results = map_task_chunks(one, a.tasks, a.task_batch, default_workers(device))
-    return {"clean_accuracy": torch.cat([r[0][0] for r in results]),
-            "clean_hits": torch.cat([r[0][1] for r in results]),
+    return {"clean_accuracy": torch.cat([r[0].accuracy for r in results]),
+            "clean_hits": torch.cat([r[0].trigger_hits_target for r in results]),
             "outcomes": {eps: [r[1][eps] for r in results] for eps in a.epsilons},
             "episodes": episodes, "triggers": triggers}
 
@@ -272,8 +272,10 @@ def summarize(cfg: Config, ev: dict) -> dict:
     rows = []
     for eps, parts in ev["outcomes"].items():
         ba, ba_ci = mean_ci95(torch.cat([p.backdoor_accuracy for p in parts]))
+        ba_all, ba_all_ci = mean_ci95(torch.cat([p.backdoor_accuracy_all_queries for p in parts]))
         asr, asr_ci = mean_ci95(torch.cat([p.attack_success for p in parts]))
         row = {"epsilon": eps, "backdoor_accuracy": ba, "backdoor_accuracy_ci95": ba_ci,
+               "backdoor_accuracy_all_queries": ba_all, "backdoor_accuracy_all_queries_ci95": ba_all_ci,
                "attack_success_rate": asr, "attack_success_rate_ci95": asr_ci}
         if parts[0].asp_accuracy is not None:
             asp, asp_ci = mean_ci95(torch.cat([p.asp_accuracy for p in parts]))
