@@ -128,7 +128,7 @@ def _settings(cfg, metrics: dict) -> str:
     t = cfg.train
     return (f"{metrics['dataset']}: four disjoint parts of {cfg.data.part_size} records (target-in, "
             f"target-out, shadow-in, shadow-out). Target {t.arch} trained {t.epochs} epochs "
-            f"({t.optimizer}, lr {t.lr}, {t.schedule}, weight decay {t.weight_decay}, "
+            f"({t.optimizer}, lr {t.lr}, schedule {t.schedule}, weight decay {t.weight_decay}, "
             f"augmentation {'on' if t.augment else 'off'}): train accuracy "
             f"{metrics['target']['train_accuracy']:.4f}, test accuracy "
             f"{metrics['target']['test_accuracy']:.4f}. Attacks scored on the {metrics['records']} "
