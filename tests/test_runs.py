@@ -355,3 +355,19 @@ def test_cli_unknown_id_exits_2_with_one_line(two_runs, capsys, command):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err == f"error: no run 'nope' under {root}\n"
+
+
+
+
+def _sigterm_is_default(_: int) -> bool:
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_pool_workers_forked_inside_a_run_keep_the_default_sigterm(tmp_path):
+    """Decoding pools fork inside a run and stop their idle workers with SIGTERM: workers that
+    inherited the run's SIGTERM→KeyboardInterrupt handler printed tracebacks (seen on a CIFAR-10
+    load) and could hang the pool's shutdown."""
+    from poisonlab.data.image_folder import run_chunks
+
+    with Run.create("demo", DemoConfig(), root=tmp_path):
+        assert run_chunks(_sigterm_is_default, [0, 1, 2, 3], workers=2) == [True] * 4

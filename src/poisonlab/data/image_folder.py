@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,8 +51,15 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     can_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
     if workers <= 1 or len(chunks) <= 1 or not can_fork:
         return [fn(c) for c in chunks]
-    with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(min(workers, len(chunks)), initializer=_default_sigterm) as pool:
         return list(pool.imap(fn, chunks))
+
+
+def _default_sigterm() -> None:
+    """Forked workers must not inherit a run's SIGTERM→KeyboardInterrupt handler: the pool
+    stops them with SIGTERM, and the inherited handler printed a traceback for each."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:
