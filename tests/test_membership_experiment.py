@@ -74,6 +74,16 @@ def test_keys_are_present_and_fractions(smoke):
     assert "defences" in out and "target × shadow" in out
 
 
+def test_shadow_variants_include_the_configured_attack(smoke):
+    """The three forms of the shadow attack are fitted on the same shadows: the configured one
+    (smoke: one MLP on unsorted probabilities) must reproduce the `shadow` entry exactly."""
+    metrics = smoke[2]
+    shadow, variants = metrics["attacks"]["shadow"], metrics["shadow_variants"]
+    assert set(variants) == {"default", "per_class", "sorted"}
+    for key, value in variants["default"].items():
+        assert value == pytest.approx(shadow[key]), key
+
+
 def test_attacks_beat_chance_on_the_overfit_target(smoke):
     _, _, metrics, _ = smoke
     assert metrics["target"]["train_accuracy"] == 1.0

@@ -30,6 +30,16 @@ def attack_table(metrics: dict) -> Table:
                  [[name, *_cells(e)] for name, e in metrics["attacks"].items()])
 
 
+def shadow_variant_table(metrics: dict) -> Table | None:
+    """The shadow attack's three forms on the same shadows and target (None if not computed)."""
+    variants = metrics.get("shadow_variants")
+    if not variants:
+        return None
+    return Table(["shadow attack", *METRIC_COLUMNS[:4]],
+                 [[name, e["attack_accuracy"], e["auc"], e["tpr_at_fpr_0.001"],
+                   e["tpr_at_fpr_0.01"]] for name, e in variants.items()])
+
+
 def defense_table(metrics: dict) -> Table:
     rows = [[name, e["attack"], *_cells(e), e.get("epsilon")]
             for name, e in metrics["defenses"].items()]
@@ -115,7 +125,8 @@ def write_report(run, cfg, metrics: dict,
                                        metrics["defenses"]))
     sections = [
         Section("Settings", paragraphs=[_settings(cfg, metrics)]),
-        Section("Attacks on the target", tables=[attack_table(metrics)]),
+        Section("Attacks on the target",
+                tables=[t for t in (attack_table(metrics), shadow_variant_table(metrics)) if t]),
         Section("Defences", paragraphs=[_defense_note(cfg, metrics)],
                 tables=[defense_table(metrics)]),
         Section("Architecture matrix", tables=tables),
@@ -134,7 +145,10 @@ def _settings(cfg, metrics: dict) -> str:
             f"{metrics['target']['test_accuracy']:.4f}. Attacks scored on the {metrics['records']} "
             f"target-in (members) and target-out records; label-only on {cfg.label_only.records}. "
             f"Shadow attack: MLP classes → {' → '.join(map(str, cfg.shadow.hidden))} → 1 on "
-            f"{cfg.shadow.count} shadow model(s) per architecture. LiRA: {cfg.lira.shadows} shadow "
+            f"{cfg.shadow.count} shadow model(s) per architecture"
+            f"{', one attack model per class' if cfg.shadow.per_class else ''}"
+            f"{', sorted probabilities' if cfg.shadow.sort_probs else ''} (the three forms on "
+            "the same models are compared below the attack table). LiRA: {cfg.lira.shadows} shadow "
             f"models on random halves of the evaluation records"
             f"{' plus the shadow-attack models as OUT models' if cfg.lira.reuse_shadow else ''}, "
             f"{'global' if cfg.lira.global_variance else 'per-record'} variance"
