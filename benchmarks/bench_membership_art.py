@@ -18,6 +18,9 @@ a reference row.
 Run: `.venv/bin/pip install 'adversarial-robustness-toolbox>=1.17'` (the `bench` extra), then
 `nice -n 10 .venv/bin/python benchmarks/bench_membership_art.py [--dataset mnist|cifar10]
 [--data-dir DIR] [--records N] [--epochs E] [--arch NAME] [--shadows S] [--seed S] [--json]`.
+With `--run RUN_DIR` (a finished or interrupted `poisonlab run membership`), nothing is trained:
+the run's target and its first shadow model of the target's architecture are attacked on the
+run's own four-part split (e.g. the `cpu` preset's ResNet-20 on 12,500 CIFAR-10 records each).
 Not a test: numbers depend on the machine, its load and the seed.
 """
 
@@ -56,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shadows", type=int, default=2, help="shadow models (default 2)")
     p.add_argument("--art-models", default="nn,rf,gb",
                    help="ART attack model types, comma-separated (its default is nn)")
+    p.add_argument("--run", type=Path, default=None, help="a membership run directory: use its "
+                   "target and shadow models and split instead of training")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
@@ -63,12 +68,12 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def data_dir(args: argparse.Namespace) -> Path | None:
+def data_dir(args: argparse.Namespace, dataset: str | None = None) -> Path | None:
     if args.data_dir is not None:
         return args.data_dir
     import os
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / args.dataset
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / (dataset or args.dataset)
     return None if os.environ.get("POISONLAB_DATA") or not shared.is_dir() else shared
 
 
@@ -156,9 +161,9 @@ def print_table(result: dict) -> None:
         print(f"{row['attack']:40s}{cells}")
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+def trained_models(args: argparse.Namespace):
+    """Train target and shadows on a fresh disjoint split: (setting, target, shadow probability
+    lists (probs, labels, member), target in/out sets, classes, input shape)."""
     arch, records, epochs = DEFAULTS[args.dataset]
     arch, records, epochs = args.arch or arch, args.records or records, args.epochs or epochs
     data = load_dataset(args.dataset, data_dir(args))
@@ -175,9 +180,53 @@ def main() -> None:
             probs.append(predict_proba(model, part.x))
             labels.append(part.y)
             member.append(torch.full((len(part),), m))
+    setting = {"dataset": args.dataset, "arch": arch, "records": records, "epochs": epochs,
+               "shadows": args.shadows, "training_seconds": training_seconds}
+    return setting, target, (probs, labels, member), parts["target"], classes, shape
+
+
+def run_models(args: argparse.Namespace):
+    """The same, taken from a membership run: its target, its first shadow of the target's
+    architecture (trained on shadow-in, shadow-out held out) and its split."""
+    import yaml
+
+    from poisonlab.experiments import membership
+    from poisonlab.runs.checkpoints import load_weights
+
+    cfg = membership.Config.model_validate(yaml.safe_load((args.run / "config.yaml").read_text()))
+    data, name = membership.load_data(cfg, data_dir(args, cfg.data.dataset))
+    parts = membership.split_parts(data.train, cfg.data.part_size, cfg.seed)
+    arch = cfg.train.arch
+
+    def model(key: str):
+        path = args.run / "checkpoints" / f"model-{key}.safetensors"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: the run has not trained that model yet")
+        net = membership.build(arch, data)
+        net.load_state_dict(load_weights(path)[0])
+        return net.eval()
+
+    target, shadow = model(f"target-{arch}"), model(f"shadow-{arch}-0")
+    probs, labels, member = [], [], []
+    for part, m in ((parts["shadow_in"], 1.0), (parts["shadow_out"], 0.0)):
+        probs.append(predict_proba(shadow, part.x))
+        labels.append(part.y)
+        member.append(torch.full((len(part),), m))
+    setting = {"dataset": name, "arch": arch, "records": cfg.data.part_size,
+               "epochs": cfg.train.epochs, "shadows": 1, "training_seconds": 0.0,
+               "run": str(args.run)}
+    classes, shape = data.num_classes, tuple(data.train.x.shape[1:])
+    return (setting, target, (probs, labels, member), (parts["target_in"], parts["target_out"]),
+            classes, shape)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    prepare = run_models if args.run is not None else trained_models
+    setting, target, (probs, labels, member), (t_in, t_out), classes, shape = prepare(args)
     p, y, m = torch.cat(probs), torch.cat(labels), torch.cat(member)
     art_feats = (p[m == 1], y[m == 1], p[m == 0], y[m == 0])
-    t_in, t_out = parts["target"]
     eval_set = ImageSet(torch.cat([t_in.x, t_out.x]), torch.cat([t_in.y, t_out.y]))
     truth = torch.cat([torch.ones(len(t_in)), torch.zeros(len(t_out))])
     rows = [run_art(kind, target, shape, classes, art_feats, eval_set, truth, args.seed)
@@ -191,9 +240,7 @@ def main() -> None:
     rows.append(attack_row("loss threshold (reference, no shadows)", loss_scores, truth,
                            time.perf_counter() - t1, decision=False))
     result = {
-        "dataset": args.dataset, "arch": arch, "records": records, "epochs": epochs,
-        "shadows": args.shadows, "seed": args.seed, "threads": args.threads,
-        "training_seconds": training_seconds,
+        **setting, "seed": args.seed, "threads": args.threads,
         "target": {"train_accuracy": evaluate(target, t_in), "test_accuracy": evaluate(target, t_out)},
         "attacks": rows,
     }
