@@ -174,15 +174,21 @@ def trained_models(args: argparse.Namespace):
     shadows = [train(arch, s_in, shape[0], epochs, args.seed + 1 + i, classes)
                for i, (s_in, _) in enumerate(parts["shadows"])]
     training_seconds = time.perf_counter() - t0
+    features = shadow_features(list(zip(shadows, parts["shadows"], strict=True)))
+    setting = {"dataset": args.dataset, "arch": arch, "records": records, "epochs": epochs,
+               "shadows": args.shadows, "training_seconds": training_seconds}
+    return setting, target, features, parts["target"], classes, shape
+
+
+def shadow_features(shadows) -> tuple[list, list, list]:
+    """(probability vectors, labels, membership) of every (model, (in, out)) shadow pair."""
     probs, labels, member = [], [], []
-    for model, (s_in, s_out) in zip(shadows, parts["shadows"], strict=True):
+    for model, (s_in, s_out) in shadows:
         for part, m in ((s_in, 1.0), (s_out, 0.0)):
             probs.append(predict_proba(model, part.x))
             labels.append(part.y)
             member.append(torch.full((len(part),), m))
-    setting = {"dataset": args.dataset, "arch": arch, "records": records, "epochs": epochs,
-               "shadows": args.shadows, "training_seconds": training_seconds}
-    return setting, target, (probs, labels, member), parts["target"], classes, shape
+    return probs, labels, member
 
 
 def run_models(args: argparse.Namespace):
@@ -207,17 +213,12 @@ def run_models(args: argparse.Namespace):
         return net.eval()
 
     target, shadow = model(f"target-{arch}"), model(f"shadow-{arch}-0")
-    probs, labels, member = [], [], []
-    for part, m in ((parts["shadow_in"], 1.0), (parts["shadow_out"], 0.0)):
-        probs.append(predict_proba(shadow, part.x))
-        labels.append(part.y)
-        member.append(torch.full((len(part),), m))
+    features = shadow_features([(shadow, (parts["shadow_in"], parts["shadow_out"]))])
     setting = {"dataset": name, "arch": arch, "records": cfg.data.part_size,
                "epochs": cfg.train.epochs, "shadows": 1, "training_seconds": 0.0,
                "run": str(args.run)}
     classes, shape = data.num_classes, tuple(data.train.x.shape[1:])
-    return (setting, target, (probs, labels, member), (parts["target_in"], parts["target_out"]),
-            classes, shape)
+    return (setting, target, features, (parts["target_in"], parts["target_out"]), classes, shape)
 
 
 def main() -> None:

@@ -522,9 +522,12 @@ def shadow_variants(study: Study, logits: torch.Tensor) -> dict[str, dict]:
     probs = [study.logits(f"shadow-{arch}-{i}", m, study.pool.x).softmax(1)
              for i, m in enumerate(study.shadow_models(arch))]
     for name, (per_class, sort_probs) in SHADOW_VARIANTS.items():
-        attack = ShadowModelAttack(s.hidden, per_class, sort_probs, s.epochs, s.lr, s.batch_size,
-                                   seed=study.cfg.seed)
-        attack.fit(probs, [study.pool.y] * len(probs), list(study.pool_masks.float()))
+        if (per_class, sort_probs) == (s.per_class, s.sort_probs):
+            attack = study.shadow_attack(arch)  # the configured form, already fitted
+        else:
+            attack = ShadowModelAttack(s.hidden, per_class, sort_probs, s.epochs, s.lr,
+                                       s.batch_size, seed=study.cfg.seed)
+            attack.fit(probs, [study.pool.y] * len(probs), list(study.pool_masks.float()))
         scores = attack.infer(logits.softmax(1), study.eval.y)
         metrics = membership_metrics(scores, study.member)
         out[name] = {k: metrics[k] for k in ("attack_accuracy", "auc", "tpr_at_fpr_0.001",
