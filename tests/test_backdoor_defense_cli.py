@@ -153,4 +153,22 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
                  "--json", "--quiet"]) == 0
     assert last_json(capsys)["attacks"]["badnets"] == entry
     log = (run_dir / "log.txt").read_text()
-    assert "badnets: model loaded from the run" in log and "badnets: results loaded" in log
+    assert f"badnets: model loaded from run {run_dir.name}" in log and "badnets: results loaded" in log
+
+    # --model: a new run with another defence schedule reuses the trained models (no training)
+    # and recomputes detection and defences; a run trained differently is refused in one line.
+    reuse = [*sets, "defense.lr_steps=[[0,0.01]]"]
+    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
+                 "--quiet", "--model", run_dir.name, *sum((["--set", s] for s in reuse), [])]) == 0
+    again = last_json(capsys)
+    assert again["models_from"] == run_dir.name
+    assert again["attacks"]["badnets"]["backdoored"] == entry["backdoored"]
+    assert again["attacks"]["badnets"]["mcl"] != entry["mcl"]
+    new_dir = max(tmp_path.glob("backdoor-defense-*"), key=lambda p: p.stat().st_mtime)
+    new_log = (new_dir / "log.txt").read_text()
+    assert ": trained" not in new_log and f"clean: model loaded from run {run_dir.name}" in new_log
+    other = [*sets, "train.epochs=4"]
+    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
+                 "--model", run_dir.name, *sum((["--set", s] for s in other), [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different 'train' settings" in err

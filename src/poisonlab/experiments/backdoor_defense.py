@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from poisonlab.attacks.backdoor_injection import BackdoorInjection, backdoor_metrics
 from poisonlab.attacks.triggers import Trigger, make_trigger
-from poisonlab.config import BaseConfig
+from poisonlab.config import BaseConfig, validate_config
 from poisonlab.data.types import ImageSet, SupervisedData
 from poisonlab.defenses.finetuning import FineTuneConfig, fine_tune, nc_unlearning
 from poisonlab.defenses.mcl import MCL, MCLConfig, reference_inversion
@@ -164,15 +164,36 @@ def clean_subset(train: ImageSet, fraction: float, seed: int) -> ImageSet:
     return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))[:n])
 
 
+def models_source(cfg: Config, run: Run, model: str | None) -> Run | None:
+    """The earlier run whose trained models `--model` names, checked to match this config.
+
+    Reusing models is only sound when they were trained on the same poisoned data: the data,
+    training and attack settings and the seed must be equal (the defence settings may differ).
+    """
+    if model is None:
+        return None
+    source = Run.open(model, root=run.root)
+    if source.experiment != NAME:
+        raise ConfigError(f"--model {model}: run {source.id} is a '{source.experiment}' run, "
+                          f"not '{NAME}'")
+    theirs = validate_config(Config, source.config)
+    for section in ("seed", "data", "train", "attack"):
+        if getattr(theirs, section) != getattr(cfg, section):
+            raise ConfigError(f"--model {model}: run {source.id} was trained with different "
+                              f"'{section}' settings; its models cannot be reused here")
+    return source
+
+
 def train_model(cfg: Config, run: Run, name: str, train: ImageSet, shape, classes: int,
-                progress: bool) -> torch.nn.Module:
-    """Train (or reload from the run) model `name` on `train`."""
+                progress: bool, source: Run | None = None) -> torch.nn.Module:
+    """Train model `name` on `train`, or reload it from this run or from the `source` run."""
     model = build_model(cfg.train.arch, num_classes=classes, in_channels=shape[0])
-    saved = run.load_checkpoint(f"model-{name}")
-    if saved is not None:
-        model.load_state_dict(saved[0])
-        run.log(f"{name}: model loaded from the run")
-        return model.to(default_device()).eval()
+    for origin in (run, source):
+        saved = origin.load_checkpoint(f"model-{name}") if origin is not None else None
+        if saved is not None:
+            model.load_state_dict(saved[0])
+            run.log(f"{name}: model loaded from run {origin.id}")
+            return model.to(default_device()).eval()
     t = cfg.train
     tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, schedule=t.schedule, augment=t.augment,
@@ -240,14 +261,14 @@ def defend(cfg: Config, model, trigger: Trigger, clean: ImageSet, test: ImageSet
 
 
 def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: ImageSet,
-               progress: bool) -> tuple[dict, dict]:
+               progress: bool, source: Run | None = None) -> tuple[dict, dict]:
     """Train (or reload) the model of one attack, scan it, defend it; (metrics, artefacts)."""
     shape = tuple(data.train.x.shape[1:])
     trigger = build_trigger(cfg, name, shape)
     injection = BackdoorInjection(trigger, cfg.attack.target, cfg.attack.poison_rate, cfg.seed)
     poisoned = injection.poison(data.train).data
     t0 = time.perf_counter()
-    model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress)
+    model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, source)
     t1 = time.perf_counter()
     saved = run.load_state(f"result-{name}")
     if saved is not None:  # a resumed run: this attack is already done
@@ -288,8 +309,14 @@ def _restore_artefacts(cfg: Config, run: Run, name: str, saved: dict, model, tri
             "nc_trigger": MaskTrigger(saved["nc_mask"], saved["nc_pattern"])}
 
 
-def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True) -> dict:
-    """One trial: train the models, detect, purify, compare; write metrics, figures and report."""
+def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None = None,
+        progress: bool = True) -> dict:
+    """One trial: train the models, detect, purify, compare; write metrics, figures and report.
+
+    `model` names an earlier backdoor-defense run whose trained models are reused (same data,
+    training and attack settings), so only detection and the defences run again.
+    """
+    source = models_source(cfg, run, model)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -299,12 +326,16 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = Tr
             f"clean subset {len(clean)}, device {default_device()}")
     metrics: dict = {"dataset": cfg.data.dataset, "arch": cfg.train.arch,
                      "target": cfg.attack.target, "clean_samples": len(clean), "attacks": {}}
+    if source is not None:
+        metrics["models_from"] = source.id
     artefacts = {}
     for name in cfg.attack.attacks:
-        metrics["attacks"][name], artefacts[name] = run_attack(cfg, run, name, data, clean, progress)
+        metrics["attacks"][name], artefacts[name] = run_attack(cfg, run, name, data, clean, progress,
+                                                                source)
     if cfg.attack.clean_control:
         shape = tuple(data.train.x.shape[1:])
-        model = train_model(cfg, run, "clean", data.train, shape, data.num_classes, progress)
+        model = train_model(cfg, run, "clean", data.train, shape, data.num_classes, progress,
+                            source)
         detection = scan(cfg, model, clean, data.num_classes, progress)
         metrics["clean_model"] = {"benign_accuracy": _accuracy(model, data.test),
                                   "nc_flagged": detection.flagged, "nc": detection.to_dict()}
