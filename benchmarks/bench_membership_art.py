@@ -136,13 +136,17 @@ def run_art(kind: str, target, shape, classes, shadow_feats, eval_set, truth, se
                       .float(), truth, seconds)
 
 
-def run_ours(per_class: bool, target, shadow_probs, eval_set, truth, seed) -> dict:
+OURS = {"poisonlab ShadowModelAttack": {},
+        "poisonlab ShadowModelAttack (per class)": {"per_class": True},
+        "poisonlab ShadowModelAttack (boosting)": {"model": "boosting"}}
+
+
+def run_ours(name: str, target, shadow_probs, eval_set, truth, seed) -> dict:
     probs, labels, member = shadow_probs
     t0 = time.perf_counter()
-    attack = ShadowModelAttack(per_class=per_class, seed=seed).fit(probs, labels, member)
+    attack = ShadowModelAttack(**OURS[name], seed=seed).fit(probs, labels, member)
     scores = attack.infer(predict_proba(target, eval_set.x), eval_set.y)
     seconds = time.perf_counter() - t0
-    name = "poisonlab ShadowModelAttack" + (" (per class)" if per_class else "")
     return attack_row(name, scores, truth, seconds)
 
 
@@ -232,8 +236,8 @@ def main() -> None:
     truth = torch.cat([torch.ones(len(t_in)), torch.zeros(len(t_out))])
     rows = [run_art(kind, target, shape, classes, art_feats, eval_set, truth, args.seed)
             for kind in args.art_models.split(",") if kind]
-    rows += [run_ours(pc, target, (probs, labels, member), eval_set, truth, args.seed)
-             for pc in (False, True)]
+    rows += [run_ours(name, target, (probs, labels, member), eval_set, truth, args.seed)
+             for name in OURS]
     t1 = time.perf_counter()
     from poisonlab.training.supervised import predict_logits
 

@@ -93,11 +93,14 @@ def test_threshold_attack(setup, score):
     _check(*_auc_pair(setup, lambda m: attack.infer(predict_proba(m, setup["x"]), setup["y"])))
 
 
-@pytest.mark.parametrize("per_class,sort_probs", [(False, False), (False, True), (True, False)])
-def test_shadow_model_attack(setup, per_class, sort_probs):
+@pytest.mark.parametrize("per_class,sort_probs,model", [
+    (False, False, "mlp"), (False, True, "mlp"), (True, False, "mlp"),
+    (False, False, "boosting"), (True, False, "boosting")])
+def test_shadow_model_attack(setup, per_class, sort_probs, model):
     p = predict_proba(setup["shadow"], setup["shadow_x"])
     membership = torch.cat([torch.ones(200), torch.zeros(200)])
-    attack = ShadowModelAttack(per_class=per_class, sort_probs=sort_probs, epochs=150, batch_size=400)
+    attack = ShadowModelAttack(per_class=per_class, sort_probs=sort_probs, epochs=150, batch_size=400,
+                               model=model)
     attack.fit(p, setup["shadow_y"], membership)
     _check(*_auc_pair(setup, lambda m: attack.infer(predict_proba(m, setup["x"]), setup["y"])))
 
@@ -156,6 +159,10 @@ def test_bad_input_is_a_one_line_error():
         ShadowModelAttack(epochs=1).fit(p, torch.zeros(4, dtype=torch.long), torch.ones(3))
     with pytest.raises(ConfigError, match="fitted"):
         ShadowModelAttack().infer(p, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="unknown attack model 'forest'"):
+        ShadowModelAttack(model="forest")
+    with pytest.raises(DataError, match="all in or all out"):
+        ShadowModelAttack(model="boosting").fit(p, torch.zeros(4, dtype=torch.long), torch.ones(4))
     with pytest.raises(DataError, match="shapes disagree"):
         LiRA().infer(torch.zeros(4), torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(DataError, match="differ in length"):

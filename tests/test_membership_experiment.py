@@ -19,7 +19,7 @@ import torch
 from poisonlab.cli import main
 
 ATTACKS = {"shadow", "lira_online", "lira_offline", "label_only", "threshold"}
-DEFENSES = {"none", "dropout", "dp_sgd", "labels_only", "rounding", "top_k"}
+DEFENSES = {"none", "dropout", "early_stopping", "dp_sgd", "labels_only", "rounding", "top_k"}
 METRICS = {"attack_accuracy", "auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "test_accuracy"}
 
 
@@ -61,7 +61,8 @@ def test_keys_are_present_and_fractions(smoke):
         assert set(entry) == METRICS
         _fractions(entry)
     for name, entry in metrics["defenses"].items():
-        assert set(entry) == METRICS | {"attack"} | ({"epsilon"} if name == "dp_sgd" else set())
+        extra = {"dp_sgd": {"epsilon"}, "early_stopping": {"epochs"}}.get(name, set())
+        assert set(entry) == METRICS | {"attack"} | extra
         assert entry["attack"] == "shadow"
         _fractions(entry)
     matrix = metrics["matrix"]
@@ -75,11 +76,11 @@ def test_keys_are_present_and_fractions(smoke):
 
 
 def test_shadow_variants_include_the_configured_attack(smoke):
-    """The three forms of the shadow attack are fitted on the same shadows: the configured one
+    """The forms of the shadow attack are fitted on the same shadows: the configured one
     (smoke: one MLP on unsorted probabilities) must reproduce the `shadow` entry exactly."""
     metrics = smoke[2]
     shadow, variants = metrics["attacks"]["shadow"], metrics["shadow_variants"]
-    assert set(variants) == {"default", "per_class", "sorted"}
+    assert set(variants) == {"default", "per_class", "sorted", "boosting"}
     for key, value in variants["default"].items():
         assert value == pytest.approx(shadow[key]), key
 
@@ -115,12 +116,17 @@ def test_a_model_trained_on_disjoint_data_gives_chance(smoke):
 
 def test_training_side_defences_lower_the_attack(smoke):
     """Dropout and DP-SGD lower the shadow attack's AUC; in this smoke setting they also cost
-    much test accuracy (the tiny target is trained briefly), which the table reports."""
-    _, _, metrics, _ = smoke
+    much test accuracy (the tiny target is trained briefly), which the table reports. Early
+    stopping is not asserted to help here: the 4-epoch tiny CNN (Adam, no schedule) fits its 200
+    records to 0.77 while testing at 0.55, a larger gap than the full target's, so the attack
+    does not weaken; only that the defended target is the cut one is checked."""
+    _, run_dir, metrics, _ = smoke
     d = metrics["defenses"]
     assert d["none"] == {**metrics["attacks"]["shadow"], "attack": "shadow"}
     assert d["dropout"]["auc"] < d["none"]["auc"]
     assert d["dp_sgd"]["auc"] < d["none"]["auc"]
+    assert d["early_stopping"]["epochs"] == 4
+    assert "target-tiny_cnn-early4: trained 4 epochs" in (run_dir / "log.txt").read_text()
     assert d["labels_only"]["test_accuracy"] == pytest.approx(d["none"]["test_accuracy"])
 
 
@@ -168,6 +174,7 @@ def test_resume_reuses_trained_models_and_redoes_only_what_is_missing(smoke):
     ("defense.dp.noise_multiplier=null", "exactly one of"),
     ("label_only.records=1000", "label_only.records=1000"),
     ("train.arch=cnn4", "no dropout option"),
+    ("defense.early_stopping_epochs=15", "early_stopping_epochs=15 must be fewer"),
 ])
 def test_bad_config_is_one_line_exit_2_before_any_training(tmp_path, capsys, override, word):
     code = main(["run", "membership", "--preset", "smoke", "--out", str(tmp_path),

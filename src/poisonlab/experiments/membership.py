@@ -5,7 +5,8 @@ shadow-in, shadow-out; Shokri et al. 2017) → the target trained on target-in, 
 trained on the shadow parts, LiRA shadow models on random halves of target-in ∪ target-out
 (Carlini et al. 2022) → the attacks shadow (attack MLP), lira_online, lira_offline, label_only
 (Choquette-Choo et al. 2021) and threshold (Yeom et al. 2018), each scored on target-in (members)
-against target-out (non-members) → the defences (dropout, DP-SGD, labels only, rounding, top-k),
+against target-out (non-members) → the defences (dropout, early stopping, DP-SGD, labels only,
+rounding, top-k),
 each as a pair of the stated attack's numbers and the target's test accuracy → the target ×
 shadow architecture matrix of the shadow attack's accuracy, with normal and dropout-trained
 targets → figures and an HTML report. Every trained model, query and score is kept in the run,
@@ -47,7 +48,7 @@ from poisonlab.training.supervised import (
 
 NAME = "membership"
 ATTACKS = ("shadow", "lira_online", "lira_offline", "label_only", "threshold")
-DEFENSES = ("none", "dropout", "dp_sgd", "labels_only", "rounding", "top_k")
+DEFENSES = ("none", "dropout", "early_stopping", "dp_sgd", "labels_only", "rounding", "top_k")
 RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 PARTS = ("target_in", "target_out", "shadow_in", "shadow_out")
 
@@ -96,6 +97,7 @@ class ShadowSection(_Section):
     hidden: list[int] = Field(default_factory=lambda: [16, 16], min_length=1)
     per_class: bool = False
     sort_probs: bool = False
+    attack_model: Literal["mlp", "boosting"] = "mlp"  # boosting: gradient-boosted trees
     epochs: int = Field(200, ge=1)
     lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(256, ge=1)
@@ -137,10 +139,13 @@ class DPSection(_Section):
 
 
 class DefenseSection(_Section):
-    defenses: list[Literal["none", "dropout", "dp_sgd", "labels_only", "rounding", "top_k"]] = (
+    defenses: list[Literal["none", "dropout", "early_stopping", "dp_sgd", "labels_only",
+                           "rounding", "top_k"]] = (
         Field(default_factory=lambda: list(DEFENSES), min_length=1))
     attack: Literal["shadow", "threshold"] = "shadow"  # the attack every defence is measured with
     dropout: float = Field(0.5, gt=0, lt=1)  # before the final linear layer
+    # early stopping: the target's recipe (and learning-rate schedule) cut to this many epochs
+    early_stopping_epochs: int = Field(25, ge=1)
     decimals: int = Field(1, ge=0)  # rounding
     top_k: int = Field(1, ge=1)
     dp: DPSection = Field(default_factory=DPSection)
@@ -182,7 +187,8 @@ PRESETS: dict[str, dict] = {
         "shadow": {"epochs": 100, "batch_size": 400},
         "lira": {"shadows": 4, "global_variance": True},
         "label_only": {"records": 200, "flip": False},
-        "defense": {"dp": {"epochs": 10, "batch_size": 100, "lr": 0.5}},
+        "defense": {"early_stopping_epochs": 4,
+                    "dp": {"epochs": 10, "batch_size": 100, "lr": 0.5}},
         "matrix": {"targets": ["tiny_cnn"], "shadows": ["tiny_cnn", "small_cnn"]},
     },
     # CIFAR-10, overfit ResNet-20 target on 12,500 images without augmentation. Speed (ResNet-20,
@@ -202,7 +208,8 @@ PRESETS: dict[str, dict] = {
         "shadow": {"per_class": True},
         "lira": {"shadows": 2, "global_variance": True},
         "label_only": {"records": 1000},
-        "defense": {"dp": {"epochs": 3, "batch_size": 256, "lr": 0.5, "noise_multiplier": 1.0}},
+        "defense": {"early_stopping_epochs": 4,
+                    "dp": {"epochs": 3, "batch_size": 256, "lr": 0.5, "noise_multiplier": 1.0}},
         "matrix": {"targets": ["resnet20"], "shadows": ["resnet20", "resnet32"]},
     },
     "paper": {},
@@ -262,6 +269,10 @@ def check_feasible(cfg: Config, data: SupervisedData) -> None:
     archs |= {(cfg.train.arch, dropout)} if "dropout" in cfg.defense.defenses else set()
     for arch, p in sorted(archs):
         build(arch, data, p)
+    stop = cfg.defense.early_stopping_epochs
+    if "early_stopping" in cfg.defense.defenses and stop >= cfg.train.epochs:
+        raise ConfigError(f"defense.early_stopping_epochs={stop} must be fewer than the "
+                          f"target's train.epochs={cfg.train.epochs}")
     if "dp_sgd" in cfg.defense.defenses:
         from poisonlab.defenses.dp_sgd import dp_compatible
 
@@ -286,10 +297,10 @@ def build(arch: str, data: SupervisedData, dropout: float = 0.0) -> torch.nn.Mod
 
 def train_model(cfg: Config, run: Run, name: str, arch: str, train: ImageSet,
                 data: SupervisedData, seed: int, progress: bool,
-                dropout: float = 0.0) -> torch.nn.Module:
-    """Train (or reload from the run) model `name` on `train` with the cfg.train recipe. The
-    initial weights come from `seed` alone, so they do not depend on which models a resumed run
-    skipped."""
+                dropout: float = 0.0, epochs: int | None = None) -> torch.nn.Module:
+    """Train (or reload from the run) model `name` on `train` with the cfg.train recipe (cut to
+    `epochs` when given). The initial weights come from `seed` alone, so they do not depend on
+    which models a resumed run skipped."""
     torch.manual_seed(seed)
     model = build(arch, data, dropout)
     saved = run.load_checkpoint(f"model-{name}")
@@ -298,7 +309,8 @@ def train_model(cfg: Config, run: Run, name: str, arch: str, train: ImageSet,
         run.log(f"{name}: model loaded from the run")
         return model.to(default_device()).eval()
     t = cfg.train
-    tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+    epochs = epochs or t.epochs
+    tc = TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, optimizer=t.optimizer, schedule=t.schedule,
                      augment=t.augment, channels_last=t.channels_last, seed=seed)
     history = train_classifier(model, train, tc, progress=progress,
@@ -306,7 +318,7 @@ def train_model(cfg: Config, run: Run, name: str, arch: str, train: ImageSet,
     run.save_checkpoint(f"model-{name}", model.state_dict(), {"arch": arch, "model": name,
                                                                "dropout": dropout})
     secs = sum(history["epoch_seconds"])
-    run.log(f"{name}: trained {t.epochs} epochs on {len(train)} records in {secs:.0f}s, train "
+    run.log(f"{name}: trained {epochs} epochs on {len(train)} records in {secs:.0f}s, train "
             f"accuracy {history['train_acc'][-1]:.4f}")
     return model.eval()
 
@@ -377,6 +389,13 @@ class Study:
         return train_model(self.cfg, self.run, name, arch, self.parts["target_in"], self.data,
                            seed, self.progress, dropout)
 
+    def early_stopped_target(self) -> tuple[str, torch.nn.Module]:
+        """The target's architecture and recipe, stopped after defense.early_stopping_epochs."""
+        arch, epochs = self.cfg.train.arch, self.cfg.defense.early_stopping_epochs
+        name = f"target-{arch}-early{epochs}"
+        return name, train_model(self.cfg, self.run, name, arch, self.parts["target_in"],
+                                 self.data, self.cfg.seed, self.progress, epochs=epochs)
+
     def shadow_models(self, arch: str) -> list[torch.nn.Module]:
         if arch not in self.shadows:
             self.shadows[arch] = [
@@ -398,7 +417,7 @@ class Study:
                                           .softmax(1), d.decimals, d.top_k)
                      for i, m in enumerate(self.shadow_models(arch))]
             attack = ShadowModelAttack(s.hidden, s.per_class, s.sort_probs, s.epochs, s.lr,
-                                       s.batch_size, seed=self.cfg.seed)
+                                       s.batch_size, seed=self.cfg.seed, model=s.attack_model)
             n = len(self.pool_masks)
             self._attacks[(arch, output)] = attack.fit(probs, [self.pool.y] * n,
                                                        list(self.pool_masks.float()))
@@ -512,21 +531,23 @@ def run_attacks(study: Study, target: torch.nn.Module, test_accuracy: float) -> 
     return metrics, scores
 
 
-SHADOW_VARIANTS = {"default": (False, False), "per_class": (True, False), "sorted": (False, True)}
+# name: (per_class, sort_probs, attack model)
+SHADOW_VARIANTS = {"default": (False, False, "mlp"), "per_class": (True, False, "mlp"),
+                   "sorted": (False, True, "mlp"), "boosting": (False, False, "boosting")}
 
 
 def shadow_variants(study: Study, logits: torch.Tensor) -> dict[str, dict]:
-    """The shadow attack's three forms (one MLP; one per class; sorted probabilities) on the same
-    shadows and target, so the configured choice can be compared with the others."""
+    """The shadow attack's forms (one MLP; one per class; sorted probabilities; gradient-boosted
+    trees) on the same shadows and target, so the configured choice can be compared."""
     s, arch, out = study.cfg.shadow, study.cfg.train.arch, {}
     probs = [study.logits(f"shadow-{arch}-{i}", m, study.pool.x).softmax(1)
              for i, m in enumerate(study.shadow_models(arch))]
-    for name, (per_class, sort_probs) in SHADOW_VARIANTS.items():
-        if (per_class, sort_probs) == (s.per_class, s.sort_probs):
+    for name, (per_class, sort_probs, model) in SHADOW_VARIANTS.items():
+        if (per_class, sort_probs, model) == (s.per_class, s.sort_probs, s.attack_model):
             attack = study.shadow_attack(arch)  # the configured form, already fitted
         else:
             attack = ShadowModelAttack(s.hidden, per_class, sort_probs, s.epochs, s.lr,
-                                       s.batch_size, seed=study.cfg.seed)
+                                       s.batch_size, seed=study.cfg.seed, model=model)
             attack.fit(probs, [study.pool.y] * len(probs), list(study.pool_masks.float()))
         scores = attack.infer(logits.softmax(1), study.eval.y)
         metrics = membership_metrics(scores, study.member)
@@ -551,6 +572,9 @@ def defended_model(study: Study, name: str) -> tuple[str, torch.nn.Module, dict]
     arch = study.cfg.train.arch
     if name == "dropout":
         return f"target-{arch}-dropout", study.target(arch, study.cfg.defense.dropout), {}
+    if name == "early_stopping":
+        key, model = study.early_stopped_target()
+        return key, model, {"epochs": study.cfg.defense.early_stopping_epochs}
     if name == "dp_sgd":
         model, study.privacy = train_dp_target(study.cfg, study.run, study.parts["target_in"],
                                                study.data, study.progress)

@@ -5,13 +5,17 @@ IEEE S&P 2017. Shadow models are trained like the target on data the attacker ow
 probability vectors on their own training records ("in", label 1) and on held-out records ("out",
 label 0) train a binary attack model, which is then applied to the target's probability vectors.
 Default attack model: MLP classes → 16 → 16 → 1 with a sigmoid. Options: one attack model per
-class (as in the paper), probability vectors sorted in decreasing order (class-agnostic), and any
-number of shadow models (pass one tensor per shadow model).
+class (as in the paper), probability vectors sorted in decreasing order (class-agnostic), any
+number of shadow models (pass one tensor per shadow model), and gradient-boosted trees
+(scikit-learn's HistGradientBoostingClassifier) instead of the MLP: the trees see the probability
+vector, the probability of the record's own label and, unless one model per class, that label as
+a categorical feature, so they can learn per-class confidence thresholds in one model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -48,16 +52,25 @@ class ShadowModelAttack:
         lr: float = 1e-2,
         batch_size: int = 256,
         seed: int = 0,
+        model: Literal["mlp", "boosting"] = "mlp",
     ) -> None:
         if epochs < 1 or lr <= 0 or batch_size < 1:
             raise ConfigError(f"need epochs >= 1, lr > 0, batch_size >= 1 (got {epochs}, {lr}, {batch_size})")
+        if model not in ("mlp", "boosting"):
+            raise ConfigError(f"unknown attack model '{model}' (known: mlp, boosting)")
         self.hidden, self.per_class, self.sort_probs = tuple(hidden), per_class, sort_probs
         self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
-        self.models: dict[int, nn.Module] = {}
+        self.model = model
+        self.models: dict[int, object] = {}  # an MLP or a fitted tree ensemble per group
 
-    def _features(self, probs: torch.Tensor) -> torch.Tensor:
+    def _features(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p = probs.float()
-        return p.sort(1, descending=True).values if self.sort_probs else p
+        x = p.sort(1, descending=True).values if self.sort_probs else p
+        if self.model == "mlp":
+            return x
+        own = p.gather(1, labels[:, None])
+        extra = [] if self.per_class else [labels[:, None].float()]
+        return torch.cat([x, own, *extra], 1)
 
     def fit(
         self,
@@ -73,13 +86,29 @@ class ShadowModelAttack:
             raise DataError(f"membership and labels differ in length ({m.numel()} vs {y.numel()})")
         if not bool(((m == 0) | (m == 1)).all()):
             raise DataError("membership must be 0 (out) or 1 (in)")
-        x = self._features(p)
+        x = self._features(p, y)
         gen = torch.Generator().manual_seed(self.seed)
         groups = y.unique().tolist() if self.per_class else [-1]
+        train = self._train_one if self.model == "mlp" else self._train_trees
         for c in groups:
             sel = (y == c) if c >= 0 else torch.ones_like(y, dtype=torch.bool)
-            self.models[c] = self._train_one(x[sel], m[sel], gen)
+            self.models[c] = train(x[sel], m[sel], gen)
         return self
+
+    def _train_trees(self, x: torch.Tensor, m: torch.Tensor, gen: torch.Generator):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        if m.min() == m.max():
+            raise DataError("the shadow records of a group are all in or all out: nothing to learn")
+        categorical = [x.shape[1] - 1] if not self.per_class else None
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        trees = HistGradientBoostingClassifier(categorical_features=categorical, random_state=seed)
+        return trees.fit(x.numpy(), m.numpy())
+
+    def _score(self, model, x: torch.Tensor) -> torch.Tensor:
+        if self.model == "mlp":
+            return torch.sigmoid(model(x).squeeze(1))
+        return torch.from_numpy(model.predict_proba(x.numpy())[:, 1]).float()
 
     def _train_one(self, x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> nn.Module:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -102,12 +131,12 @@ class ShadowModelAttack:
             raise ConfigError("the shadow-model attack must be fitted before infer")
         labels = as_index(labels)
         check_records(probs, labels, "probs")
-        x = self._features(probs)
+        x = self._features(probs, labels)
         if not self.per_class:
-            return torch.sigmoid(self.models[-1](x).squeeze(1))
+            return self._score(self.models[-1], x)
         out = torch.full((len(labels),), 0.5)
         for c, model in self.models.items():
             sel = labels == c
             if bool(sel.any()):
-                out[sel] = torch.sigmoid(model(x[sel]).squeeze(1))
+                out[sel] = self._score(model, x[sel])
         return out
