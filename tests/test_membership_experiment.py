@@ -62,7 +62,8 @@ def test_keys_are_present_and_fractions(smoke):
         _fractions(entry)
     for name, entry in metrics["defenses"].items():
         extra = {"dp_sgd": {"epsilon"}, "early_stopping": {"epochs"}}.get(name, set())
-        assert set(entry) == METRICS | {"attack"} | extra
+        assert set(entry) == METRICS | {"attack", "threshold_attack"} | extra
+        assert set(entry["threshold_attack"]) == {"attack_accuracy", "auc"}
         assert entry["attack"] == "shadow"
         _fractions(entry)
     matrix = metrics["matrix"]
@@ -122,7 +123,9 @@ def test_training_side_defences_lower_the_attack(smoke):
     does not weaken; only that the defended target is the cut one is checked."""
     _, run_dir, metrics, _ = smoke
     d = metrics["defenses"]
-    assert d["none"] == {**metrics["attacks"]["shadow"], "attack": "shadow"}
+    none = dict(d["none"])
+    assert none.pop("threshold_attack")["auc"] == pytest.approx(metrics["attacks"]["threshold"]["auc"])
+    assert none == {**metrics["attacks"]["shadow"], "attack": "shadow"}
     assert d["dropout"]["auc"] < d["none"]["auc"]
     assert d["dp_sgd"]["auc"] < d["none"]["auc"]
     assert d["early_stopping"]["epochs"] == 4

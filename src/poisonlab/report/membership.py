@@ -41,9 +41,9 @@ def shadow_variant_table(metrics: dict) -> Table | None:
 
 
 def defense_table(metrics: dict) -> Table:
-    rows = [[name, e["attack"], *_cells(e), e.get("epsilon")]
-            for name, e in metrics["defenses"].items()]
-    return Table(["defence", "measured with", *METRIC_COLUMNS, "ε"], rows)
+    rows = [[name, e["attack"], *_cells(e), e.get("threshold_attack", {}).get("auc"),
+             e.get("epsilon")] for name, e in metrics["defenses"].items()]
+    return Table(["defence", "measured with", *METRIC_COLUMNS, "threshold AUC", "ε"], rows)
 
 
 def matrix_table(block: dict, label: str = "target") -> Table:
@@ -159,8 +159,11 @@ def _settings(cfg, metrics: dict) -> str:
 def _defense_note(cfg, metrics: dict) -> str:
     d = cfg.defense
     text = (f"Every defence is measured with the {d.attack} attack. Dropout p = {d.dropout} before "
-            f"the last layer; rounding to {d.decimals} decimal(s); top-{d.top_k}. Output-side "
-            "defences are applied to the shadow models' outputs too (the attacker adapts).")
+            f"the last layer; early stopping after {d.early_stopping_epochs} of the "
+            f"{cfg.train.epochs} epochs; rounding to {d.decimals} decimal(s); top-{d.top_k}. "
+            "Output-side defences are applied to the shadow models' outputs too (the attacker "
+            "adapts). The shadow models mimic the undefended recipe, so the loss-threshold "
+            "attack, which needs no shadows, is given beside it (threshold AUC).")
     if "dp_sgd" in metrics:
         p = metrics["dp_sgd"]
         text += (f" DP-SGD: noise multiplier {p['noise_multiplier']:.3f}, clipping norm "
