@@ -27,7 +27,7 @@ from poisonlab.device import default_device, seed_everything
 from poisonlab.errors import ConfigError
 from poisonlab.models import build_model
 from poisonlab.runs import Run
-from poisonlab.training.supervised import RunCheckpoint, TrainConfig, train_classifier
+from poisonlab.training.supervised import RunCheckpoint, TrainConfig, place, train_classifier
 
 NAME = "backdoor-defense"
 DEFENSES = ("mcl", "fine_tuning", "nc_unlearning")
@@ -195,7 +195,7 @@ def train_model(cfg: Config, run: Run, name: str, train: ImageSet, shape, classe
         if saved is not None:
             model.load_state_dict(saved[0])
             run.log(f"{name}: model loaded from run {origin.id}")
-            return model.to(default_device()).eval()
+            return place(model, default_device(), cfg.train.channels_last).eval()
     t = cfg.train
     tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, schedule=t.schedule, augment=t.augment,

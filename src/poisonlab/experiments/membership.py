@@ -42,6 +42,7 @@ from poisonlab.runs import Run
 from poisonlab.training.supervised import (
     RunCheckpoint,
     TrainConfig,
+    place,
     predict_logits,
     train_classifier,
 )
@@ -307,7 +308,7 @@ def train_model(cfg: Config, run: Run, name: str, arch: str, train: ImageSet,
     if saved is not None:
         model.load_state_dict(saved[0])
         run.log(f"{name}: model loaded from the run")
-        return model.to(default_device()).eval()
+        return place(model, default_device(), cfg.train.channels_last).eval()
     t = cfg.train
     epochs = epochs or t.epochs
     tc = TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,

@@ -193,6 +193,17 @@ def _epoch(model, train, cfg, opt, gen, device, step0, steps, on_batch) -> tuple
     return total_loss / max(seen, 1), correct / max(seen, 1), step
 
 
+def place(model: nn.Module, device, channels_last: bool) -> nn.Module:
+    """Move `model` to `device` in the memory layout its recipe trains in. A model reloaded from
+    weights must be placed the same way as a freshly trained one: the two layouts round
+    differently, and a sensitive consumer (Neural Cleanse's short mask optimisation) then gives
+    different numbers for the same weights."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def train_classifier(
     model: nn.Module,
     train: ImageSet,
@@ -214,9 +225,7 @@ def train_classifier(
     device = torch.device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place(model, device, cfg.channels_last)
     opt = _optimizer(model, cfg)
     history: dict = {"loss": [], "train_acc": [], "val_acc": [], "lr": [], "epoch_seconds": []}
     start = _restore(model, opt, store, gen, history)
