@@ -88,7 +88,7 @@ class DefenseSection(_Section):
     ce_weight: float = Field(0.0, ge=0)  # 0 = the reference MCL loss
     freeze_bn: bool = False
     # The reference fine-tunes on the clean subset without augmentation (its loader only converts
-    # to tensors); with crop + flip MCL kept 3.3 points less BA on the cpu BadNets model.
+    # to tensors). Measured on the cpu models, crop + flip moves MCL's BA either way (docs/status.md).
     augment: bool = False
     unlearning_fraction: float = Field(0.2, ge=0, le=1)
 
