@@ -306,7 +306,8 @@ def _restore_artefacts(cfg: Config, run: Run, name: str, saved: dict, model, tri
                            in_channels=int(saved["mcl_delta"].shape[0]))
     purified.load_state_dict(run.load_checkpoint(f"model-{name}-mcl")[0])
     run.log(f"{name}: results loaded from the run")
-    return {"model": model, "trigger": trigger, "purified_model": purified.eval(),
+    purified = place(purified, default_device(), cfg.train.channels_last).eval()
+    return {"model": model, "trigger": trigger, "purified_model": purified,
             "mcl_trigger": AdditiveTrigger(saved["mcl_delta"]),
             "nc_trigger": MaskTrigger(saved["nc_mask"], saved["nc_pattern"])}
 
