@@ -161,12 +161,20 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
     assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
                  "--quiet", "--model", run_dir.name, *sum((["--set", s] for s in reuse), [])]) == 0
     again = last_json(capsys)
-    assert again["models_from"] == run_dir.name
+    assert again["models_from"] == [run_dir.name]
     assert again["attacks"]["badnets"]["backdoored"] == entry["backdoored"]
     assert again["attacks"]["badnets"]["mcl"] != entry["mcl"]
     new_dir = max(tmp_path.glob("backdoor-defense-*"), key=lambda p: p.stat().st_mtime)
     new_log = (new_dir / "log.txt").read_text()
     assert ": trained" not in new_log and f"clean: model loaded from run {run_dir.name}" in new_log
+    # Another attack list reuses the models it shares with the source run and trains the rest.
+    more = [*sets, "attack.attacks=[badnets,blend]", "attack.clean_control=false"]
+    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
+                 "--model", f"{run_dir.name},", *sum((["--set", s] for s in more), [])]) == 0
+    new_dir = max(tmp_path.glob("backdoor-defense-*"), key=lambda p: p.stat().st_mtime)
+    new_log = (new_dir / "log.txt").read_text()
+    assert f"badnets: model loaded from run {run_dir.name}" in new_log
+    assert "blend: trained" in new_log and "clean:" not in new_log
     other = [*sets, "train.epochs=4"]
     assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
                  "--model", run_dir.name, *sum((["--set", s] for s in other), [])]) == 2

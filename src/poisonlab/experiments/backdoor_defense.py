@@ -166,32 +166,43 @@ def clean_subset(train: ImageSet, fraction: float, seed: int) -> ImageSet:
     return train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))[:n])
 
 
-def models_source(cfg: Config, run: Run, model: str | None) -> Run | None:
-    """The earlier run whose trained models `--model` names, checked to match this config.
+def models_source(cfg: Config, run: Run, model: str | None) -> list[Run]:
+    """The earlier runs whose trained models `--model` names (run ids, comma-separated).
 
-    Reusing models is only sound when they were trained on the same poisoned data: the data,
-    training and attack settings and the seed must be equal (the defence settings may differ).
+    Reusing a model is only sound when it was trained on the same poisoned data: the data and
+    training settings, the seed and the attack settings other than which attacks run (and whether
+    the clean control does) must be equal; the defence settings may differ. Each model is taken
+    from the first listed run that has it; models none of them has are trained.
     """
     if model is None:
-        return None
-    source = Run.open(model, root=run.root)
-    if source.experiment != NAME:
-        raise ConfigError(f"--model {model}: run {source.id} is a '{source.experiment}' run, "
-                          f"not '{NAME}'")
-    theirs = validate_config(Config, source.config)
-    for section in ("seed", "data", "train", "attack"):
-        if getattr(theirs, section) != getattr(cfg, section):
-            raise ConfigError(f"--model {model}: run {source.id} was trained with different "
-                              f"'{section}' settings; its models cannot be reused here")
-    return source
+        return []
+    sources = []
+    for run_id in (part.strip() for part in model.split(",") if part.strip()):
+        source = Run.open(run_id, root=run.root)
+        if source.experiment != NAME:
+            raise ConfigError(f"--model {run_id}: run {source.id} is a '{source.experiment}' run, "
+                              f"not '{NAME}'")
+        theirs = validate_config(Config, source.config)
+        for section in ("seed", "data", "train", "attack"):
+            a, b = getattr(theirs, section), getattr(cfg, section)
+            if section == "attack":
+                a, b = (x.model_copy(update={"attacks": ["badnets"], "clean_control": True})
+                        for x in (a, b))
+            if a != b:
+                raise ConfigError(f"--model {run_id}: run {source.id} was trained with different "
+                                  f"'{section}' settings; its models cannot be reused here")
+        sources.append(source)
+    if not sources:
+        raise ConfigError(f"--model {model!r}: no run id given")
+    return sources
 
 
 def train_model(cfg: Config, run: Run, name: str, train: ImageSet, shape, classes: int,
-                progress: bool, source: Run | None = None) -> torch.nn.Module:
-    """Train model `name` on `train`, or reload it from this run or from the `source` run."""
+                progress: bool, sources: list[Run] = ()) -> torch.nn.Module:
+    """Train model `name` on `train`, or reload it from this run or from a `sources` run."""
     model = build_model(cfg.train.arch, num_classes=classes, in_channels=shape[0])
-    for origin in (run, source):
-        saved = origin.load_checkpoint(f"model-{name}") if origin is not None else None
+    for origin in (run, *sources):
+        saved = origin.load_checkpoint(f"model-{name}")
         if saved is not None:
             model.load_state_dict(saved[0])
             run.log(f"{name}: model loaded from run {origin.id}")
@@ -263,14 +274,14 @@ def defend(cfg: Config, model, trigger: Trigger, clean: ImageSet, test: ImageSet
 
 
 def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: ImageSet,
-               progress: bool, source: Run | None = None) -> tuple[dict, dict]:
+               progress: bool, sources: list[Run] = ()) -> tuple[dict, dict]:
     """Train (or reload) the model of one attack, scan it, defend it; (metrics, artefacts)."""
     shape = tuple(data.train.x.shape[1:])
     trigger = build_trigger(cfg, name, shape)
     injection = BackdoorInjection(trigger, cfg.attack.target, cfg.attack.poison_rate, cfg.seed)
     poisoned = injection.poison(data.train).data
     t0 = time.perf_counter()
-    model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, source)
+    model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, sources)
     t1 = time.perf_counter()
     saved = run.load_state(f"result-{name}")
     if saved is not None:  # a resumed run: this attack is already done
@@ -316,10 +327,11 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
         progress: bool = True) -> dict:
     """One trial: train the models, detect, purify, compare; write metrics, figures and report.
 
-    `model` names an earlier backdoor-defense run whose trained models are reused (same data,
-    training and attack settings), so only detection and the defences run again.
+    `model` names earlier backdoor-defense runs (comma-separated ids) whose trained models are
+    reused (same data, training and attack settings), so only the missing models are trained and
+    detection and the defences run again.
     """
-    source = models_source(cfg, run, model)
+    sources = models_source(cfg, run, model)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -329,16 +341,16 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
             f"clean subset {len(clean)}, device {default_device()}")
     metrics: dict = {"dataset": cfg.data.dataset, "arch": cfg.train.arch,
                      "target": cfg.attack.target, "clean_samples": len(clean), "attacks": {}}
-    if source is not None:
-        metrics["models_from"] = source.id
+    if sources:
+        metrics["models_from"] = [source.id for source in sources]
     artefacts = {}
     for name in cfg.attack.attacks:
         metrics["attacks"][name], artefacts[name] = run_attack(cfg, run, name, data, clean, progress,
-                                                                source)
+                                                                sources)
     if cfg.attack.clean_control:
         shape = tuple(data.train.x.shape[1:])
         model = train_model(cfg, run, "clean", data.train, shape, data.num_classes, progress,
-                            source)
+                            sources)
         detection = scan(cfg, model, clean, data.num_classes, progress)
         metrics["clean_model"] = {"benign_accuracy": _accuracy(model, data.test),
                                   "nc_flagged": detection.flagged, "nc": detection.to_dict()}
@@ -467,7 +479,7 @@ def write_report(run: Run, cfg: Config, metrics: dict, artefacts: dict, data: Su
                 f"{cfg.defense.epochs} epochs, lr steps {cfg.defense.lr_steps}, "
                 f"{'with' if cfg.defense.augment else 'without'} augmentation; "
                 f"MCL τ = {cfg.defense.temperature}, CE weight {cfg.defense.ce_weight}"
-                + (f"; models from run {metrics['models_from']}" if "models_from" in metrics
+                + (f"; models from run {', '.join(metrics['models_from'])}" if "models_from" in metrics
                    else "") + ".")
     sections = [
         Section("Settings", paragraphs=[settings]),
