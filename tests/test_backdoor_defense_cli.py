@@ -167,14 +167,19 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
     new_dir = max(tmp_path.glob("backdoor-defense-*"), key=lambda p: p.stat().st_mtime)
     new_log = (new_dir / "log.txt").read_text()
     assert ": trained" not in new_log and f"clean: model loaded from run {run_dir.name}" in new_log
-    # Another attack list reuses the models it shares with the source run and trains the rest.
+    # Another attack list pools what the source run holds (its models and, as the defence
+    # settings are the same, its results) and trains and defends the rest.
     more = [*sets, "attack.attacks=[badnets,blend]", "attack.clean_control=false"]
-    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
-                 "--model", f"{run_dir.name},", *sum((["--set", s] for s in more), [])]) == 0
+    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
+                 "--quiet", "--model", f"{run_dir.name},", *sum((["--set", s] for s in more), [])]) == 0
+    pooled = last_json(capsys)
+    assert pooled["attacks"]["badnets"] == entry and "clean_model" not in pooled
+    assert pooled["attacks"]["blend"]["backdoored"]["attack_success_rate"] > 0.9
     new_dir = max(tmp_path.glob("backdoor-defense-*"), key=lambda p: p.stat().st_mtime)
     new_log = (new_dir / "log.txt").read_text()
-    assert f"badnets: model loaded from run {run_dir.name}" in new_log
+    assert f"badnets: results loaded from run {run_dir.name}" in new_log
     assert "blend: trained" in new_log and "clean:" not in new_log
+    assert (new_dir / "checkpoints" / "result-badnets.safetensors").exists()
     other = [*sets, "train.epochs=4"]
     assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
                  "--model", run_dir.name, *sum((["--set", s] for s in other), [])]) == 2

@@ -283,9 +283,15 @@ def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: Im
     t0 = time.perf_counter()
     model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, sources)
     t1 = time.perf_counter()
-    saved = run.load_state(f"result-{name}")
-    if saved is not None:  # a resumed run: this attack is already done
-        return saved["entry"], _restore_artefacts(cfg, run, name, saved, model, trigger)
+    for origin in (run, *(s for s in sources if same_defence(cfg, s))):
+        saved = origin.load_state(f"result-{name}")
+        if saved is not None:  # a resumed run, or a source run that defended this model alike
+            purified = origin.load_checkpoint(f"model-{name}-mcl")[0]
+            if origin is not run:  # keep this run self-contained
+                run.save_checkpoint(f"model-{name}-mcl", purified, {"arch": "purified", "model": name})
+                run.save_state(f"result-{name}", saved)
+            run.log(f"{name}: results loaded from run {origin.id}")
+            return saved["entry"], _restore_artefacts(cfg, saved, purified, model, trigger)
     entry = {"backdoored": backdoor_metrics(model, trigger, data.test, cfg.attack.target)}
     detection = scan(cfg, model, clean, data.num_classes, progress)
     t2 = time.perf_counter()
@@ -310,13 +316,18 @@ def _save_artefacts(run: Run, name: str, entry: dict, artefacts: dict) -> None:
                                       "mcl_delta": artefacts["mcl_trigger"].delta})
 
 
-def _restore_artefacts(cfg: Config, run: Run, name: str, saved: dict, model, trigger) -> dict:
+def same_defence(cfg: Config, source: Run) -> bool:
+    """Whether `source` (already checked to hold the same models) detected and defended alike."""
+    theirs = validate_config(Config, source.config)
+    return theirs.nc == cfg.nc and theirs.defense == cfg.defense
+
+
+def _restore_artefacts(cfg: Config, saved: dict, weights: dict, model, trigger) -> dict:
     from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger
 
     purified = build_model(cfg.train.arch, num_classes=int(model.head.out_features),
                            in_channels=int(saved["mcl_delta"].shape[0]))
-    purified.load_state_dict(run.load_checkpoint(f"model-{name}-mcl")[0])
-    run.log(f"{name}: results loaded from the run")
+    purified.load_state_dict(weights)
     purified = place(purified, default_device(), cfg.train.channels_last).eval()
     return {"model": model, "trigger": trigger, "purified_model": purified,
             "mcl_trigger": AdditiveTrigger(saved["mcl_delta"]),
@@ -328,8 +339,9 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     """One trial: train the models, detect, purify, compare; write metrics, figures and report.
 
     `model` names earlier backdoor-defense runs (comma-separated ids) whose trained models are
-    reused (same data, training and attack settings), so only the missing models are trained and
-    detection and the defences run again.
+    reused (same data, training and attack settings), so only the missing models are trained;
+    detection and the defences run again unless a source ran them with the same settings, whose
+    results are then taken over (so attacks run in parallel processes can be pooled into one run).
     """
     sources = models_source(cfg, run, model)
     seed_everything(cfg.seed)
