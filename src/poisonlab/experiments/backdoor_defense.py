@@ -122,7 +122,6 @@ PRESETS: dict[str, dict] = {
         "threads": 1,
         "train": {"epochs": 8, "schedule": "onecycle"},
         "nc": {"samples": 200, "steps": 40, "batch_size": 50, "early_stop_patience": 10},
-        "defense": {"inversion_steps": 20},
     },
     "paper": {},
 }
