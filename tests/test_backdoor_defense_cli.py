@@ -82,7 +82,7 @@ def test_purify_lowers_asr_and_writes_safetensors(files, capsys, tmp_path):
     code = main(["purify", str(files["model"]), "--arch", "tiny_cnn", "--clean-data",
                  str(files["clean"]), "--target", str(TARGET), "--test-data", str(files["test"]),
                  "--trigger", "badnets", "--epochs", "10", "--inversion-steps", "30",
-                 "--ce-weight", "1", "--out", str(out), "--json", "--quiet"])
+                 "--out", str(out), "--json", "--quiet"])
     assert code == 0
     result = last_json(capsys)
     assert result["before"]["attack_success_rate"] > 0.9
@@ -185,3 +185,19 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
                  "--model", run_dir.name, *sum((["--set", s] for s in other), [])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different 'train' settings" in err
+
+
+def test_results_of_a_run_recorded_before_a_defence_setting_existed_are_not_reused():
+    from types import SimpleNamespace
+
+    from poisonlab.experiments.backdoor_defense import Config, same_defence
+
+    cfg = Config()
+    recorded = cfg.model_dump(mode="json")
+    assert same_defence(cfg, SimpleNamespace(config=recorded))
+    older = json.loads(json.dumps(recorded))
+    del older["defense"]["distill_weight"]  # it ran the reference loss, whatever the default now
+    assert not same_defence(cfg, SimpleNamespace(config=older))
+    changed = json.loads(json.dumps(recorded))
+    changed["defense"]["recalibrate_bn"] = False
+    assert not same_defence(cfg, SimpleNamespace(config=changed))

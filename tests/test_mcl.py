@@ -11,7 +11,13 @@ from poisonlab.attacks.backdoor_injection import BackdoorInjection, backdoor_met
 from poisonlab.attacks.triggers import badnets_patch
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.finetuning import FineTuneConfig, fine_tune, nc_unlearning
-from poisonlab.defenses.mcl import MCL, MCLConfig, model_contrastive_loss, reference_inversion
+from poisonlab.defenses.mcl import (
+    MCL,
+    MCLConfig,
+    model_contrastive_loss,
+    recalibrate_batchnorm,
+    reference_inversion,
+)
 from poisonlab.defenses.neural_cleanse import InversionConfig, reverse_engineer_trigger
 from poisonlab.errors import ConfigError
 
@@ -40,10 +46,11 @@ def setting():
     return model, trigger, test, clean
 
 
-def _mcl_config(ce_weight: float = 0.0) -> MCLConfig:
+def _mcl_config(reference: bool = False, **changes) -> MCLConfig:
     inv = reference_inversion()
     inv.steps = 30
-    return MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=10), ce_weight=ce_weight)
+    make = MCLConfig.reference if reference else MCLConfig
+    return make(inversion=inv, finetune=FineTuneConfig(epochs=10), **changes)
 
 
 def test_contrastive_loss_matches_the_formula():
@@ -58,6 +65,25 @@ def test_contrastive_loss_matches_the_formula():
     assert float(model_contrastive_loss(e2, e1, e2, 0.5)) > float(best)
     with pytest.raises(ConfigError, match="temperature"):
         MCLConfig(temperature=0)
+    with pytest.raises(ConfigError, match="distill_weight=-1"):
+        MCLConfig(distill_weight=-1)
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_given_images():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    weights = [p.clone() for p in model.parameters()]
+    x = torch.rand(40, 3, 8, 8) * 2 + 1
+    recalibrate_batchnorm(model, x, batch_size=len(x))
+    with torch.no_grad():
+        h = model[0](x)
+    assert torch.allclose(bn.running_mean, h.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
+    assert not model.training and bn.momentum == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
 def test_mcl_removes_the_backdoor(setting):
@@ -65,7 +91,7 @@ def test_mcl_removes_the_backdoor(setting):
     before = backdoor_metrics(model, trigger, test, TARGET)
     assert before["attack_success_rate"] > 0.95
     weights = [p.clone() for p in model.parameters()]
-    result = MCL(_mcl_config()).purify(model, clean, TARGET)
+    result = MCL(_mcl_config(reference=True)).purify(model, clean, TARGET)
     after = backdoor_metrics(result.model, trigger, test, TARGET)
     assert result.inversion.attack_success >= 0.9 and result.losses[-1] < result.losses[0]
     assert after["attack_success_rate"] < 0.1
@@ -74,11 +100,15 @@ def test_mcl_removes_the_backdoor(setting):
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
-def test_mcl_with_cross_entropy_keeps_accuracy(setting):
+@pytest.mark.parametrize("changes", [{}, {"ce_weight": 1.0, "distill_weight": 0.0}],
+                         ids=["default", "cross-entropy"])
+def test_mcl_variants_keep_accuracy(setting, changes):
+    """The default (self-distillation on clean inputs + batch-norm re-estimation) and the
+    cross-entropy variant remove the backdoor within 3 points of the backdoored model's BA."""
     model, trigger, test, clean = setting
     before = backdoor_metrics(model, trigger, test, TARGET)
-    after = backdoor_metrics(MCL(_mcl_config(1.0)).purify(model, clean, TARGET).model, trigger,
-                             test, TARGET)
+    after = backdoor_metrics(MCL(_mcl_config(**changes)).purify(model, clean, TARGET).model,
+                             trigger, test, TARGET)
     assert after["attack_success_rate"] < 0.1
     assert after["benign_accuracy"] > before["benign_accuracy"] - 0.03
 

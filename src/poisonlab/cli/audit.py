@@ -363,6 +363,12 @@ def purify_command(
     inversion_steps: Annotated[int, typer.Option("--inversion-steps")] = 100,
     ce_weight: Annotated[float, typer.Option("--ce-weight", help="Optional cross-entropy term "
                                              "(0 = the reference MCL loss).")] = 0.0,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", help="Self-distillation "
+                                                  "term on clean inputs (0 = the reference "
+                                                  "loss).")] = 1.0,
+    bn_recalibration: Annotated[bool, typer.Option("--bn-recalibration/--no-bn-recalibration",
+                                                   help="Re-estimate batch-norm statistics on "
+                                                   "the clean images after MCL.")] = True,
     scan_steps: StepsOpt = 40,
     image_size: ImageSizeOpt = None,
     seed: SeedOpt = 0,
@@ -385,7 +391,15 @@ def purify_command(
                              seed, quiet)
     result = {"model": str(model), "arch": arch, "target": target, "clean_images": len(clean),
               "before": _metrics(net, test, known, target)}
-    purified = _run_mcl(net, clean, target, epochs, inversion_steps, ce_weight, seed)
+    from poisonlab.defenses.finetuning import FineTuneConfig
+    from poisonlab.defenses.mcl import MCL, MCLConfig, reference_inversion
+
+    inv = reference_inversion()
+    inv.steps, inv.seed = inversion_steps, seed
+    mcl = MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=epochs, seed=seed),
+                    ce_weight=ce_weight, distill_weight=distill_weight,
+                    recalibrate_bn=bn_recalibration)
+    purified = MCL(mcl).purify(net, clean, target).model
     result["after"] = _metrics(purified, test, known, target)
     from poisonlab.runs.checkpoints import save_weights
 
@@ -443,18 +457,6 @@ def _metrics(net, test: ImageSet | None, trigger, target: int) -> dict:
     if trigger is not None:
         out["attack_success_rate"] = attack_success_rate(net, trigger, test, target)
     return out
-
-
-def _run_mcl(net, clean: ImageSet, target: int, epochs: int, steps: int, ce_weight: float,
-             seed: int):
-    from poisonlab.defenses.finetuning import FineTuneConfig
-    from poisonlab.defenses.mcl import MCL, MCLConfig, reference_inversion
-
-    inv = reference_inversion()
-    inv.steps, inv.seed = steps, seed
-    cfg = MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=epochs, seed=seed),
-                    ce_weight=ce_weight)
-    return MCL(cfg).purify(net, clean, target).model
 
 
 def _print_purify(result: dict) -> None:

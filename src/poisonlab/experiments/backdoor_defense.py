@@ -86,6 +86,10 @@ class DefenseSection(_Section):
         default_factory=lambda: [(0, 0.1), (1, 0.01), (10, 0.001)])
     temperature: float = Field(0.5, gt=0)
     ce_weight: float = Field(0.0, ge=0)  # 0 = the reference MCL loss
+    # poisonlab's two additions to MCL's stage 2 (defenses/mcl.py says why); 0 and false give the
+    # reference's stage 2 exactly.
+    distill_weight: float = Field(1.0, ge=0)
+    recalibrate_bn: bool = True
     freeze_bn: bool = False
     # The reference fine-tunes on the clean subset without augmentation (its loader only converts
     # to tensors). Measured on the cpu models, crop + flip moves MCL's BA either way (docs/status.md).
@@ -235,7 +239,8 @@ def defense_configs(cfg: Config) -> tuple[MCLConfig, FineTuneConfig]:
     inv = reference_inversion()
     inv.steps, inv.batch_size, inv.seed = d.inversion_steps, d.inversion_batch_size, cfg.seed
     return MCLConfig(inversion=inv, finetune=ft, temperature=d.temperature,
-                     ce_weight=d.ce_weight), ft
+                     ce_weight=d.ce_weight, distill_weight=d.distill_weight,
+                     recalibrate_bn=d.recalibrate_bn), ft
 
 
 def scan(cfg: Config, model, clean: ImageSet, classes: int, progress: bool) -> DetectionResult:
@@ -318,7 +323,10 @@ def _save_artefacts(run: Run, name: str, entry: dict, artefacts: dict) -> None:
 def same_defence(cfg: Config, source: Run) -> bool:
     """Whether `source` (already checked to hold the same models) detected and defended alike."""
     theirs = validate_config(Config, source.config)
-    return theirs.nc == cfg.nc and theirs.defense == cfg.defense
+    # A run recorded before a setting existed ran without it, whatever its default is now.
+    recorded = all(set(source.config.get(name, {})) == set(type(getattr(cfg, name)).model_fields)
+                   for name in ("nc", "defense"))
+    return recorded and theirs.nc == cfg.nc and theirs.defense == cfg.defense
 
 
 def _restore_artefacts(cfg: Config, saved: dict, weights: dict, model, trigger) -> dict:
@@ -489,7 +497,9 @@ def write_report(run: Run, cfg: Config, metrics: dict, artefacts: dict, data: Su
                 f"defences on {len(clean)} clean images ({cfg.data.clean_fraction:.0%}), "
                 f"{cfg.defense.epochs} epochs, lr steps {cfg.defense.lr_steps}, "
                 f"{'with' if cfg.defense.augment else 'without'} augmentation; "
-                f"MCL τ = {cfg.defense.temperature}, CE weight {cfg.defense.ce_weight}"
+                f"MCL τ = {cfg.defense.temperature}, CE weight {cfg.defense.ce_weight}, "
+                f"clean self-distillation weight {cfg.defense.distill_weight}, batch-norm "
+                f"statistics {'re-estimated on the clean images' if cfg.defense.recalibrate_bn else 'as trained'}"
                 + (f"; models from run {', '.join(metrics['models_from'])}" if "models_from" in metrics
                    else "") + ".")
     sections = [
