@@ -399,7 +399,12 @@ def purify_command(
     mcl = MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=epochs, seed=seed),
                     ce_weight=ce_weight, distill_weight=distill_weight,
                     recalibrate_bn=bn_recalibration)
-    purified = MCL(mcl).purify(net, clean, target).model
+    from poisonlab.progress import progress_bar
+
+    method = MCL(mcl)
+    with progress_bar(method.steps(), "MCL", enabled=not quiet) as bar:
+        purified = method.purify(net, clean, target,
+                                 progress=lambda status: bar.advance(status=status)).model
     result["after"] = _metrics(purified, test, known, target)
     from poisonlab.runs.checkpoints import save_weights
 

@@ -62,8 +62,10 @@ class FineTuneConfig:
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fine_tune_loop(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig, loss_fn: LossFn) -> list[float]:
-    """Train `model` in place on `clean` with `loss_fn(model, x, y)`; returns the mean loss per epoch."""
+def fine_tune_loop(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig, loss_fn: LossFn,
+                   progress: Callable[[str], None] | None = None) -> list[float]:
+    """Train `model` in place on `clean` with `loss_fn(model, x, y)`; returns the mean loss per
+    epoch; `progress(status)` is called after each epoch."""
     if len(clean) == 0:
         raise ConfigError("the clean set for fine-tuning is empty")
     device = next(model.parameters()).device
@@ -90,6 +92,8 @@ def fine_tune_loop(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig, loss_
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         losses.append(total / seen)
+        if progress is not None:
+            progress(f"epoch {epoch + 1}: loss {losses[-1]:.3f}")
     model.eval()
     return losses
 
@@ -102,10 +106,12 @@ def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def fine_tune(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig | None = None) -> nn.Module:
+def fine_tune(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig | None = None,
+              progress: Callable[[str], None] | None = None) -> nn.Module:
     """Plain fine-tuning: a copy of `model` trained with cross-entropy on `clean`."""
     tuned = copy.deepcopy(model)
-    fine_tune_loop(tuned, clean, cfg or FineTuneConfig(), lambda m, x, y: F.cross_entropy(m(x), y))
+    fine_tune_loop(tuned, clean, cfg or FineTuneConfig(), lambda m, x, y: F.cross_entropy(m(x), y),
+                   progress)
     return tuned
 
 
@@ -115,6 +121,7 @@ def nc_unlearning(
     trigger: Trigger,
     fraction: float = 0.2,
     cfg: FineTuneConfig | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Neural Cleanse unlearning: a copy of `model` fine-tuned with `trigger` stamped on a random
     `fraction` of each clean batch, labels unchanged."""
@@ -129,5 +136,5 @@ def nc_unlearning(
         return F.cross_entropy(m(x), y)
 
     tuned = copy.deepcopy(model)
-    fine_tune_loop(tuned, clean, cfg, loss)
+    fine_tune_loop(tuned, clean, cfg, loss, progress)
     return tuned

@@ -32,6 +32,7 @@ reference stage 2 removed the backdoor but cost 8–17 points of clean accuracy:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,8 @@ from poisonlab.defenses.neural_cleanse import (
     reverse_engineer_trigger,
 )
 from poisonlab.errors import ConfigError
+
+Progress = Callable[[str], None] | None
 
 
 def reference_inversion() -> InversionConfig:
@@ -117,11 +120,13 @@ class MCL:
     def __init__(self, cfg: MCLConfig | None = None) -> None:
         self.cfg = cfg or MCLConfig()
 
-    def invert(self, model: nn.Module, clean: ImageSet, target: int) -> InversionResult:
+    def invert(self, model: nn.Module, clean: ImageSet, target: int,
+               progress: Progress = None) -> InversionResult:
         """Stage 1: the additive trigger δ that sends clean images to `target`."""
-        return reverse_engineer_trigger(model, clean.x, target, self.cfg.inversion)
+        return reverse_engineer_trigger(model, clean.x, target, self.cfg.inversion, progress)
 
-    def contrastive_finetune(self, model: nn.Module, clean: ImageSet, trigger: Trigger) -> tuple[nn.Module, list[float]]:
+    def contrastive_finetune(self, model: nn.Module, clean: ImageSet, trigger: Trigger,
+                             progress: Progress = None) -> tuple[nn.Module, list[float]]:
         """Stage 2 on a copy of `model` (θ_b = `model`, left untouched)."""
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
@@ -147,17 +152,23 @@ class MCL:
                         reduction="batchmean")
             return value
 
-        losses = fine_tune_loop(student, clean, cfg.finetune, loss)
+        losses = fine_tune_loop(student, clean, cfg.finetune, loss, progress)
         if cfg.recalibrate_bn:
             recalibrate_batchnorm(student, clean.x, cfg.finetune.batch_size)
         return student, losses
 
-    def purify(self, model: nn.Module, clean: ImageSet, target: int) -> PurifyResult:
-        """Both stages; returns a purified copy of `model`."""
+    def steps(self) -> int:
+        """How many times `purify` calls its progress callback (at most: inversion may stop early)."""
+        return self.cfg.inversion.steps + self.cfg.finetune.epochs
+
+    def purify(self, model: nn.Module, clean: ImageSet, target: int,
+               progress: Progress = None) -> PurifyResult:
+        """Both stages; returns a purified copy of `model`. `progress(status)` is called after each
+        inversion pass and each fine-tuning epoch."""
         if not hasattr(model, "features"):
             raise ConfigError("MCL needs a model with a features(x) method (penultimate features)")
-        inversion = self.invert(model, clean, target)
-        purified, losses = self.contrastive_finetune(model, clean, inversion.trigger)
+        inversion = self.invert(model, clean, target, progress)
+        purified, losses = self.contrastive_finetune(model, clean, inversion.trigger, progress)
         return PurifyResult(purified, int(target), inversion, losses)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -165,9 +166,11 @@ class _CostSchedule:
 
 
 def reverse_engineer_trigger(
-    model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None
+    model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> InversionResult:
-    """Find the smallest trigger that sends the clean images `x` [N, C, H, W] to `target`."""
+    """Find the smallest trigger that sends the clean images `x` [N, C, H, W] to `target`;
+    `progress(status)` is called after each pass over `x`."""
     cfg = cfg or InversionConfig()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + int(target))
@@ -179,6 +182,8 @@ def reverse_engineer_trigger(
         for _ in range(cfg.steps):
             success, norm = _inversion_step(model, x, target, param, opt, schedule.cost, cfg, gen)
             costs.append(schedule.cost)
+            if progress is not None:
+                progress(f"inversion: success {success:.2f}, size {norm:.1f}")
             improved, stop = schedule.update(success, norm)
             if improved or not schedule.best < math.inf:
                 best = (param.trigger(), norm, success)

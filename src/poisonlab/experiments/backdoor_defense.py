@@ -253,23 +253,32 @@ def scan(cfg: Config, model, clean: ImageSet, classes: int, progress: bool) -> D
 
 
 def defend(cfg: Config, model, trigger: Trigger, clean: ImageSet, test: ImageSet,
-           detection: DetectionResult) -> tuple[dict, dict]:
+           detection: DetectionResult, progress: bool = False) -> tuple[dict, dict]:
     """MCL and the two baselines against one backdoored model: (metrics, artefacts)."""
+    from poisonlab.progress import progress_bar
+
     target = cfg.attack.target
     mcl_cfg, ft_cfg = defense_configs(cfg)
+    mcl = MCL(mcl_cfg)
     out, timing = {}, {}
-    t0 = time.perf_counter()
-    purified = MCL(mcl_cfg).purify(model, clean, target)
-    timing["mcl"] = time.perf_counter() - t0
-    out["mcl"] = backdoor_metrics(purified.model, trigger, test, target)
-    t0 = time.perf_counter()
-    out["fine_tuning"] = backdoor_metrics(fine_tune(model, clean, ft_cfg), trigger, test, target)
-    timing["fine_tuning"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    nc_trigger = detection.results[target].trigger
-    unlearned = nc_unlearning(model, clean, nc_trigger, cfg.defense.unlearning_fraction, ft_cfg)
-    out["nc_unlearning"] = backdoor_metrics(unlearned, trigger, test, target)
-    timing["nc_unlearning"] = time.perf_counter() - t0
+    with progress_bar(mcl.steps() + 2 * ft_cfg.epochs, "defences", enabled=progress) as bar:
+        def step(stage: str):
+            return lambda status: bar.advance(status=f"{stage} {status}")
+
+        t0 = time.perf_counter()
+        purified = mcl.purify(model, clean, target, progress=step("MCL"))
+        timing["mcl"] = time.perf_counter() - t0
+        out["mcl"] = backdoor_metrics(purified.model, trigger, test, target)
+        t0 = time.perf_counter()
+        tuned = fine_tune(model, clean, ft_cfg, progress=step("fine-tuning"))
+        out["fine_tuning"] = backdoor_metrics(tuned, trigger, test, target)
+        timing["fine_tuning"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        nc_trigger = detection.results[target].trigger
+        unlearned = nc_unlearning(model, clean, nc_trigger, cfg.defense.unlearning_fraction, ft_cfg,
+                                  progress=step("NC unlearning"))
+        out["nc_unlearning"] = backdoor_metrics(unlearned, trigger, test, target)
+        timing["nc_unlearning"] = time.perf_counter() - t0
     out["mcl_inversion"] = {"norm": purified.inversion.norm,
                             "attack_success": purified.inversion.attack_success}
     out["seconds"] = timing
@@ -302,7 +311,7 @@ def run_attack(cfg: Config, run: Run, name: str, data: SupervisedData, clean: Im
     target = cfg.attack.target
     entry |= {"nc_anomaly_index": float(detection.anomaly_index[target]),
               "nc_flagged": detection.flagged, "nc": detection.to_dict()}
-    defended, artefacts = defend(cfg, model, trigger, clean, data.test, detection)
+    defended, artefacts = defend(cfg, model, trigger, clean, data.test, detection, progress)
     entry |= defended
     entry["seconds"] |= {"train": t1 - t0, "neural_cleanse": t2 - t1}
     _save_artefacts(run, name, entry, artefacts)
