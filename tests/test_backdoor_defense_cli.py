@@ -180,6 +180,8 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
     assert f"badnets: results loaded from run {run_dir.name}" in new_log
     assert "blend: trained" in new_log and "clean:" not in new_log
     assert (new_dir / "checkpoints" / "result-badnets.safetensors").exists()
+    # A reused model is copied too, so a run made of reused models can be a source in its turn.
+    assert (new_dir / "checkpoints" / "model-badnets.safetensors").exists()
     other = [*sets, "train.epochs=4"]
     assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
                  "--model", run_dir.name, *sum((["--set", s] for s in other), [])]) == 2

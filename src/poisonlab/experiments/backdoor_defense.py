@@ -208,6 +208,8 @@ def train_model(cfg: Config, run: Run, name: str, train: ImageSet, shape, classe
         saved = origin.load_checkpoint(f"model-{name}")
         if saved is not None:
             model.load_state_dict(saved[0])
+            if origin is not run:  # keep this run self-contained, and poolable in its turn
+                run.save_checkpoint(f"model-{name}", *saved)
             run.log(f"{name}: model loaded from run {origin.id}")
             return place(model, default_device(), cfg.train.channels_last).eval()
     t = cfg.train
