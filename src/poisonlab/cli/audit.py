@@ -393,15 +393,13 @@ def purify_command(
               "before": _metrics(net, test, known, target)}
     from poisonlab.defenses.finetuning import FineTuneConfig
     from poisonlab.defenses.mcl import MCL, MCLConfig, reference_inversion
+    from poisonlab.progress import progress_bar
 
     inv = reference_inversion()
     inv.steps, inv.seed = inversion_steps, seed
-    mcl = MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=epochs, seed=seed),
-                    ce_weight=ce_weight, distill_weight=distill_weight,
-                    recalibrate_bn=bn_recalibration)
-    from poisonlab.progress import progress_bar
-
-    method = MCL(mcl)
+    method = MCL(MCLConfig(inversion=inv, finetune=FineTuneConfig(epochs=epochs, seed=seed),
+                           ce_weight=ce_weight, distill_weight=distill_weight,
+                           recalibrate_bn=bn_recalibration))
     with progress_bar(method.steps(), "MCL", enabled=not quiet) as bar:
         purified = method.purify(net, clean, target,
                                  progress=lambda status: bar.advance(status=status)).model

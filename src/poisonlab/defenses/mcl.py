@@ -16,8 +16,8 @@ one (no cross-entropy term in the reference). Reference schedule: 20 epochs over
 batch 64, SGD momentum 0.9, weight decay 1e-4, lr 0.1 / 0.01 (epochs 1–9) / 0.001 (from 10).
 
 Two additions, both on by default, both switchable off for the reference's stage 2 exactly
-(`MCLConfig(distill_weight=0, recalibrate_bn=False)`, `purify --distill-weight 0
---no-bn-recalibration`). Measured on annealed CIFAR-10 ResNet-20 models (docs/status.md), the
+(`MCLConfig.reference()`, `purify --distill-weight 0 --no-bn-recalibration`, in the experiment
+`defense.distill_weight=0`, `defense.recalibrate_bn=false`). Measured on annealed CIFAR-10 ResNet-20 models (docs/status.md), the
 reference stage 2 removed the backdoor but cost 8–17 points of clean accuracy:
 - `recalibrate_bn`: the student is trained in train mode on triggered inputs x + δ only, so its
   batch-norm running statistics end up describing x + δ, not clean images. Re-estimating them on
