@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -14,6 +14,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# What long-running library functions accept as `progress`: called with a short status line after
+# each unit of work (a pass, an epoch); the CLI wires it to a bar's `advance(status=...)`.
+StatusFn = Callable[[str], None]
 
 
 class _Bar:

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from poisonlab.attacks.triggers import Trigger
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError
+from poisonlab.progress import StatusFn
 from poisonlab.training.supervised import augment_batch
 
 # MCL's reference schedule: lr 0.1 in epoch 0, 0.01 in epochs 1-9, 0.001 from epoch 10.
@@ -63,7 +64,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def fine_tune_loop(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig, loss_fn: LossFn,
-                   progress: Callable[[str], None] | None = None) -> list[float]:
+                   progress: StatusFn | None = None) -> list[float]:
     """Train `model` in place on `clean` with `loss_fn(model, x, y)`; returns the mean loss per
     epoch; `progress(status)` is called after each epoch."""
     if len(clean) == 0:
@@ -107,7 +108,7 @@ def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 
 def fine_tune(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig | None = None,
-              progress: Callable[[str], None] | None = None) -> nn.Module:
+              progress: StatusFn | None = None) -> nn.Module:
     """Plain fine-tuning: a copy of `model` trained with cross-entropy on `clean`."""
     tuned = copy.deepcopy(model)
     fine_tune_loop(tuned, clean, cfg or FineTuneConfig(), lambda m, x, y: F.cross_entropy(m(x), y),
@@ -121,7 +122,7 @@ def nc_unlearning(
     trigger: Trigger,
     fraction: float = 0.2,
     cfg: FineTuneConfig | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: StatusFn | None = None,
 ) -> nn.Module:
     """Neural Cleanse unlearning: a copy of `model` fine-tuned with `trigger` stamped on a random
     `fraction` of each clean batch, labels unchanged."""

@@ -32,7 +32,6 @@ reference stage 2 removed the backdoor but cost 8–17 points of clean accuracy:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +48,7 @@ from poisonlab.defenses.neural_cleanse import (
     reverse_engineer_trigger,
 )
 from poisonlab.errors import ConfigError
-
-Progress = Callable[[str], None] | None
+from poisonlab.progress import StatusFn
 
 
 def reference_inversion() -> InversionConfig:
@@ -121,12 +119,12 @@ class MCL:
         self.cfg = cfg or MCLConfig()
 
     def invert(self, model: nn.Module, clean: ImageSet, target: int,
-               progress: Progress = None) -> InversionResult:
+               progress: StatusFn | None = None) -> InversionResult:
         """Stage 1: the additive trigger δ that sends clean images to `target`."""
         return reverse_engineer_trigger(model, clean.x, target, self.cfg.inversion, progress)
 
     def contrastive_finetune(self, model: nn.Module, clean: ImageSet, trigger: Trigger,
-                             progress: Progress = None) -> tuple[nn.Module, list[float]]:
+                             progress: StatusFn | None = None) -> tuple[nn.Module, list[float]]:
         """Stage 2 on a copy of `model` (θ_b = `model`, left untouched)."""
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
@@ -162,7 +160,7 @@ class MCL:
         return self.cfg.inversion.steps + self.cfg.finetune.epochs
 
     def purify(self, model: nn.Module, clean: ImageSet, target: int,
-               progress: Progress = None) -> PurifyResult:
+               progress: StatusFn | None = None) -> PurifyResult:
         """Both stages; returns a purified copy of `model`. `progress(status)` is called after each
         inversion pass and each fine-tuning epoch."""
         if not hasattr(model, "features"):

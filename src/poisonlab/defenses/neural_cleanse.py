@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +29,7 @@ from torch.nn import functional as F
 
 from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger, Trigger
 from poisonlab.errors import ConfigError
+from poisonlab.progress import StatusFn
 
 PARAMETRIZATIONS = ("mask", "additive")
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal standard deviation
@@ -167,7 +167,7 @@ class _CostSchedule:
 
 def reverse_engineer_trigger(
     model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: StatusFn | None = None,
 ) -> InversionResult:
     """Find the smallest trigger that sends the clean images `x` [N, C, H, W] to `target`;
     `progress(status)` is called after each pass over `x`."""
