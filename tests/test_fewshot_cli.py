@@ -59,6 +59,20 @@ def test_model_from_a_run_is_attacked_without_training(smoke_run, capsys):
     metrics = last_json(capsys.readouterr().out)
     assert metrics["meta_training"] == {"source": run_dir.name}
     assert metrics["clean_accuracy"] == pytest.approx(first["clean_accuracy"])  # same model, tasks
+    assert metrics["protocol"] == "transductive"
+    assert metrics["clean_trigger_accuracy"] == pytest.approx(first["clean_trigger_accuracy"])
+
+
+def test_paper_protocol_run_reports_the_lone_trigger(smoke_run, capsys):
+    root, first = smoke_run
+    run_dir = sorted(p for p in root.iterdir() if p.is_dir())[0]  # every run holds the same model
+    code = main(["run", "fewshot-backdoor", "--preset", "smoke", "--out", str(root), "--json",
+                 "--model", run_dir.name, "--set", "attack.protocol=paper", *FAST])
+    assert code == 0
+    metrics = last_json(capsys.readouterr().out)
+    assert (metrics["protocol"], metrics["attacker_trigger_batch"]) == ("paper", "alone")
+    assert metrics["clean_accuracy"] == pytest.approx(first["clean_accuracy"])  # query batch as before
+    assert 0 <= metrics["clean_trigger_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("override, word", [

@@ -9,7 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
-from poisonlab.attacks.fewshot_evaluation import choose_triggers, task_outcomes
+from poisonlab.attacks.fewshot_evaluation import (
+    choose_triggers,
+    task_outcomes,
+    trigger_images,
+    victim_outcomes,
+)
 from poisonlab.attacks.support_backdoor import SupportBackdoor
 from poisonlab.data.episodes import EpisodeSampler
 from poisonlab.data.glyphs import load_glyphs
@@ -103,6 +108,13 @@ def test_trigger_choice_and_outcomes_hand_computed():
     # Without the trigger: task 0 keeps queries 0, 1 (both right); task 1 keeps 1, 2 (one right).
     assert out.accuracy_without_trigger.tolist() == pytest.approx([1.0, 0.5])
     assert out.trigger_hits_target.tolist() == [1.0, 0.0]
+    assert out.trigger_correct.tolist() == [0.0, 0.0]
+    # The trigger classified by itself: its own logits decide ASR; BA still from the query batch.
+    alone = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # task 0 → 2 (true), task 1 → 1
+    out = task_outcomes(logits, y, TriggerChoice(torch.tensor([2, 0]), torch.tensor([1, 1])), alone)
+    assert out.trigger_hits_target.tolist() == [0.0, 1.0]
+    assert out.trigger_correct.tolist() == [1.0, 0.0]
+    assert out.accuracy_without_trigger.tolist() == pytest.approx([1.0, 0.5])
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +151,33 @@ def test_backdoor_raises_asr_far_above_the_clean_rate(meta_trained):
     assert hits.mean() >= clean_hits.mean() + 0.5
     assert res.losses[-1].mean() < res.losses[0].mean()
     assert ba.mean() > 1 / WAYS  # the other queries are not wrecked
+
+
+def test_paper_protocol_classifies_the_trigger_by_itself(meta_trained):
+    state, ep = meta_trained
+    theta = state.best_theta
+    trig = choose_triggers(ep.query_y, WAYS, seed=0)
+    args = (cnn4_forward_tasks, theta, ep.support_x, ep.support_y, ep, trig, 1, 0.5)
+    batch, paper = victim_outcomes(*args), victim_outcomes(*args, protocol="paper")
+    alone = finetune_and_predict(cnn4_forward_tasks, theta, ep.support_x, ep.support_y,
+                                 trigger_images(ep.query_x, trig), 1, 0.5)[:, 0].argmax(-1)
+    assert paper.trigger_hits_target.tolist() == (alone == trig.target).float().tolist()
+    assert paper.accuracy_without_trigger.tolist() == batch.accuracy_without_trigger.tolist()
+    with pytest.raises(ConfigError, match="protocol"):
+        victim_outcomes(*args, protocol="oracle")
+
+
+def test_lone_trigger_attack_raises_asr_under_the_paper_protocol(meta_trained):
+    state, ep = meta_trained
+    theta = state.best_theta
+    trig = choose_triggers(ep.query_y, WAYS, seed=0)
+    args = (cnn4_forward_tasks, theta)
+    clean = victim_outcomes(*args, ep.support_x, ep.support_y, ep, trig, 1, 0.5, "paper")
+    attack = SupportBackdoor(*args, epsilon=0.3, iterations=10, step_size=0.03, trigger_batch="alone")
+    res = attack.poison(ep.support_x, ep.support_y, trigger_images(ep.query_x, trig), trig.target,
+                        generator=torch.Generator().manual_seed(0))
+    poisoned = victim_outcomes(*args, res.support_x, ep.support_y, ep, trig, 1, 0.5, "paper")
+    assert poisoned.trigger_hits_target.mean() >= clean.trigger_hits_target.mean() + 0.5
 
 
 def test_asp_lowers_query_accuracy(meta_trained):

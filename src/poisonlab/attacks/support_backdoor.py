@@ -21,7 +21,9 @@ stand-in batch. Default `trigger_batch="clean_support"`: the trigger with the CL
 meta-iterations, 40 tasks, ε = 0.3): clean_support ASR 100% (BA 71.5%); the victim's own query
 batch (an oracle the threat model forbids) 100% (BA 72.1%); the poisoned support set as the batch
 ("support") 37.5%; the trigger alone ("alone") 17.5%: a batch of perturbed images has statistics
-unlike the victim's, so the attack then optimises the wrong prediction.
+unlike the victim's, so the attack then optimises the wrong prediction. "alone" is the consistent
+choice when the victim, too, classifies the trigger by itself (the "paper" protocol of
+`fewshot_evaluation`, eq. 12 as written).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
-from poisonlab.attacks.fewshot_evaluation import attack_tasks, choose_triggers, task_outcomes
+from poisonlab.attacks.fewshot_evaluation import attack_tasks, choose_triggers, victim_outcomes
 from poisonlab.attacks.support_backdoor import SupportBackdoor
 from poisonlab.config import BaseConfig
 from poisonlab.data.episodes import Episodes, EpisodeSampler
@@ -27,7 +27,7 @@ from poisonlab.models import build_model
 from poisonlab.models.cnn4 import cnn4_forward_tasks
 from poisonlab.progress import progress_bar
 from poisonlab.runs import Run
-from poisonlab.training.maml import default_workers, finetune_and_predict, map_task_chunks
+from poisonlab.training.maml import default_workers, map_task_chunks
 from poisonlab.training.meta_trainer import MetaTrainSettings, MetaTrainState, meta_train
 
 NAME = "fewshot-backdoor"
@@ -65,7 +65,12 @@ class AttackConfig(_Section):
     iterations: int = Field(10, ge=1)
     clamp: bool = True
     random_start: bool = True  # Algorithm 1 starts at δ ~ U(−ε, ε); False starts at δ = 0
-    trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support"
+    # Where the victim classifies the trigger (attacks/fewshot_evaluation.py): "transductive"
+    # inside its query batch; "paper" by itself, eq. 12 as written (reproduces the published table;
+    # a lone image is classified near chance even by the clean model).
+    protocol: Literal["transductive", "paper"] = "transductive"
+    # The attacker's stand-in batch for the trigger; None = the protocol's (clean_support / alone).
+    trigger_batch: Literal["clean_support", "support", "alone"] | None = None
     finetune_steps: int = Field(1, ge=1)
     finetune_lr: float = Field(0.5, gt=0)
     tasks: int = Field(2000, ge=1)
@@ -220,22 +225,22 @@ def evaluate_attacks(cfg: Config, theta: dict, test: FewShotData, device, progre
         def one(sl: slice):
             part = _chunk(episodes, sl.start, a.task_batch, device)
             trig = _chunk_triggers(triggers, sl.start, a.task_batch)
-            logits = finetune_and_predict(cnn4_forward_tasks, theta, part.support_x,
-                                          part.support_y, part.query_x, a.finetune_steps,
-                                          a.finetune_lr)
-            clean = task_outcomes(logits, part.query_y, trig)
+            clean = victim_outcomes(cnn4_forward_tasks, theta, part.support_x, part.support_y,
+                                    part, trig, a.finetune_steps, a.finetune_lr, a.protocol)
             per_eps = {}
             for e, eps in enumerate(a.epsilons):
                 backdoor, asp = _attackers(cfg, theta, eps)
                 per_eps[eps] = attack_tasks(
                     cnn4_forward_tasks, theta, part, trig, backdoor, asp, a.finetune_steps,
-                    a.finetune_lr, seed=cfg.seed * 1000003 + sl.start * 101 + e)
+                    a.finetune_lr, seed=cfg.seed * 1000003 + sl.start * 101 + e,
+                    protocol=a.protocol)
             bar.advance()
             return clean, per_eps
 
         results = map_task_chunks(one, a.tasks, a.task_batch, default_workers(device))
     return {"clean_accuracy": torch.cat([r[0].accuracy for r in results]),
             "clean_hits": torch.cat([r[0].trigger_hits_target for r in results]),
+            "clean_trigger_correct": torch.cat([r[0].trigger_correct for r in results]),
             "outcomes": {eps: [r[1][eps] for r in results] for eps in a.epsilons},
             "episodes": episodes, "triggers": triggers}
 
@@ -253,12 +258,19 @@ def _chunk_triggers(triggers, start: int, size: int):
     return TriggerChoice(triggers.index[sl], triggers.target[sl])
 
 
+def attacker_batch(a: AttackConfig) -> str:
+    """The attacker's stand-in batch for the trigger: as configured, else the protocol's."""
+    if a.trigger_batch is not None:
+        return a.trigger_batch
+    return "alone" if a.protocol == "paper" else "clean_support"
+
+
 def _attackers(cfg: Config, theta: dict, eps: float):
     a = cfg.attack
     common = dict(epsilon=eps, step_size=a.step_size, iterations=a.iterations,
                   finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr, clamp=a.clamp,
                   random_start=a.random_start)
-    backdoor = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=a.trigger_batch, **common)
+    backdoor = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=attacker_batch(a), **common)
     asp = None
     if a.asp and (a.asp_epsilons is None or eps in a.asp_epsilons):
         asp = AdversarialSupportPoisoning(cnn4_forward_tasks, theta, **common)
@@ -269,6 +281,7 @@ def summarize(cfg: Config, ev: dict) -> dict:
     """metrics.json: fractions in [0, 1], each accuracy with its 95% CI half-width."""
     ca, ca_ci = mean_ci95(ev["clean_accuracy"])
     base, base_ci = mean_ci95(ev["clean_hits"])
+    trig_acc, trig_acc_ci = mean_ci95(ev["clean_trigger_correct"])
     rows = []
     for eps, parts in ev["outcomes"].items():
         ba, ba_ci = mean_ci95(torch.cat([p.backdoor_accuracy for p in parts]))
@@ -284,8 +297,11 @@ def summarize(cfg: Config, ev: dict) -> dict:
         row["final_pgd_loss"] = float(loss[-1].mean())
         rows.append(row)
     headline = min(rows, key=lambda r: abs(r["epsilon"] - cfg.attack.headline_epsilon))
-    out = {"tasks": cfg.attack.tasks, "clean_accuracy": ca, "clean_accuracy_ci95": ca_ci,
+    out = {"tasks": cfg.attack.tasks, "protocol": cfg.attack.protocol,
+           "attacker_trigger_batch": attacker_batch(cfg.attack),
+           "clean_accuracy": ca, "clean_accuracy_ci95": ca_ci,
            "clean_trigger_to_target_rate": base, "clean_trigger_to_target_rate_ci95": base_ci,
+           "clean_trigger_accuracy": trig_acc, "clean_trigger_accuracy_ci95": trig_acc_ci,
            "per_epsilon": rows, "headline": {"epsilon": headline["epsilon"], "clean_accuracy": ca,
            "backdoor_accuracy": headline["backdoor_accuracy"],
            "attack_success_rate": headline["attack_success_rate"]}}

@@ -129,5 +129,16 @@ def _setting_text(cfg, metrics: dict) -> str:
     m, a = cfg.meta, cfg.attack
     return (f"{metrics['dataset']}, {m.ways}-way {m.shots}-shot, {metrics['tasks']} meta-test tasks, "
             f"PGD L = {a.iterations}, γ = {a.step_size}, fine-tuning {a.finetune_steps} step(s) "
-            f"at lr {a.finetune_lr}, clamp to [0, 1]: {a.clamp}. Clean trigger→target rate "
-            f"{100 * metrics['clean_trigger_to_target_rate']:.1f}% (chance level of ASR).")
+            f"at lr {a.finetune_lr}, clamp to [0, 1]: {a.clamp}. {_protocol_text(metrics)} "
+            f"On the clean support set the trigger is classified correctly "
+            f"{100 * metrics['clean_trigger_accuracy']:.1f}% of the time and as the attacker's "
+            f"label {100 * metrics['clean_trigger_to_target_rate']:.1f}% (chance level of ASR).")
+
+
+def _protocol_text(metrics: dict) -> str:
+    if metrics["protocol"] == "paper":
+        return ("Protocol 'paper': the victim classifies the trigger by itself (eq. 12 as written; "
+                "BatchNorm then normalises the lone image with its own statistics), the attacker "
+                f"with stand-in batch '{metrics['attacker_trigger_batch']}'.")
+    return ("Protocol 'transductive': the victim classifies the trigger inside its query batch, "
+            f"the attacker with stand-in batch '{metrics['attacker_trigger_batch']}'.")

@@ -156,6 +156,19 @@ def meta_gradient(
     return sum(p[0] for p in parts), torch.cat([p[1] for p in parts]), grads
 
 
+def finetune(
+    forward: TaskForward, theta: Params, support_x: Tensor, support_y: Tensor, steps: int, lr: float,
+) -> Params:
+    """Meta-test fine-tuning g(D_S, θ): θ adapted on each task's support set (detached)."""
+    with torch.enable_grad():
+        theta = {k: v.detach() for k, v in theta.items()}
+        adapted = adapt(
+            forward, expand_params(theta, support_x.shape[0]), support_x, support_y, steps, lr,
+            create_graph=False,
+        )
+    return {k: v.detach() for k, v in adapted.items()}
+
+
 def finetune_and_predict(
     forward: TaskForward,
     theta: Params,
@@ -170,14 +183,9 @@ def finetune_and_predict(
     The queries of a task are classified together, so BatchNorm uses the query batch's
     statistics (the transductive protocol of the MAML reference code).
     """
-    with torch.enable_grad():
-        theta = {k: v.detach() for k, v in theta.items()}
-        adapted = adapt(
-            forward, expand_params(theta, support_x.shape[0]), support_x, support_y, steps, lr,
-            create_graph=False,
-        )
+    adapted = finetune(forward, theta, support_x, support_y, steps, lr)
     with torch.no_grad():
-        return forward({k: v.detach() for k, v in adapted.items()}, query_x)
+        return forward(adapted, query_x)
 
 
 def vmap_forward(module: nn.Module) -> TaskForward:
