@@ -337,11 +337,17 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     return metrics
 
 
-def render(metrics: dict) -> str:
+def render(metrics: dict):
     """The headline table: CA, BA, ASR (and ASP accuracy) per ε, in percent with 95% CIs."""
     from poisonlab.report.html import rich_table
 
-    return rich_table(results_table(metrics), title=f"fewshot-backdoor ({metrics['tasks']} tasks)")
+    table = rich_table(results_table(metrics), title=f"fewshot-backdoor ({metrics['tasks']} tasks)")
+    if "protocol" in metrics:
+        table.caption = (
+            f"protocol {metrics['protocol']}: on the clean support set the trigger is classified "
+            f"correctly {100 * metrics['clean_trigger_accuracy']:.1f}%, as the attacker's label "
+            f"{100 * metrics['clean_trigger_to_target_rate']:.1f}%")
+    return table
 
 
 def results_table(metrics: dict):
