@@ -27,13 +27,22 @@ def run_cpu_preset(experiment: str, data: str, tmp_path, capsys, *extra: str) ->
 
 def test_fewshot_backdoor_on_omniglot(shared_data, tmp_path, capsys):
     """Kato et al. on Omniglot 5-way 5-shot, T = 500 tasks: CA ≥ 97%; at ε = 0.3 ASR ≥ 95% with
-    BA ≥ 85% (BA is not met at the cpu budget: 75.8% measured, see docs/status.md)."""
-    m = run_cpu_preset("fewshot-backdoor", str(shared_data / "omniglot"), tmp_path, capsys,
-                       "--set", "attack.epsilons=[0.07, 0.3, 0.5]")
+    BA ≥ 85%, under the paper's protocol (the trigger classified by itself, eq. 12 as written;
+    89.1% measured). Then the same model under the transductive protocol (the trigger inside the
+    victim's query batch), where only CA and ASR are met (BA 75.1%, see docs/status.md)."""
+    data, eps = str(shared_data / "omniglot"), "attack.epsilons=[0.07, 0.3, 0.5]"
+    m = run_cpu_preset("fewshot-backdoor", data, tmp_path, capsys, "--set", eps,
+                       "--set", "attack.protocol=paper")
     assert m["clean_accuracy"] >= 0.97
     row = next(r for r in m["per_epsilon"] if r["epsilon"] == 0.3)
     assert row["attack_success_rate"] >= 0.95
     assert row["backdoor_accuracy"] >= 0.85
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    m = run_cpu_preset("fewshot-backdoor", data, tmp_path, capsys, "--set", eps,
+                       "--model", run_dir.name)
+    assert m["clean_accuracy"] >= 0.97 and m["protocol"] == "transductive"
+    row = next(r for r in m["per_epsilon"] if r["epsilon"] == 0.3)
+    assert row["attack_success_rate"] >= 0.95
 
 
 def test_backdoor_defense_on_cifar10(shared_data, tmp_path, capsys):
