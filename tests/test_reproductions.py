@@ -14,7 +14,8 @@ import pytest
 
 from poisonlab.cli import main
 
-pytestmark = pytest.mark.slow
+# Hours each: the suite's 15-minute per-test timeout does not apply to them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(6 * 3600)]
 
 
 def run_cpu_preset(experiment: str, data: str, tmp_path, capsys, *extra: str) -> dict:
