@@ -9,13 +9,25 @@ including the targets that are not met.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from poisonlab.cli import main
 
 # Hours each: the suite's 15-minute per-test timeout does not apply to them.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(6 * 3600)]
+
+
+@pytest.fixture(autouse=True)
+def all_cores():
+    """Reproductions run as a user's command would, on every core (the suite's tiny tests use
+    one intra-op thread, and the experiments size their worker pools from that)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run_cpu_preset(experiment: str, data: str, tmp_path, capsys, *extra: str) -> dict:
