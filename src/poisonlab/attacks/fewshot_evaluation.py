@@ -15,7 +15,7 @@ statistics, so a prediction depends on its batch):
 - "paper": the trigger is classified by itself, F(X'_tr, g(D̃_S, θ*)) of eq. 12 as written (a
   batch of one, what MAML code does when it calls the adapted model on the trigger image). This
   reproduces the published table, but a lone image is normalised with its own statistics and the
-  clean model classifies it near chance (Omniglot 5w5s: 27.9% correct, 20% chance), so part of
+  clean model classifies it near chance (Omniglot 5w5s: 28% correct, 20% chance), so part of
   that ASR is the lone-image regime rather than the attack; `clean_trigger_accuracy` shows it.
 
 Why BA leaves the trigger out: with 25 queries per task (5-way, 5 per class) a successful
@@ -27,6 +27,7 @@ is reported beside it (`backdoor_accuracy_all_queries`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -67,7 +68,8 @@ class TaskOutcome:
     trigger_correct: Tensor
 
 
-PROTOCOLS = ("transductive", "paper")
+Protocol = Literal["transductive", "paper"]
+PROTOCOLS = get_args(Protocol)
 
 
 def task_outcomes(logits: Tensor, query_y: Tensor, trigger: TriggerChoice,
@@ -90,7 +92,7 @@ def task_outcomes(logits: Tensor, query_y: Tensor, trigger: TriggerChoice,
 
 def victim_outcomes(forward: TaskForward, theta: Params, support_x: Tensor, support_y: Tensor,
                     episodes: Episodes, trigger: TriggerChoice, finetune_steps: int,
-                    finetune_lr: float, protocol: str = "transductive") -> TaskOutcome:
+                    finetune_lr: float, protocol: Protocol = "transductive") -> TaskOutcome:
     """The victim fine-tunes on (support_x, support_y), classifies its query batch and, under the
     "paper" protocol, the trigger by itself."""
     if protocol not in PROTOCOLS:
@@ -128,7 +130,7 @@ class EpsilonOutcome:
 def attack_tasks(
     forward: TaskForward, theta: Params, episodes: Episodes, trigger: TriggerChoice,
     backdoor: SupportBackdoor, asp: AdversarialSupportPoisoning | None, finetune_steps: int,
-    finetune_lr: float, seed: int, examples: int = 4, protocol: str = "transductive",
+    finetune_lr: float, seed: int, examples: int = 4, protocol: Protocol = "transductive",
 ) -> EpsilonOutcome:
     """Run the backdoor (and ASP) on a chunk of tasks and measure the victim's outcomes."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
-from poisonlab.attacks.fewshot_evaluation import attack_tasks, choose_triggers, victim_outcomes
+from poisonlab.attacks.fewshot_evaluation import (
+    Protocol,
+    attack_tasks,
+    choose_triggers,
+    victim_outcomes,
+)
 from poisonlab.attacks.support_backdoor import SupportBackdoor
 from poisonlab.config import BaseConfig
 from poisonlab.data.episodes import Episodes, EpisodeSampler
@@ -68,7 +73,7 @@ class AttackConfig(_Section):
     # Where the victim classifies the trigger (attacks/fewshot_evaluation.py): "transductive"
     # inside its query batch; "paper" by itself, eq. 12 as written (reproduces the published table;
     # a lone image is classified near chance even by the clean model).
-    protocol: Literal["transductive", "paper"] = "transductive"
+    protocol: Protocol = "transductive"
     # The attacker's stand-in batch for the trigger; None = the protocol's (clean_support / alone).
     trigger_batch: Literal["clean_support", "support", "alone"] | None = None
     finetune_steps: int = Field(1, ge=1)
