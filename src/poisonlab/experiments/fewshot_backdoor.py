@@ -348,10 +348,9 @@ def render(metrics: dict):
 
     table = rich_table(results_table(metrics), title=f"fewshot-backdoor ({metrics['tasks']} tasks)")
     if "protocol" in metrics:
-        table.caption = (
-            f"protocol {metrics['protocol']}: on the clean support set the trigger is classified "
-            f"correctly {100 * metrics['clean_trigger_accuracy']:.1f}%, as the attacker's label "
-            f"{100 * metrics['clean_trigger_to_target_rate']:.1f}%")
+        from poisonlab.report.fewshot import clean_trigger_text
+
+        table.caption = f"protocol {metrics['protocol']}. {clean_trigger_text(metrics)}"
     return table
 
 

@@ -130,9 +130,14 @@ def _setting_text(cfg, metrics: dict) -> str:
     return (f"{metrics['dataset']}, {m.ways}-way {m.shots}-shot, {metrics['tasks']} meta-test tasks, "
             f"PGD L = {a.iterations}, γ = {a.step_size}, fine-tuning {a.finetune_steps} step(s) "
             f"at lr {a.finetune_lr}, clamp to [0, 1]: {a.clamp}. {_protocol_text(metrics)} "
-            f"On the clean support set the trigger is classified correctly "
-            f"{100 * metrics['clean_trigger_accuracy']:.1f}% of the time and as the attacker's "
-            f"label {100 * metrics['clean_trigger_to_target_rate']:.1f}% (chance level of ASR).")
+            f"{clean_trigger_text(metrics)} (chance level of ASR).")
+
+
+def clean_trigger_text(metrics: dict) -> str:
+    """How the clean model classifies the trigger under the run's protocol."""
+    return (f"On the clean support set the trigger is classified correctly "
+            f"{100 * metrics['clean_trigger_accuracy']:.1f}%, as the attacker's label "
+            f"{100 * metrics['clean_trigger_to_target_rate']:.1f}%")
 
 
 def _protocol_text(metrics: dict) -> str:
