@@ -71,13 +71,27 @@ def test_paper_protocol_run_reports_the_lone_trigger(smoke_run, capsys):
     assert code == 0
     metrics = last_json(capsys.readouterr().out)
     assert (metrics["protocol"], metrics["attacker_trigger_batch"]) == ("paper", "alone")
+    assert metrics["attacker_keep_support"] == 0
     assert metrics["clean_accuracy"] == pytest.approx(first["clean_accuracy"])  # query batch as before
     assert 0 <= metrics["clean_trigger_accuracy"] <= 1
 
 
+def test_keep_support_run_records_the_extended_objective(smoke_run, capsys):
+    root, first = smoke_run
+    run_dir = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    code = main(["run", "fewshot-backdoor", "--preset", "smoke", "--out", str(root), "--json",
+                 "--model", run_dir.name, "--set", "attack.keep_support=0.5", *FAST])
+    assert code == 0
+    metrics = last_json(capsys.readouterr().out)
+    assert metrics["attacker_keep_support"] == 0.5
+    assert metrics["clean_accuracy"] == pytest.approx(first["clean_accuracy"])
+    newest = max((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    assert "keep_support" in (newest / "report.html").read_text()
+
+
 @pytest.mark.parametrize("override, word", [
     ("attack.epsilons=[-0.1]", "epsilon"), ("meta.ways=1", "meta.ways"),
-    ("bogus=1", "bogus"), ("meta.ways=50", "ways=50"),
+    ("bogus=1", "bogus"), ("meta.ways=50", "ways=50"), ("attack.keep_support=-1", "keep_support"),
 ])
 def test_bad_config_is_one_line_exit_2_before_any_training(tmp_path, capsys, override, word):
     code = main(["run", "fewshot-backdoor", "--preset", "smoke", "--out", str(tmp_path),

@@ -86,10 +86,29 @@ def test_backdoor_api_accepts_only_one_trigger_query():
 
 
 @pytest.mark.parametrize("kwargs, word", [({"epsilon": -0.1}, "epsilon"), ({"step_size": 0}, "step_size"),
-                                          ({"iterations": -1}, "iterations"), ({"finetune_steps": 0}, "finetune_steps")])
+                                          ({"iterations": -1}, "iterations"), ({"finetune_steps": 0}, "finetune_steps"),
+                                          ({"keep_support": -0.5}, "keep_support")])
 def test_impossible_attack_parameters_are_rejected(kwargs, word):
     with pytest.raises(ConfigError, match=word):
         SupportBackdoor(cnn4_forward_tasks, untrained(), **kwargs)
+
+
+@pytest.mark.parametrize("batch", ["clean_support", "alone"])
+def test_keep_support_adds_the_weighted_clean_support_loss(batch):
+    import torch.nn.functional as F
+
+    theta, (_, sy) = untrained(), support()
+    sx = torch.rand(2, WAYS * SHOTS, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    poisoned, trigger, target = (sx + 0.1).clamp(0, 1), sx[:, :1] * 0.5, torch.tensor([1, 2])
+    plain = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=batch)
+    kept = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=batch, keep_support=0.7)
+    adapted = plain.finetuned(poisoned, sy)
+    # The clean support images under the poisoned fine-tuning, in the attacker's stand-in batch.
+    logits = cnn4_forward_tasks(adapted, torch.cat([sx, trigger], 1) if batch == "clean_support" else sx)
+    support_ce = torch.stack([F.cross_entropy(logits[t, : sy.shape[1]], sy[t]) for t in range(2)])
+    base = plain.trigger_loss(poisoned, sy, trigger, target, sx)
+    total = kept.trigger_loss(poisoned, sy, trigger, target, sx)
+    assert total.tolist() == pytest.approx((base + 0.7 * support_ce).tolist(), rel=1e-5)
 
 
 def test_trigger_choice_and_outcomes_hand_computed():
@@ -151,6 +170,26 @@ def test_backdoor_raises_asr_far_above_the_clean_rate(meta_trained):
     assert hits.mean() >= clean_hits.mean() + 0.5
     assert res.losses[-1].mean() < res.losses[0].mean()
     assert ba.mean() > 1 / WAYS  # the other queries are not wrecked
+
+
+def test_keep_support_keeps_more_queries_right_at_high_asr(meta_trained):
+    state, ep = meta_trained
+    theta = state.best_theta
+    trig = choose_triggers(ep.query_y, WAYS, seed=0)
+    clean = victim_outcomes(cnn4_forward_tasks, theta, ep.support_x, ep.support_y, ep, trig, 1, 0.5)
+    result = {}
+    for keep in (0.0, 1.0):
+        attack = SupportBackdoor(cnn4_forward_tasks, theta, epsilon=0.3, iterations=10, step_size=0.03,
+                                 keep_support=keep)
+        res = attack.poison(ep.support_x, ep.support_y, trigger_images(ep.query_x, trig), trig.target,
+                            generator=torch.Generator().manual_seed(0))
+        result[keep] = victim_outcomes(cnn4_forward_tasks, theta, res.support_x, ep.support_y, ep,
+                                       trig, 1, 0.5)
+    ba = {k: float(v.accuracy_without_trigger.mean()) for k, v in result.items()}
+    asr = {k: float(v.trigger_hits_target.mean()) for k, v in result.items()}
+    # Measured: BA 0.55 → 0.67, ASR 1.0 → 0.96 (clean trigger → target rate 0).
+    assert ba[1.0] >= ba[0.0] + 0.05
+    assert asr[1.0] >= float(clean.trigger_hits_target.mean()) + 0.5
 
 
 def test_paper_protocol_classifies_the_trigger_by_itself(meta_trained):

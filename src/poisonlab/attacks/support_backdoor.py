@@ -24,6 +24,14 @@ batch (an oracle the threat model forbids) 100% (BA 72.1%); the poisoned support
 unlike the victim's, so the attack then optimises the wrong prediction. "alone" is the consistent
 choice when the victim, too, classifies the trigger by itself (the "paper" protocol of
 `fewshot_evaluation`, eq. 12 as written).
+
+Extension, ours and off by default: `keep_support=λ > 0` minimises
+CE(trigger → Y'_adv) + λ · mean CE(clean support images → their labels), both under the poisoned
+fine-tuning and in the attacker's stand-in batch. It uses only what the attacker already has (the
+support set and its labels). Why: under the transductive protocol Algorithm 1 flips the trigger's
+whole class (its classmates among the queries drop to 25%); keeping the clean support images right
+keeps the classmates right. Omniglot 5w5s, ε = 0.3, 200 tasks (docs/status.md): λ = 0 BA 75.5% /
+ASR 100%; λ = 0.01 90.7 / 100; λ = 0.1 93.3 / 99; λ = 1 94.1 / 96.
 """
 
 from __future__ import annotations
@@ -54,9 +62,13 @@ class SupportBackdoor(SupportAttack):
         clamp: bool = True,
         trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support",
         random_start: bool = True,
+        keep_support: float = 0.0,
     ) -> None:
         super().__init__(forward, theta, epsilon, step_size, iterations, finetune_steps,
                          finetune_lr, clamp, random_start)
+        if not keep_support >= 0:
+            raise ConfigError(f"keep_support={keep_support} must be >= 0")
+        self.keep_support = keep_support
         if trigger_batch not in ("clean_support", "support", "alone"):
             raise ConfigError(
                 f"trigger_batch='{trigger_batch}' must be 'clean_support', 'support' or 'alone'")
@@ -69,13 +81,19 @@ class SupportBackdoor(SupportAttack):
         `clean_support_x` (default: support_x) forms the stand-in batch for "clean_support".
         """
         adapted = self.finetuned(support_x, support_y)
+        clean = support_x if clean_support_x is None else clean_support_x
         if self.trigger_batch in ("support", "clean_support"):
-            companions = support_x if self.trigger_batch == "support" else (
-                support_x if clean_support_x is None else clean_support_x)
-            logits = self.forward(adapted, torch.cat([companions, trigger_x], dim=1))[:, -1]
+            companions = support_x if self.trigger_batch == "support" else clean
+            all_logits = self.forward(adapted, torch.cat([companions, trigger_x], dim=1))
+            logits, clean_logits = all_logits[:, -1], all_logits[:, :-1]
         else:
             logits = self.forward(adapted, trigger_x)[:, 0]
-        return F.cross_entropy(logits, target, reduction="none")
+            clean_logits = self.forward(adapted, clean) if self.keep_support else None
+        loss = F.cross_entropy(logits, target, reduction="none")
+        if self.keep_support:
+            keep = F.cross_entropy(clean_logits.flatten(0, 1), support_y.flatten(), reduction="none")
+            loss = loss + self.keep_support * keep.view(support_y.shape).mean(1)
+        return loss
 
     def poison(
         self,

@@ -141,6 +141,18 @@ def clean_trigger_text(metrics: dict) -> str:
 
 
 def _protocol_text(metrics: dict) -> str:
+    return _victim_text(metrics) + _keep_support_text(metrics)
+
+
+def _keep_support_text(metrics: dict) -> str:
+    keep = metrics.get("attacker_keep_support", 0.0)
+    if not keep:
+        return ""
+    return (f" Attack objective extended beyond Algorithm 1: + {keep:g} × the clean support "
+            "images' loss after poisoned fine-tuning (keep_support).")
+
+
+def _victim_text(metrics: dict) -> str:
     if metrics["protocol"] == "paper":
         return ("Protocol 'paper': the victim classifies the trigger by itself (eq. 12 as written; "
                 "BatchNorm then normalises the lone image with its own statistics), the attacker "
