@@ -93,7 +93,7 @@ def test_impossible_attack_parameters_are_rejected(kwargs, word):
         SupportBackdoor(cnn4_forward_tasks, untrained(), **kwargs)
 
 
-@pytest.mark.parametrize("batch", ["clean_support", "alone"])
+@pytest.mark.parametrize("batch", ["clean_support", "support", "alone"])
 def test_keep_support_adds_the_weighted_clean_support_loss(batch):
     import torch.nn.functional as F
 
@@ -103,7 +103,8 @@ def test_keep_support_adds_the_weighted_clean_support_loss(batch):
     plain = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=batch)
     kept = SupportBackdoor(cnn4_forward_tasks, theta, trigger_batch=batch, keep_support=0.7)
     adapted = plain.finetuned(poisoned, sy)
-    # The clean support images under the poisoned fine-tuning, in the attacker's stand-in batch.
+    # The clean support images under the poisoned fine-tuning: in the attacker's stand-in batch
+    # when it holds them, else by themselves.
     logits = cnn4_forward_tasks(adapted, torch.cat([sx, trigger], 1) if batch == "clean_support" else sx)
     support_ce = torch.stack([F.cross_entropy(logits[t, : sy.shape[1]], sy[t]) for t in range(2)])
     base = plain.trigger_loss(poisoned, sy, trigger, target, sx)

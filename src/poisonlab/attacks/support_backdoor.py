@@ -76,21 +76,27 @@ class SupportBackdoor(SupportAttack):
 
     def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor,
                      clean_support_x: Tensor | None = None) -> Tensor:
-        """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x.
+        """CE(F(X'_tr, g((X̃, Y), θ*)), Y'_adv) per task [B], differentiable w.r.t. support_x,
+        plus keep_support × the mean CE of the clean support images under g((X̃, Y), θ*) (in the
+        stand-in batch when they are in it, else as a batch of their own).
 
         `clean_support_x` (default: support_x) forms the stand-in batch for "clean_support".
         """
         adapted = self.finetuned(support_x, support_y)
         clean = support_x if clean_support_x is None else clean_support_x
-        if self.trigger_batch in ("support", "clean_support"):
-            companions = support_x if self.trigger_batch == "support" else clean
-            all_logits = self.forward(adapted, torch.cat([companions, trigger_x], dim=1))
-            logits, clean_logits = all_logits[:, -1], all_logits[:, :-1]
-        else:
+        companions = {"support": support_x, "clean_support": clean}.get(self.trigger_batch)
+        clean_logits = None
+        if companions is None:  # "alone"
             logits = self.forward(adapted, trigger_x)[:, 0]
-            clean_logits = self.forward(adapted, clean) if self.keep_support else None
+        else:
+            all_logits = self.forward(adapted, torch.cat([companions, trigger_x], dim=1))
+            logits = all_logits[:, -1]
+            if companions is clean:
+                clean_logits = all_logits[:, :-1]
         loss = F.cross_entropy(logits, target, reduction="none")
         if self.keep_support:
+            if clean_logits is None:  # the clean support images are not in the stand-in batch
+                clean_logits = self.forward(adapted, clean)
             keep = F.cross_entropy(clean_logits.flatten(0, 1), support_y.flatten(), reduction="none")
             loss = loss + self.keep_support * keep.view(support_y.shape).mean(1)
         return loss

@@ -353,11 +353,10 @@ def render(metrics: dict):
 
     table = rich_table(results_table(metrics), title=f"fewshot-backdoor ({metrics['tasks']} tasks)")
     if "protocol" in metrics:
-        from poisonlab.report.fewshot import clean_trigger_text
+        from poisonlab.report.fewshot import clean_trigger_text, keep_support_text
 
-        keep = metrics.get("attacker_keep_support", 0.0)
-        extension = f", attack + {keep:g} × clean-support loss (keep_support)" if keep else ""
-        table.caption = f"protocol {metrics['protocol']}{extension}. {clean_trigger_text(metrics)}"
+        table.caption = (f"protocol {metrics['protocol']}. {keep_support_text(metrics)}"
+                         f"{clean_trigger_text(metrics)}")
     return table
 
 

@@ -130,7 +130,7 @@ def _setting_text(cfg, metrics: dict) -> str:
     return (f"{metrics['dataset']}, {m.ways}-way {m.shots}-shot, {metrics['tasks']} meta-test tasks, "
             f"PGD L = {a.iterations}, γ = {a.step_size}, fine-tuning {a.finetune_steps} step(s) "
             f"at lr {a.finetune_lr}, clamp to [0, 1]: {a.clamp}. {_protocol_text(metrics)} "
-            f"{clean_trigger_text(metrics)} (chance level of ASR).")
+            f"{keep_support_text(metrics)}{clean_trigger_text(metrics)} (chance level of ASR).")
 
 
 def clean_trigger_text(metrics: dict) -> str:
@@ -140,19 +140,16 @@ def clean_trigger_text(metrics: dict) -> str:
             f"{100 * metrics['clean_trigger_to_target_rate']:.1f}%")
 
 
-def _protocol_text(metrics: dict) -> str:
-    return _victim_text(metrics) + _keep_support_text(metrics)
-
-
-def _keep_support_text(metrics: dict) -> str:
+def keep_support_text(metrics: dict) -> str:
+    """Names the keep_support extension of the attack objective when the run used it."""
     keep = metrics.get("attacker_keep_support", 0.0)
     if not keep:
         return ""
-    return (f" Attack objective extended beyond Algorithm 1: + {keep:g} × the clean support "
-            "images' loss after poisoned fine-tuning (keep_support).")
+    return (f"Attack objective extended beyond Algorithm 1: + {keep:g} × the clean support "
+            "images' loss after poisoned fine-tuning (keep_support). ")
 
 
-def _victim_text(metrics: dict) -> str:
+def _protocol_text(metrics: dict) -> str:
     if metrics["protocol"] == "paper":
         return ("Protocol 'paper': the victim classifies the trigger by itself (eq. 12 as written; "
                 "BatchNorm then normalises the lone image with its own statistics), the attacker "
