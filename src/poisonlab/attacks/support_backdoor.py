@@ -36,7 +36,7 @@ ASR 100%; λ = 0.01 90.7 / 100; λ = 0.1 93.3 / 99; λ = 1 94.1 / 96.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from torch import Tensor
 from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack
 from poisonlab.errors import ConfigError
 from poisonlab.training.maml import Params, TaskForward
+
+TriggerBatch = Literal["clean_support", "support", "alone"]
+TRIGGER_BATCHES = get_args(TriggerBatch)
 
 
 class SupportBackdoor(SupportAttack):
@@ -60,7 +63,7 @@ class SupportBackdoor(SupportAttack):
         finetune_steps: int = 1,
         finetune_lr: float = 0.5,
         clamp: bool = True,
-        trigger_batch: Literal["clean_support", "support", "alone"] = "clean_support",
+        trigger_batch: TriggerBatch = "clean_support",
         random_start: bool = True,
         keep_support: float = 0.0,
     ) -> None:
@@ -69,9 +72,9 @@ class SupportBackdoor(SupportAttack):
         if not keep_support >= 0:
             raise ConfigError(f"keep_support={keep_support} must be >= 0")
         self.keep_support = keep_support
-        if trigger_batch not in ("clean_support", "support", "alone"):
+        if trigger_batch not in TRIGGER_BATCHES:
             raise ConfigError(
-                f"trigger_batch='{trigger_batch}' must be 'clean_support', 'support' or 'alone'")
+                f"trigger_batch='{trigger_batch}' must be one of {', '.join(TRIGGER_BATCHES)}")
         self.trigger_batch = trigger_batch
 
     def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor,

@@ -21,7 +21,7 @@ from poisonlab.attacks.fewshot_evaluation import (
     choose_triggers,
     victim_outcomes,
 )
-from poisonlab.attacks.support_backdoor import SupportBackdoor
+from poisonlab.attacks.support_backdoor import SupportBackdoor, TriggerBatch
 from poisonlab.config import BaseConfig
 from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
@@ -75,7 +75,7 @@ class AttackConfig(_Section):
     # a lone image is classified near chance even by the clean model).
     protocol: Protocol = "transductive"
     # The attacker's stand-in batch for the trigger; None = the protocol's (clean_support / alone).
-    trigger_batch: Literal["clean_support", "support", "alone"] | None = None
+    trigger_batch: TriggerBatch | None = None
     # Our extension, not in Algorithm 1: + keep_support × the clean support images' loss after
     # the poisoned fine-tuning (attacks/support_backdoor.py); 0 = the paper's objective.
     keep_support: float = Field(0.0, ge=0)
