@@ -93,8 +93,8 @@ def train(arch: str, data: ImageSet, channels: int, epochs: int, seed: int, clas
     torch.manual_seed(seed)
     model = build_model(arch, classes, channels)
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, optimizer="adam", weight_decay=0.0,
-                      schedule="cosine", seed=seed, device="cpu")
-    train_classifier(model, data, cfg, progress=False)
+                      schedule="cosine")
+    train_classifier(model, data, cfg, progress=False, seed=seed)
     return model.eval()
 
 

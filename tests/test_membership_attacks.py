@@ -40,9 +40,9 @@ def _train(x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
     cfg = TrainConfig(
         epochs=80, batch_size=200, lr=1e-2, optimizer="adam", weight_decay=0.0,
-        schedule="none", seed=seed, device="cpu",
+        schedule="none",
     )
-    train_classifier(model, ImageSet(x, y), cfg, progress=False)
+    train_classifier(model, ImageSet(x, y), cfg, progress=False, seed=seed)
     return model
 
 

@@ -44,7 +44,7 @@ def _train(train: ImageSet):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 1)
-    train_classifier(model, train, TrainConfig(epochs=4, batch_size=64, lr=0.05, device="cpu"),
+    train_classifier(model, train, TrainConfig(epochs=4, batch_size=64, lr=0.05),
                      progress=False)
     return model
 

@@ -33,7 +33,7 @@ def files(shared_data, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 1)
     cfg = TrainConfig(epochs=40, batch_size=25, lr=1e-2, optimizer="adam", weight_decay=0.0,
-                      schedule="none", device="cpu")
+                      schedule="none")
     train_classifier(model, members, cfg, progress=False)
     return {
         "model": save_weights(root / "model.safetensors", model.state_dict()),

@@ -55,13 +55,13 @@ def test_small_cnn_shapes_and_bad_options():
 
 def test_training_learns_and_is_deterministic():
     train, test = template_set(256, 0), template_set(128, 1)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, device="cpu", seed=3)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
     accs = []
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model("tiny_cnn", num_classes=4, in_channels=1)
         before = evaluate(model, test)
-        hist = train_classifier(model, train, cfg, val=test, progress=False)
+        hist = train_classifier(model, train, cfg, val=test, progress=False, seed=3)
         accs.append(evaluate(model, test))
     assert before < 0.5 and accs[0] > 0.9
     assert accs[0] == accs[1]
@@ -73,7 +73,7 @@ def test_training_learns_and_is_deterministic():
 
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     train = template_set(128, 0)
-    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, device="cpu", augment=True, crop_padding=2)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, augment=True, crop_padding=2)
     torch.manual_seed(0)
     full = build_model("tiny_cnn", num_classes=4, in_channels=1)
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def test_injection_gives_high_asr_on_a_tiny_model(attack):
     clean_model = build_model("tiny_cnn", 10, 1)
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 1)
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05, device="cpu")
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05)
     train_classifier(model, BackdoorInjection(trigger, 3, 0.1).poison(train).data, cfg,
                      progress=False)
     train_classifier(clean_model, train, cfg, progress=False)

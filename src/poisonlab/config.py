@@ -1,6 +1,9 @@
 """Configuration: pydantic models layered from defaults, a preset, a file and `--set` overrides.
 
-Every experiment declares a `BaseConfig` subclass (nested sections are plain pydantic models).
+Settings are declared once, next to the code that uses them: every technique and training loop
+has a frozen `Settings` model (`SupportBackdoor.Config`, `TrainConfig`, ...), validated once when
+it is built and never changed afterwards (`replace` makes a re-validated copy). Every experiment
+declares a `BaseConfig` subclass that nests those models.
 `resolve_config` builds one in this order, each layer overriding the previous:
 
 1. the class defaults,
@@ -30,12 +33,48 @@ from poisonlab.errors import ConfigError
 C = TypeVar("C", bound=BaseModel)
 
 
-class BaseConfig(BaseModel):
-    """Base of every experiment config: unknown keys are errors, assignments are validated."""
+class Settings(BaseModel):
+    """Base of every settings model: unknown keys are errors, the model is frozen once valid."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(type(self), exc,
+                                                        type(self).__qualname__)) from None
+
+    # Tells pydantic this __init__ only wraps its own, so `model_validate` and nested sections
+    # keep pydantic's validation (and its dotted error locations) instead of calling it.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+class BaseConfig(Settings):
+    """Base of every experiment config."""
 
     seed: int = 0
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def replace(settings: S, **changes: Any) -> S:
+    """A copy of `settings` with `changes` applied and validated again (pydantic's `model_copy`
+    does not validate); a bad value is a one-line ConfigError naming the key."""
+    data = settings.model_dump()
+    data.update(changes)
+    return validate_config(type(settings), data)
+
+
+def make_settings(cls: type[S], config: S | None = None, **changes: Any) -> S:
+    """The settings a technique's constructor was given: `config` (default `cls()`) with the
+    keyword `changes` applied; validated, one-line ConfigError on a bad value."""
+    if config is not None and not isinstance(config, cls):
+        raise ConfigError(f"config must be a {cls.__qualname__}, got {type(config).__name__}")
+    if config is None:
+        return validate_config(cls, changes)
+    return replace(config, **changes) if changes else config
 
 
 def resolve_config(
@@ -127,8 +166,9 @@ def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def describe_validation_error(cls: type[BaseModel], exc: ValidationError) -> str:
-    """One line: 'invalid config: <key>: <problem> (got <value>)' for each error, '; '-joined."""
+def describe_validation_error(cls: type[BaseModel], exc: ValidationError,
+                              what: str = "config") -> str:
+    """One line: 'invalid <what>: <key>: <problem> (got <value>)' for each error, '; '-joined."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -140,7 +180,7 @@ def describe_validation_error(cls: type[BaseModel], exc: ValidationError) -> str
             parts.append(f"{loc}: required value is missing")
         else:
             parts.append(f"{loc}: {err['msg']} (got {_short(err.get('input'))})")
-    return "invalid config: " + "; ".join(parts)
+    return f"invalid {what}: " + "; ".join(parts)
 
 
 def _short(value: Any) -> str:

@@ -13,6 +13,11 @@ class ConfigError(PoisonlabError, ValueError):
     """An invalid configuration value, unknown key or impossible parameter."""
 
 
+class ShapeError(PoisonlabError, ValueError):
+    """Tensors or a model whose shapes or state do not fit together (a caller's mistake, not a
+    configuration value): wrong dimensions, lengths that differ, an empty batch."""
+
+
 class DataError(PoisonlabError, ValueError):
     """A missing, corrupt or malformed data set, or an impossible request on one."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from poisonlab.config import resolve_config, validate_config
+from poisonlab.config import replace, resolve_config, validate_config
 from poisonlab.errors import ConfigError
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.runs import Run
@@ -35,7 +35,7 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
     else:
         cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])
         if seed is not None:
-            cfg.seed = seed
+            cfg = replace(cfg, seed=seed)
     accepted = inspect.signature(exp.run).parameters
     extra = {"progress": progress} if "progress" in accepted else {}
     if model is not None:

@@ -215,10 +215,10 @@ def train_model(cfg: Config, run: Run, name: str, train: ImageSet, shape, classe
     t = cfg.train
     tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, schedule=t.schedule, augment=t.augment,
-                     channels_last=t.channels_last, seed=cfg.seed)
+                     channels_last=t.channels_last)
     torch.manual_seed(cfg.seed)
     history = train_classifier(model, train, tc, progress=progress,
-                               checkpoint=RunCheckpoint(run, f"train-{name}"))
+                               checkpoint=RunCheckpoint(run, f"train-{name}"), seed=cfg.seed)
     run.save_checkpoint(f"model-{name}", model.state_dict(), {"arch": t.arch, "model": name})
     secs = sum(history["epoch_seconds"])
     run.log(f"{name}: trained {t.epochs} epochs on {len(train)} images in {secs:.0f}s "

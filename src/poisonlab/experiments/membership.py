@@ -313,9 +313,9 @@ def train_model(cfg: Config, run: Run, name: str, arch: str, train: ImageSet,
     epochs = epochs or t.epochs
     tc = TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                      weight_decay=t.weight_decay, optimizer=t.optimizer, schedule=t.schedule,
-                     augment=t.augment, channels_last=t.channels_last, seed=seed)
+                     augment=t.augment, channels_last=t.channels_last)
     history = train_classifier(model, train, tc, progress=progress,
-                               checkpoint=RunCheckpoint(run, f"train-{name}"))
+                               checkpoint=RunCheckpoint(run, f"train-{name}"), seed=seed)
     run.save_checkpoint(f"model-{name}", model.state_dict(), {"arch": arch, "model": name,
                                                                "dropout": dropout})
     secs = sum(history["epoch_seconds"])

@@ -61,15 +61,17 @@ def train_batched(
     y: torch.Tensor,
     masks: torch.Tensor,
     cfg: TrainConfig,
+    *,
+    seed: int = 0,
 ) -> list[nn.Module]:
     """Train one model per row of `masks` (bool [k, N]) on x[mask], y[mask] with cross-entropy;
     return the k trained models (eval mode). `build()` makes one fresh model; model i is built
-    after torch.manual_seed(cfg.seed + i). No augmentation; the cfg schedule applies per step."""
+    after torch.manual_seed(seed + i). No augmentation; the cfg schedule applies per step."""
     if masks.dim() != 2 or masks.shape[1] != len(y) or len(x) != len(y):
         raise DataError(f"masks must be [models, {len(y)}] and x, y of equal length")
     models = []
     for i in range(masks.shape[0]):
-        torch.manual_seed(cfg.seed + i)
+        torch.manual_seed(seed + i)
         models.append(build())
     _check_models(models)
     params, buffers = stack_module_state(models)
@@ -80,7 +82,7 @@ def train_batched(
 
     step_grads = vmap(grad(loss), in_dims=(0, 0, 0, 0))
     opt = _optimizer(list(params.values()), cfg)
-    idx = batch_indices(masks.bool(), cfg, torch.Generator().manual_seed(cfg.seed))
+    idx = batch_indices(masks.bool(), cfg, torch.Generator().manual_seed(seed))
     steps_per_epoch = idx.shape[1] // max(cfg.epochs, 1)
     for step in range(idx.shape[1]):
         batch = idx[:, step]

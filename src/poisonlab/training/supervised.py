@@ -11,62 +11,44 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
+from pydantic import Field
 from torch.nn import functional as F
 
+from poisonlab.config import Settings
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ModelFileError
 from poisonlab.progress import progress_bar
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "onecycle", "step", "none")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one supervised training run.
+class TrainConfig(Settings):
+    """Settings of one supervised training run (the seed and device are arguments of
+    `train_classifier`, not settings).
 
     schedule: "cosine" (per step, from lr to 0), "onecycle" (linear warm-up over `warmup` of the
     run to lr, then cosine to 0), "step" (×gamma at each epoch in `milestones`), "none".
     augment: random crop (zero padding `crop_padding`) + horizontal flip, per batch on tensors.
-    channels_last: NHWC memory layout (measured about 2× faster for ResNet-20 on a 2-core CPU,
-    slower for tiny CNNs).
-    device: None picks poisonlab.device.default_device().
+    channels_last: NHWC memory layout (faster for ResNets on a CPU, slower for tiny CNNs).
     """
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    schedule: Literal["cosine", "onecycle", "step", "none"] = "cosine"
     milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    warmup: float = 0.15
+    gamma: float = Field(0.1, gt=0)
+    warmup: float = Field(0.15, ge=0, lt=1)
     augment: bool = False
-    crop_padding: int = 4
+    crop_padding: int = Field(4, ge=0)
     flip: bool = True
-    seed: int = 0
-    device: str | None = None
     channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got '{self.schedule}'")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError(
-                f"need epochs >= 0, batch_size >= 1, lr > 0 (got {self.epochs}, "
-                f"{self.batch_size}, {self.lr})"
-            )
 
 
 class CheckpointStore(Protocol):
@@ -212,6 +194,9 @@ def train_classifier(
     progress: bool = True,
     checkpoint: CheckpointStore | str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Train `model` in place with cross-entropy; return the history.
 
@@ -222,9 +207,9 @@ def train_classifier(
     if len(train) == 0:
         raise ConfigError("training set is empty")
     store = FileCheckpoint(checkpoint) if isinstance(checkpoint, str | Path) else checkpoint
-    device = torch.device(cfg.device) if cfg.device else default_device()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     place(model, device, cfg.channels_last)
     opt = _optimizer(model, cfg)
     history: dict = {"loss": [], "train_acc": [], "val_acc": [], "lr": [], "epoch_seconds": []}
@@ -254,8 +239,7 @@ def train_classifier(
 
 
 def _state(model, opt, gen, history, epoch, cfg) -> dict:
-    config = asdict(cfg)
-    config["milestones"] = list(cfg.milestones)
+    config = cfg.model_dump(mode="json")
     return {
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
