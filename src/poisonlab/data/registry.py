@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 
+from poisonlab.data.cifar10 import load_cifar10
+from poisonlab.data.glyphs import load_glyphs
+from poisonlab.data.mnist import load_mnist
+from poisonlab.data.omniglot import load_omniglot
 from poisonlab.data.types import FewShotData, SupervisedData
 from poisonlab.errors import DataError
 
@@ -46,22 +50,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> FewShotData |
     supervised train/test sets."""
     check_name(name)
     if name == "glyphs":
-        try:
-            from poisonlab.data.glyphs import load_glyphs
-        except ImportError as exc:
-            raise DataError(f"the embedded glyph set is not available: {exc}") from exc
         return load_glyphs()
     path = resolve_data_dir(name, data_dir)
     if name == "omniglot":
-        from poisonlab.data.omniglot import load_omniglot
-
         return load_omniglot(path)
     if name == "cifar10":
-        from poisonlab.data.cifar10 import load_cifar10
-
         return load_cifar10(path)
-    from poisonlab.data.mnist import load_mnist
-
     return load_mnist(path)
 
 
