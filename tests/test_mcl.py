@@ -9,8 +9,8 @@ import torch
 
 from poisonlab.attacks.backdoor_injection import BackdoorInjection, backdoor_metrics
 from poisonlab.attacks.triggers import badnets_patch
-from poisonlab.data.types import ImageSet
 from poisonlab.config import replace
+from poisonlab.data.types import ImageSet
 from poisonlab.defenses.finetuning import FineTuneConfig, FineTuning, NCUnlearning
 from poisonlab.defenses.mcl import (
     MCL,

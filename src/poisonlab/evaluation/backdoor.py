@@ -35,7 +35,13 @@ from poisonlab.errors import ConfigError
 from poisonlab.models import build_model
 from poisonlab.progress import progress_bar
 from poisonlab.runs import Run
-from poisonlab.training.supervised import RunCheckpoint, TrainConfig, evaluate, place, train_classifier
+from poisonlab.training.supervised import (
+    RunCheckpoint,
+    TrainConfig,
+    evaluate,
+    place,
+    train_classifier,
+)
 
 EXPERIMENT = "backdoor-defense"
 DEFENSES = ("mcl", "fine_tuning", "nc_unlearning")
