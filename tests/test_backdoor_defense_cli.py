@@ -128,9 +128,9 @@ def test_model_files_are_never_unpickled(files, capsys, tmp_path):
 
 
 def test_run_backdoor_defense_smoke(capsys, tmp_path):
-    sets = ["attack.attacks=[badnets]", "train.arch=tiny_cnn", "data.train_size=2000",
-            "train.epochs=3", "nc.samples=32", "nc.steps=15", "defense.epochs=3",
-            "defense.inversion_steps=10", "figures.points=60"]
+    sets = ["attack.attacks=[badnets]", "arch=tiny_cnn", "data.train_size=2000",
+            "train.epochs=3", "nc.samples=32", "nc.inversion.steps=15", "defense.finetune.epochs=3",
+            "defense.inversion.steps=10", "figures.points=60"]
     code = main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
                  "--quiet", *sum((["--set", s] for s in sets), [])])
     assert code == 0
@@ -157,7 +157,7 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
 
     # --model: a new run with another defence schedule reuses the trained models (no training)
     # and recomputes detection and defences; a run trained differently is refused in one line.
-    reuse = [*sets, "defense.lr_steps=[[0,0.01]]"]
+    reuse = [*sets, "defense.finetune.lr_steps=[[0,0.01]]"]
     assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path), "--json",
                  "--quiet", "--model", run_dir.name, *sum((["--set", s] for s in reuse), [])]) == 0
     again = last_json(capsys)
@@ -192,7 +192,8 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
 def test_results_of_a_run_recorded_before_a_defence_setting_existed_are_not_reused():
     from types import SimpleNamespace
 
-    from poisonlab.experiments.backdoor_defense import Config, same_defence
+    from poisonlab.evaluation.backdoor import same_defence
+    from poisonlab.experiments.backdoor_defense import Config
 
     cfg = Config()
     recorded = cfg.model_dump(mode="json")
@@ -200,6 +201,44 @@ def test_results_of_a_run_recorded_before_a_defence_setting_existed_are_not_reus
     older = json.loads(json.dumps(recorded))
     del older["defense"]["distill_weight"]  # it ran the reference loss, whatever the default now
     assert not same_defence(cfg, SimpleNamespace(config=older))
+    nested = json.loads(json.dumps(recorded))
+    del nested["defense"]["finetune"]["freeze_bn"]  # a nested setting counts as well
+    assert not same_defence(cfg, SimpleNamespace(config=nested))
     changed = json.loads(json.dumps(recorded))
     changed["defense"]["recalibrate_bn"] = False
     assert not same_defence(cfg, SimpleNamespace(config=changed))
+    changed = json.loads(json.dumps(recorded))
+    changed["nc"]["inversion"]["steps"] = 7
+    assert not same_defence(cfg, SimpleNamespace(config=changed))
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ("arch=", "arch"),
+    ("nc.steps=0", "nc.steps: unknown key"),  # moved to nc.inversion.steps
+    ("nc.samples=0", "nc.samples"),
+    ("nc.threshold=0", "nc.threshold"),
+    ("nc.inversion.steps=0", "nc.inversion.steps"),
+    ("nc.inversion.cost_multiplier=1", "nc.inversion.cost_multiplier"),
+    ("nc.inversion.parametrization=additive", "nc.inversion"),
+    ("defense.inversion_steps=5", "defense.inversion_steps: unknown key"),
+    ("defense.inversion.steps=0", "defense.inversion.steps"),
+    ("defense.finetune.epochs=0", "defense.finetune.epochs"),
+    ("defense.finetune.lr_steps=[[1,0.1]]", "defense.finetune.lr_steps"),
+    ("defense.temperature=0", "defense.temperature"),
+    ("defense.distill_weight=-1", "defense.distill_weight"),
+    ("defense.unlearning_fraction=1.5", "defense.unlearning_fraction"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=0", "train.lr"),
+    ("attack.poison_rate=1", "attack.poison_rate"),
+    ("data.clean_fraction=0", "data.clean_fraction"),
+    ("figures.points=1", "figures.points"),
+])
+def test_bad_settings_are_refused_once_with_the_key(capsys, tmp_path, setting, key):
+    assert main(["run", "backdoor-defense", "--preset", "smoke", "--out", str(tmp_path),
+                 "--quiet", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert err.count("; ") == 0  # one problem, reported once
+    if key is not None:
+        assert f"{key}" in err
+    assert not list(tmp_path.glob("backdoor-defense-*"))  # refused before a run is made

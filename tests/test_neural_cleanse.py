@@ -16,7 +16,7 @@ from poisonlab.defenses.neural_cleanse import (
     flagged_labels,
     reverse_engineer_trigger,
 )
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 
 TARGET = 3
 
@@ -74,17 +74,61 @@ def test_cost_schedule_follows_the_original_rules():
         InversionConfig(parametrization="warp")
 
 
+@pytest.mark.parametrize(("make", "key"), [
+    (lambda: InversionConfig(steps=0), "steps"),
+    (lambda: InversionConfig(batch_size=0), "batch_size"),
+    (lambda: InversionConfig(lr=0), "lr"),
+    (lambda: InversionConfig(init_cost=-1e-3), "init_cost"),
+    (lambda: InversionConfig(success_threshold=1.5), "success_threshold"),
+    (lambda: InversionConfig(patience=0), "patience"),
+    (lambda: InversionConfig(cost_multiplier=1.0), "cost_multiplier"),
+    (lambda: InversionConfig(early_stop_threshold=0), "early_stop_threshold"),
+    (lambda: InversionConfig(early_stop_patience=0), "early_stop_patience"),
+    (lambda: NeuralCleanse.Config(threshold=0), "threshold"),
+    (lambda: NeuralCleanse(threshold=-1), "threshold"),
+    (lambda: NeuralCleanse(inversion={"steps": 0}), "inversion.steps"),
+    (lambda: NeuralCleanse(inversion=InversionConfig(parametrization="additive")), "inversion"),
+])
+def test_out_of_range_settings_are_refused_once_with_the_key(make, key):
+    with pytest.raises(ConfigError) as info:
+        make()
+    message = str(info.value)
+    assert f"{key}: " in message and len(message.splitlines()) == 1
+    assert message.count(": ") <= 3  # one problem reported, once
+
+
+def test_empty_clean_sample_is_a_shape_error(backdoored):
+    with pytest.raises(ShapeError, match="at least one clean image"):
+        NeuralCleanse().detect(backdoored, torch.empty(0, 1, 14, 14), 10)
+    with pytest.raises(ShapeError, match="at least one clean image"):
+        reverse_engineer_trigger(backdoored, torch.empty(0, 1, 14, 14), TARGET)
+
+
 def test_neural_cleanse_flags_the_badnets_target(glyphs14, backdoored):
     _, test = glyphs14
     model = backdoored
     cfg = InversionConfig(steps=60, batch_size=16, early_stop_patience=20)
-    result = NeuralCleanse(cfg).detect(model, test.x[:64], 10)
-    assert result.flagged == [TARGET] and result.backdoored
+    result = NeuralCleanse(inversion=cfg).detect(model, test.x[:64], 10)
+    assert result.flagged == [TARGET] and result.backdoored and result.target == TARGET
     assert result.anomaly_index[TARGET] > 2 and result.norms.argmin() == TARGET
     recovered = result.results[TARGET].trigger.mask[0]
     assert recovered[9:14, 9:14].sum() > 0.5 * recovered.sum()  # the mask sits on the patch
     summary = result.to_dict()
     assert summary["labels"][TARGET]["flagged"] and len(summary["labels"]) == 10
+    # The seed is the detector's: the same seed gives the same scan, another seed another start.
+    again = NeuralCleanse(config=NeuralCleanse.Config(inversion=cfg), seed=0).reverse(
+        model, test.x[:64], TARGET)
+    assert torch.equal(again.trigger.mask, result.results[TARGET].trigger.mask)
+    other = NeuralCleanse(inversion=cfg, seed=1).reverse(model, test.x[:64], TARGET)
+    assert not torch.equal(other.trigger.mask, again.trigger.mask)
+
+
+def test_detection_target_is_the_flagged_label_with_the_largest_index():
+    from poisonlab.defenses.neural_cleanse import DetectionResult
+
+    index = torch.tensor([0.1, 3.0, 0.2, 4.5, 0.3])
+    assert DetectionResult([], torch.ones(5), index, [1, 3], 2.0).target == 3
+    assert DetectionResult([], torch.ones(5), index, [], 2.0).target is None
 
 
 def test_additive_inversion_reaches_the_target(glyphs14, backdoored):

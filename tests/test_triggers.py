@@ -21,7 +21,7 @@ from poisonlab.attacks.triggers import (
     trojan_square,
 )
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 
 
 def test_badnets_patch_is_a_corner_checkerboard():
@@ -55,11 +55,11 @@ def test_bad_trigger_inputs_are_clear_errors():
         make_trigger("wanet", (3, 32, 32))
     with pytest.raises(ConfigError, match="does not fit"):
         badnets_patch((1, 4, 4), size=5)
-    with pytest.raises(ConfigError, match="for images"):
+    with pytest.raises(ShapeError, match="for images"):
         badnets_patch((3, 32, 32)).apply(torch.zeros(2, 3, 28, 28))
     with pytest.raises(ConfigError, match="alpha"):
         blend_trigger((3, 8, 8), alpha=1.5)
-    with pytest.raises(ConfigError, match="does not fit pattern"):
+    with pytest.raises(ShapeError, match="does not fit pattern"):
         MaskTrigger(torch.ones(2, 8, 8), torch.ones(3, 8, 8))
     with pytest.raises(ConfigError, match="bad options"):
         make_trigger("grid", (3, 32, 32), alpha=0.3)

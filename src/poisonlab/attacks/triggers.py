@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -43,10 +43,10 @@ class MaskTrigger(Trigger):
 
     def __init__(self, mask: torch.Tensor, pattern: torch.Tensor, name: str = "mask") -> None:
         if mask.dim() != 3 or pattern.dim() != 3:
-            raise ConfigError(f"trigger mask and pattern must be [C, H, W], got {tuple(mask.shape)} "
+            raise ShapeError(f"trigger mask and pattern must be [C, H, W], got {tuple(mask.shape)} "
                               f"and {tuple(pattern.shape)}")
         if mask.shape[-2:] != pattern.shape[-2:] or mask.shape[0] not in (1, pattern.shape[0]):
-            raise ConfigError(f"trigger mask {tuple(mask.shape)} does not fit pattern "
+            raise ShapeError(f"trigger mask {tuple(mask.shape)} does not fit pattern "
                               f"{tuple(pattern.shape)}")
         self.mask = mask.detach().float().clamp(0, 1)
         self.pattern = pattern.detach().float().clamp(0, 1)
@@ -75,7 +75,7 @@ class AdditiveTrigger(Trigger):
 
     def __init__(self, delta: torch.Tensor, name: str = "additive") -> None:
         if delta.dim() != 3:
-            raise ConfigError(f"additive trigger must be [C, H, W], got {tuple(delta.shape)}")
+            raise ShapeError(f"additive trigger must be [C, H, W], got {tuple(delta.shape)}")
         self.delta = delta.detach().float()
         self.name = name
 
@@ -92,7 +92,7 @@ def _check_shape(x: torch.Tensor, shape: tuple, name: str, channels_may_broadcas
     got = tuple(x.shape[-3:])
     ok = got == shape or (channels_may_broadcast and shape[0] == 1 and got[1:] == shape[1:])
     if x.dim() not in (3, 4) or not ok:
-        raise ConfigError(f"trigger '{name}' is for images {shape}, got a tensor {tuple(x.shape)}")
+        raise ShapeError(f"trigger '{name}' is for images {shape}, got a tensor {tuple(x.shape)}")
 
 
 def _corner_slices(shape, size: tuple[int, int], corner: str, margin: int) -> tuple[slice, slice]:
@@ -119,7 +119,7 @@ def _stamp(shape, block: torch.Tensor, block_mask: torch.Tensor, corner, margin,
 
 def _shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(image_shape) != 3 or min(image_shape) < 1:
-        raise ConfigError(f"image shape must be (C, H, W), got {tuple(image_shape)}")
+        raise ShapeError(f"image shape must be (C, H, W), got {tuple(image_shape)}")
     return tuple(int(v) for v in image_shape)  # type: ignore[return-value]
 
 
@@ -175,7 +175,7 @@ def blend_trigger(
     if pattern is None:
         pattern = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
     elif tuple(pattern.shape) != shape:
-        raise ConfigError(f"blend pattern must have shape {shape}, got {tuple(pattern.shape)}")
+        raise ShapeError(f"blend pattern must have shape {shape}, got {tuple(pattern.shape)}")
     return MaskTrigger(torch.full((1, *shape[1:]), float(alpha)), pattern, name="blend")
 
 

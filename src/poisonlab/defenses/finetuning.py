@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.attacks.triggers import Trigger
+from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ShapeError
 from poisonlab.progress import StatusFn
 from poisonlab.training.supervised import augment_batch
 
@@ -31,29 +32,33 @@ from poisonlab.training.supervised import augment_batch
 REFERENCE_LR_STEPS: tuple[tuple[int, float], ...] = ((0, 0.1), (1, 0.01), (10, 0.001))
 
 
-@dataclass
-class FineTuneConfig:
+class FineTuneConfig(Settings):
     """One fine-tuning pass over a clean subset (defaults: MCL's reference schedule).
 
+    epochs, batch_size: passes over the clean subset and its shuffled mini-batches.
+    lr_steps: (start epoch, learning rate) pairs, the first at epoch 0: a piecewise-constant
+        per-epoch learning rate for SGD with `momentum` and `weight_decay`.
+    augment: random crop (zero padding `crop_padding`) + horizontal flip of each batch.
     freeze_bn: keep batch-norm layers in eval mode (running statistics fixed) while training.
     """
 
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
     lr_steps: tuple[tuple[int, float], ...] = REFERENCE_LR_STEPS
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
     augment: bool = False
-    crop_padding: int = 4
+    crop_padding: int = Field(4, ge=0)
     freeze_bn: bool = False
-    seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError(f"need epochs >= 0 and batch_size >= 1, got {self.epochs}, "
-                              f"{self.batch_size}")
-        if not self.lr_steps or self.lr_steps[0][0] != 0:
-            raise ConfigError(f"lr_steps must start at epoch 0, got {self.lr_steps}")
+    @field_validator("lr_steps")
+    @classmethod
+    def _schedule(cls, steps: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        if not steps or steps[0][0] != 0:
+            raise ValueError("must be non-empty and start at epoch 0")
+        if any(lr <= 0 for _, lr in steps):
+            raise ValueError("learning rates must be > 0")
+        return steps
 
     def lr(self, epoch: int) -> float:
         """Learning rate of `epoch`: the last step whose start epoch is <= epoch."""
@@ -64,13 +69,13 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def fine_tune_loop(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig, loss_fn: LossFn,
-                   progress: StatusFn | None = None) -> list[float]:
-    """Train `model` in place on `clean` with `loss_fn(model, x, y)`; returns the mean loss per
-    epoch; `progress(status)` is called after each epoch."""
+                   progress: StatusFn | None = None, *, seed: int = 0) -> list[float]:
+    """Train `model` in place on `clean` with `loss_fn(model, x, y)`, batches drawn from `seed`;
+    returns the mean loss per epoch; `progress(status)` is called after each epoch."""
     if len(clean) == 0:
-        raise ConfigError("the clean set for fine-tuning is empty")
+        raise ShapeError("the clean set for fine-tuning is empty")
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr(0), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -107,35 +112,51 @@ def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def fine_tune(model: nn.Module, clean: ImageSet, cfg: FineTuneConfig | None = None,
-              progress: StatusFn | None = None) -> nn.Module:
-    """Plain fine-tuning: a copy of `model` trained with cross-entropy on `clean`."""
-    tuned = copy.deepcopy(model)
-    fine_tune_loop(tuned, clean, cfg or FineTuneConfig(), lambda m, x, y: F.cross_entropy(m(x), y),
-                   progress)
-    return tuned
+class FineTuning:
+    """Plain fine-tuning: `purify(model, clean)` trains a copy with cross-entropy on `clean`."""
+
+    Config = FineTuneConfig
+
+    def __init__(self, *, config: FineTuneConfig | None = None, seed: int = 0, **settings) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+        self.seed = int(seed)
+
+    def purify(self, model: nn.Module, clean: ImageSet,
+               progress: StatusFn | None = None) -> nn.Module:
+        """A fine-tuned copy of `model` (`model` is left untouched)."""
+        tuned = copy.deepcopy(model)
+        fine_tune_loop(tuned, clean, self.config, lambda m, x, y: F.cross_entropy(m(x), y),
+                       progress, seed=self.seed)
+        return tuned
 
 
-def nc_unlearning(
-    model: nn.Module,
-    clean: ImageSet,
-    trigger: Trigger,
-    fraction: float = 0.2,
-    cfg: FineTuneConfig | None = None,
-    progress: StatusFn | None = None,
-) -> nn.Module:
-    """Neural Cleanse unlearning: a copy of `model` fine-tuned with `trigger` stamped on a random
-    `fraction` of each clean batch, labels unchanged."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"unlearning fraction must be in [0, 1], got {fraction}")
-    cfg = cfg or FineTuneConfig()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+class NCUnlearning:
+    """Neural Cleanse unlearning: `purify(model, clean, trigger)` fine-tunes a copy with `trigger`
+    stamped on a random `fraction` of each clean batch, labels unchanged."""
 
-    def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        stamp = (torch.rand(len(x), generator=gen) < fraction).to(x.device)
-        x = torch.where(stamp[:, None, None, None], trigger.apply(x), x)
-        return F.cross_entropy(m(x), y)
+    class Config(Settings):
+        """finetune: the fine-tuning pass. fraction: the share of each batch stamped with the
+        reverse-engineered trigger (0.2 in the paper)."""
 
-    tuned = copy.deepcopy(model)
-    fine_tune_loop(tuned, clean, cfg, loss, progress)
-    return tuned
+        finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+        fraction: float = Field(0.2, ge=0, le=1)
+
+    def __init__(self, *, config: NCUnlearning.Config | None = None, seed: int = 0,
+                 **settings) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+        self.seed = int(seed)
+
+    def purify(self, model: nn.Module, clean: ImageSet, trigger: Trigger,
+               progress: StatusFn | None = None) -> nn.Module:
+        """An unlearned copy of `model` (`model` is left untouched)."""
+        fraction = self.config.fraction
+        gen = torch.Generator().manual_seed(self.seed + 1)
+
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            stamp = (torch.rand(len(x), generator=gen) < fraction).to(x.device)
+            x = torch.where(stamp[:, None, None, None], trigger.apply(x), x)
+            return F.cross_entropy(m(x), y)
+
+        tuned = copy.deepcopy(model)
+        fine_tune_loop(tuned, clean, self.config.finetune, loss, progress, seed=self.seed)
+        return tuned

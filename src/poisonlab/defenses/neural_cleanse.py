@@ -21,49 +21,49 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger, Trigger
-from poisonlab.errors import ConfigError
+from poisonlab.config import Settings, make_settings
+from poisonlab.errors import ShapeError
 from poisonlab.progress import StatusFn
 
-PARAMETRIZATIONS = ("mask", "additive")
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal standard deviation
 
 
-@dataclass
-class InversionConfig:
+class InversionConfig(Settings):
     """Settings of one trigger reverse-engineering run (defaults: the original Neural Cleanse).
 
-    steps: passes over the clean sample (each pass is a round of mini-batches).
+    steps: passes over the clean sample (each pass is a round of mini-batches of `batch_size`).
+    lr, betas: Adam's step size and moment decay rates.
+    init_cost: the starting λ of the size term.
+    success_threshold: the attack success a trigger must reach to count (and to become the best).
+    patience: steps above (below) the threshold before λ is multiplied by `cost_multiplier`
+        (divided by `cost_multiplier ** 1.5`).
+    early_stop: stop once the best size stopped shrinking: `early_stop_patience` steps without it
+        falling below `early_stop_threshold` × its previous best, after λ has gone both up and down.
     parametrization: "mask" (NC, x' = (1 − m)x + m·p) or "additive" (MCL, x' = clip(x + δ)).
     """
 
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 0.1
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.1, gt=0)
     betas: tuple[float, float] = (0.5, 0.9)
-    init_cost: float = 1e-3
-    success_threshold: float = 0.99
-    patience: int = 5
-    cost_multiplier: float = 2.0
+    init_cost: float = Field(1e-3, gt=0)
+    success_threshold: float = Field(0.99, gt=0, le=1)
+    patience: int = Field(5, ge=1)
+    cost_multiplier: float = Field(2.0, gt=1)
     early_stop: bool = True
-    early_stop_threshold: float = 0.99
-    early_stop_patience: int = 25
-    parametrization: str = "mask"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise ConfigError(f"parametrization must be one of {PARAMETRIZATIONS}, "
-                              f"got '{self.parametrization}'")
-        if self.steps < 1 or self.batch_size < 1 or self.patience < 1 or self.cost_multiplier <= 1:
-            raise ConfigError("inversion needs steps, batch_size, patience >= 1 and "
-                              "cost_multiplier > 1")
+    early_stop_threshold: float = Field(0.99, gt=0, le=1)
+    early_stop_patience: int = Field(25, ge=1)
+    parametrization: Literal["mask", "additive"] = "mask"
 
 
 @dataclass
@@ -166,14 +166,17 @@ class _CostSchedule:
 
 
 def reverse_engineer_trigger(
-    model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None,
-    progress: StatusFn | None = None,
+    model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None, *,
+    seed: int = 0, progress: StatusFn | None = None,
 ) -> InversionResult:
     """Find the smallest trigger that sends the clean images `x` [N, C, H, W] to `target`;
-    `progress(status)` is called after each pass over `x`."""
+    the random start and batch order are drawn from `seed` and `target`; `progress(status)` is
+    called after each pass over `x`."""
     cfg = cfg or InversionConfig()
+    if len(x) == 0:
+        raise ShapeError("trigger inversion needs at least one clean image")
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + int(target))
+    gen = torch.Generator().manual_seed(seed * 1000 + int(target))
     param = _Parametrized(cfg.parametrization, tuple(x.shape[1:]), gen, device)
     opt = torch.optim.Adam(param.params, lr=cfg.lr, betas=cfg.betas)
     schedule = _CostSchedule(cfg)
@@ -246,6 +249,14 @@ class DetectionResult:
     def backdoored(self) -> bool:
         return bool(self.flagged)
 
+    @property
+    def target(self) -> int | None:
+        """The flagged label with the largest anomaly index (the likely backdoor target), or
+        None when nothing is flagged."""
+        if not self.flagged:
+            return None
+        return max(self.flagged, key=lambda label: float(self.anomaly_index[label]))
+
     def to_dict(self) -> dict:
         return {
             "backdoored": self.backdoored,
@@ -269,25 +280,42 @@ class DetectionResult:
 class NeuralCleanse:
     """`detect(model, x, num_classes)` reverse-engineers a trigger per label and flags outliers."""
 
-    def __init__(self, cfg: InversionConfig | None = None, threshold: float = 2.0) -> None:
-        self.cfg = cfg or InversionConfig()
-        if self.cfg.parametrization != "mask":
-            raise ConfigError("Neural Cleanse detection uses the mask parametrization")
-        self.threshold = threshold
+    class Config(Settings):
+        """inversion: the per-label reverse-engineering run (mask parametrization).
+        threshold: anomaly index above which a label below the median norm is flagged."""
 
-    def detect(self, model: nn.Module, x: torch.Tensor, num_classes: int, progress=None) -> DetectionResult:
-        """Run the inversion for every label on clean images `x`; `progress(label)` is called after each."""
+        inversion: InversionConfig = Field(default_factory=InversionConfig)
+        threshold: float = Field(2.0, gt=0)
+
+        @field_validator("inversion")
+        @classmethod
+        def _mask_only(cls, inversion: InversionConfig) -> InversionConfig:
+            if inversion.parametrization != "mask":
+                raise ValueError("Neural Cleanse detection uses the mask parametrization, "
+                                 f"not '{inversion.parametrization}'")
+            return inversion
+
+    def __init__(self, *, config: NeuralCleanse.Config | None = None, seed: int = 0,
+                 **settings) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+        self.seed = int(seed)
+
+    def detect(self, model: nn.Module, x: torch.Tensor, num_classes: int,
+               progress: Callable[[int], None] | None = None) -> DetectionResult:
+        """Run the inversion for every label on clean images `x`; `progress(label)` is called
+        after each."""
         if len(x) == 0:
-            raise ConfigError("Neural Cleanse needs at least one clean image")
+            raise ShapeError("Neural Cleanse needs at least one clean image")
         results = []
         for label in range(num_classes):
-            results.append(reverse_engineer_trigger(model, x, label, self.cfg))
+            results.append(self.reverse(model, x, label))
             if progress is not None:
                 progress(label)
         norms = torch.tensor([r.norm for r in results], dtype=torch.float64)
+        threshold = self.config.threshold
         return DetectionResult(results, norms, anomaly_index(norms),
-                               flagged_labels(norms, self.threshold), self.threshold)
+                               flagged_labels(norms, threshold), threshold)
 
     def reverse(self, model: nn.Module, x: torch.Tensor, target: int) -> InversionResult:
-        """The reverse-engineered trigger of one label (used by the unlearning defence)."""
-        return reverse_engineer_trigger(model, x, target, self.cfg)
+        """The reverse-engineered trigger of one label."""
+        return reverse_engineer_trigger(model, x, target, self.config.inversion, seed=self.seed)
