@@ -13,7 +13,6 @@ is trained and scanned too. Everything measured comes back as the dataclasses be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,14 +23,21 @@ from torch import nn
 from poisonlab.attacks.backdoor_injection import BackdoorInjection, backdoor_metrics
 from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger, Trigger, make_trigger
 from poisonlab.config import BaseConfig, Settings, validate_config
-from poisonlab.data.glyphs import load_glyph_supervised
-from poisonlab.data.registry import load_dataset
+from poisonlab.data.registry import load_supervised
 from poisonlab.data.types import ImageSet, SupervisedData
 from poisonlab.defenses.finetuning import FineTuning, NCUnlearning
 from poisonlab.defenses.mcl import MCL
 from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError
+from poisonlab.evaluation.backdoor_results import (
+    DEFENSES,
+    AttackModels,
+    AttackResult,
+    BaAsr,
+    BackdoorResults,
+    CleanControl,
+)
 from poisonlab.models import build_model
 from poisonlab.progress import progress_bar
 from poisonlab.runs import Run
@@ -44,7 +50,6 @@ from poisonlab.training.supervised import (
 )
 
 EXPERIMENT = "backdoor-defense"
-DEFENSES = ("mcl", "fine_tuning", "nc_unlearning")
 
 
 class DataConfig(Settings):
@@ -99,131 +104,20 @@ class ProtocolConfig(BaseConfig):
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
 
 
-# --- results -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaAsr:
-    """Benign accuracy and attack success rate of one model, as fractions."""
-
-    benign_accuracy: float
-    attack_success_rate: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"benign_accuracy": self.benign_accuracy,
-                "attack_success_rate": self.attack_success_rate}
-
-
-@dataclass
-class AttackModels:
-    """What the figures show of one attack: the models and the real and inverted triggers."""
-
-    model: nn.Module
-    trigger: Trigger
-    purified_model: nn.Module
-    mcl_trigger: AdditiveTrigger
-    nc_trigger: MaskTrigger
-
-
-@dataclass
-class AttackResult:
-    """One attack: BA/ASR of the backdoored model and after each defence (`defences`, in DEFENSES
-    order), the Neural Cleanse scan (`nc`, DetectionResult.to_dict()) with the anomaly index of
-    the true target, MCL's inverted trigger size and success, and wall times."""
-
-    backdoored: BaAsr
-    nc_anomaly_index: float
-    nc: dict[str, Any]
-    defences: dict[str, BaAsr]
-    mcl_inversion: dict[str, float]
-    seconds: dict[str, float]
-    models: AttackModels | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def nc_flagged(self) -> list[int]:
-        return self.nc["flagged"]
-
-    def stage(self, name: str) -> BaAsr:
-        """"backdoored" or a defence name."""
-        return self.backdoored if name == "backdoored" else self.defences[name]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"backdoored": self.backdoored.to_dict(), "nc_anomaly_index": self.nc_anomaly_index,
-                "nc_flagged": self.nc_flagged, "nc": self.nc,
-                **{name: m.to_dict() for name, m in self.defences.items()},
-                "mcl_inversion": self.mcl_inversion, "seconds": self.seconds}
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> AttackResult:
-        return cls(BaAsr(**entry["backdoored"]), entry["nc_anomaly_index"], entry["nc"],
-                   {name: BaAsr(**entry[name]) for name in DEFENSES}, entry["mcl_inversion"],
-                   entry["seconds"])
-
-
-@dataclass
-class CleanControl:
-    """The model trained on unpoisoned data: its BA and its Neural Cleanse scan."""
-
-    benign_accuracy: float
-    nc: dict[str, Any]
-
-    @property
-    def nc_flagged(self) -> list[int]:
-        return self.nc["flagged"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"benign_accuracy": self.benign_accuracy, "nc_flagged": self.nc_flagged,
-                "nc": self.nc}
-
-
-@dataclass
-class BackdoorResults:
-    """Everything one protocol run measured; `to_metrics()` is metrics.json."""
-
-    dataset: str
-    arch: str
-    target: int
-    clean_samples: int
-    attacks: dict[str, AttackResult]
-    models_from: list[str] | None = None
-    clean_model: CleanControl | None = None
-
-    def to_metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dataset": self.dataset, "arch": self.arch, "target": self.target,
-                               "clean_samples": self.clean_samples,
-                               "attacks": {n: a.to_dict() for n, a in self.attacks.items()}}
-        if self.models_from is not None:
-            out["models_from"] = self.models_from
-        if self.clean_model is not None:
-            out["clean_model"] = self.clean_model.to_dict()
-        return out
-
-    @classmethod
-    def from_metrics(cls, m: dict[str, Any]) -> BackdoorResults:
-        clean = m.get("clean_model")
-        return cls(m["dataset"], m["arch"], m["target"], m["clean_samples"],
-                   {n: AttackResult.from_dict(e) for n, e in m["attacks"].items()},
-                   m.get("models_from"),
-                   CleanControl(clean["benign_accuracy"], clean["nc"]) if clean else None)
-
-
 # --- data --------------------------------------------------------------------------------------
 
 
 def load_data(cfg: ProtocolConfig, data_dir: Path | None) -> SupervisedData:
     """The supervised set named by cfg.data, subsampled and downsampled as configured."""
     name = cfg.data.dataset
-    data = load_glyph_supervised(seed=cfg.seed) if name == "glyphs" else load_dataset(name, data_dir)
+    data = load_supervised(name, data_dir, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, test = data.train, data.test
     if cfg.data.train_size is not None and cfg.data.train_size < len(train):
         train = train.subset(torch.randperm(len(train), generator=gen)[: cfg.data.train_size])
     if cfg.data.test_size is not None and cfg.data.test_size < len(test):
         test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.data.test_size])
-    if cfg.data.downsample > 1:
-        pool = torch.nn.functional.avg_pool2d
-        train = ImageSet(pool(train.x, cfg.data.downsample), train.y)
-        test = ImageSet(pool(test.x, cfg.data.downsample), test.y)
+    train, test = train.downsampled(cfg.data.downsample), test.downsampled(cfg.data.downsample)
     if cfg.attack.target >= data.num_classes:
         raise ConfigError(f"attack.target={cfg.attack.target} is not a label of {name} "
                           f"({data.num_classes} classes)")

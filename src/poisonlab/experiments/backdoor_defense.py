@@ -22,13 +22,13 @@ from pydantic import Field
 
 from poisonlab.device import default_device, seed_everything
 from poisonlab.evaluation.backdoor import (
-    BackdoorResults,
     ProtocolConfig,
     clean_subset,
     evaluate_defences,
     load_data,
     models_source,
 )
+from poisonlab.evaluation.backdoor_results import BackdoorResults
 from poisonlab.report import backdoor as report
 from poisonlab.report.backdoor import FigureConfig
 from poisonlab.runs import Run

@@ -16,7 +16,8 @@ from pydantic import Field
 
 from poisonlab.config import Settings
 from poisonlab.data.types import ImageSet
-from poisonlab.evaluation.backdoor import DEFENSES, AttackModels, BackdoorResults, ProtocolConfig
+from poisonlab.evaluation.backdoor import ProtocolConfig
+from poisonlab.evaluation.backdoor_results import DEFENSES, AttackModels, BackdoorResults
 from poisonlab.report.html import Section, Table, rich_table, write_html_report
 from poisonlab.report.style import new_figure, save_figure
 from poisonlab.training.supervised import predict_features
