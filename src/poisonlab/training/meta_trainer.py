@@ -119,13 +119,7 @@ def meta_train(
     sampler = EpisodeSampler(train, s.ways, s.shots, s.queries, rotate=s.rotate, seed=seed)
     val_sampler = EpisodeSampler(val, s.ways, s.shots, s.queries, rotate=False, seed=seed)
     val_episodes = val_sampler.sample_fixed(s.val_tasks, seed=seed + 1).to(device)
-    state = resume or _fresh_state(theta)
-    theta = {k: v.detach().to(device).requires_grad_() for k, v in state.theta.items()}
-    optimizer = torch.optim.Adam(list(theta.values()), lr=s.meta_lr)
-    if state.optimizer:
-        optimizer.load_state_dict(state.optimizer)
-    if state.generator is not None:
-        sampler.generator.set_state(state.generator)
+    state, theta, optimizer = _start(theta, s, sampler, device, resume)
     workers = workers or default_workers(device)
     start = time.perf_counter()
     with progress_bar(s.iterations, "meta-training", enabled=progress) as bar:
@@ -157,9 +151,20 @@ def meta_train(
     return state
 
 
-def _fresh_state(theta: Params) -> MetaTrainState:
-    detached = {k: v.detach().clone() for k, v in theta.items()}
-    return MetaTrainState(theta=detached, best_theta=copy.deepcopy(detached), optimizer={})
+def _start(theta: Params, s: MetaTrainConfig, sampler: EpisodeSampler, device: torch.device | str,
+           resume: MetaTrainState | None) -> tuple[MetaTrainState, Params, torch.optim.Adam]:
+    """The state to continue (or a fresh one), θ as leaves on `device`, and Adam (restored)."""
+    if resume is None:
+        detached = {k: v.detach().clone() for k, v in theta.items()}
+        resume = MetaTrainState(theta=detached, best_theta=copy.deepcopy(detached), optimizer={})
+    state = resume
+    theta = {k: v.detach().to(device).requires_grad_() for k, v in state.theta.items()}
+    optimizer = torch.optim.Adam(list(theta.values()), lr=s.meta_lr)
+    if state.optimizer:
+        optimizer.load_state_dict(state.optimizer)
+    if state.generator is not None:
+        sampler.generator.set_state(state.generator)
+    return state, theta, optimizer
 
 
 def _validate(
