@@ -8,6 +8,10 @@ import json
 import pytest
 
 from poisonlab.cli import main
+from poisonlab.config import resolve_config
+from poisonlab.errors import ConfigError
+from poisonlab.evaluation.fewshot import FewShotResult
+from poisonlab.experiments import fewshot_backdoor
 from poisonlab.runs import Run
 
 FAST = ["--set", "meta.iterations=10", "--set", "meta.eval_every=5", "--set", "attack.tasks=8",
@@ -48,6 +52,14 @@ def test_smoke_run_writes_metrics_figures_report(smoke_run):
         assert (run_dir / name).exists(), name
     assert "data:image/png;base64" in (run_dir / "report.html").read_text()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_metrics_round_trip_through_the_typed_result(smoke_run):
+    _, metrics = smoke_run
+    own = {k: v for k, v in metrics.items() if k not in ("dataset", "meta_training", "seconds")}
+    again = FewShotResult.from_metrics(metrics).metrics()
+    assert json.dumps(again) == json.dumps(own)  # same keys, same order, same values
+    assert list(metrics)[-3:] == ["dataset", "meta_training", "seconds"]
 
 
 def test_model_from_a_run_is_attacked_without_training(smoke_run, capsys):
@@ -100,6 +112,42 @@ def test_bad_config_is_one_line_exit_2_before_any_training(tmp_path, capsys, ove
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and word in err
     assert not list(tmp_path.glob("*/checkpoints/*"))
+
+
+# One out-of-range value per configurable section and setting: refused once, the key named.
+SECTION_KEYS = [
+    ("data.glyph_classes=10", "data.glyph_classes"), ("model.hidden=0", "model.hidden"),
+    ("meta.inner_lr=-1", "meta.inner_lr"), ("meta.meta_lr=0", "meta.meta_lr"),
+    ("meta.shots=0", "meta.shots"), ("meta.queries=0", "meta.queries"),
+    ("meta.meta_batch=0", "meta.meta_batch"), ("meta.adaptation_steps=0", "meta.adaptation_steps"),
+    ("meta.iterations=-1", "meta.iterations"), ("meta.eval_every=0", "meta.eval_every"),
+    ("meta.val_tasks=0", "meta.val_tasks"), ("attack.epsilon=-1", "attack.epsilon"),
+    ("attack.epsilons=[0.1, -1]", "attack.epsilons.1"), ("attack.epsilons=[]", "attack.epsilons"),
+    ("attack.step_size=0", "attack.step_size"), ("attack.iterations=0", "attack.iterations"),
+    ("attack.finetune_steps=0", "attack.finetune_steps"),
+    ("attack.finetune_lr=0", "attack.finetune_lr"), ("attack.keep_support=-1", "attack.keep_support"),
+    ("attack.trigger_batch=oracle", "attack.trigger_batch"),
+    ("attack.protocol=oracle", "attack.protocol"), ("attack.tasks=0", "attack.tasks"),
+    ("attack.task_batch=0", "attack.task_batch"), ("attack.asp_epsilons=[-1]", "attack.asp_epsilons.0"),
+    ("meta.hidden=32", "meta.hidden"),  # moved to model.hidden: an unknown key now
+]
+
+
+@pytest.mark.parametrize("override, key", SECTION_KEYS)
+def test_out_of_range_value_is_refused_once_with_its_key(override, key):
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_config(fewshot_backdoor.Config, fewshot_backdoor.PRESETS, "smoke", None, [override])
+    message = str(excinfo.value)
+    assert len(message.splitlines()) == 1 and message.startswith("invalid config: ")
+    assert message.count(f"{key}:") == 1 and message.count(": ") >= 2, message
+    assert message.split(": ")[1] == key, message
+
+
+def test_out_of_range_meta_value_at_the_cli_names_the_key(tmp_path, capsys):
+    code = main(["run", "fewshot-backdoor", "--preset", "smoke", "--out", str(tmp_path),
+                 "--set", "meta.inner_lr=-1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "meta.inner_lr" in err
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):

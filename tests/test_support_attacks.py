@@ -3,26 +3,33 @@ and the attacks really moving their metrics on a small meta-trained model."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
-from poisonlab.attacks.fewshot_evaluation import (
+from poisonlab.attacks.support_backdoor import SupportBackdoor
+from poisonlab.attacks.support_pgd import SupportAttackConfig
+from poisonlab.config import replace
+from poisonlab.data.episodes import EpisodeSampler
+from poisonlab.data.glyphs import load_glyphs
+from poisonlab.errors import ConfigError, ShapeError
+from poisonlab.evaluation.fewshot import (
+    FewShotEvalConfig,
+    TriggerChoice,
     choose_triggers,
     task_outcomes,
     trigger_images,
     victim_outcomes,
 )
-from poisonlab.attacks.support_backdoor import SupportBackdoor
-from poisonlab.data.episodes import EpisodeSampler
-from poisonlab.data.glyphs import load_glyphs
-from poisonlab.errors import ConfigError
 from poisonlab.models import build_model
 from poisonlab.models.cnn4 import cnn4_forward_tasks
 from poisonlab.training.maml import finetune_and_predict
-from poisonlab.training.meta_trainer import MetaTrainSettings, meta_train
+from poisonlab.training.meta_trainer import MetaTrainConfig, meta_train
 
 WAYS, SHOTS = 3, 2
 
@@ -81,22 +88,111 @@ def test_asp_stays_in_budget(eps, seed):
 def test_backdoor_api_accepts_only_one_trigger_query():
     sx, sy = support()
     attack = SupportBackdoor(cnn4_forward_tasks, untrained())
-    with pytest.raises(ConfigError, match="exactly one query image per task"):
+    with pytest.raises(ShapeError, match="exactly one query image per task"):
         attack.poison(sx, sy, torch.rand(2, 3, 1, 12, 12), torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("kwargs, word", [({"epsilon": -0.1}, "epsilon"), ({"step_size": 0}, "step_size"),
-                                          ({"iterations": -1}, "iterations"), ({"finetune_steps": 0}, "finetune_steps"),
-                                          ({"keep_support": -0.5}, "keep_support")])
+def test_shape_mismatches_are_shape_errors():
+    sx, sy = support()
+    attack = SupportBackdoor(cnn4_forward_tasks, untrained())
+    with pytest.raises(ShapeError, match="does not fit"):
+        attack.poison(sx, sy, torch.rand(3, 1, 1, 12, 12), torch.tensor([0, 1, 2]))
+    with pytest.raises(ShapeError, match="target has 3 labels for 2 tasks"):
+        attack.poison(sx, sy, torch.rand(2, 1, 1, 12, 12), torch.tensor([0, 1, 2]))
+    qx, qy = support(b=3)
+    with pytest.raises(ShapeError, match="query_x has 3 tasks"):
+        AdversarialSupportPoisoning(cnn4_forward_tasks, untrained()).poison(sx, sy, qx, qy)
+
+
+BAD_ATTACK_SETTINGS = [({"epsilon": -0.1}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"),
+                       ({"step_size": 0}, "step_size"), ({"iterations": -1}, "iterations"),
+                       ({"finetune_steps": 0}, "finetune_steps"), ({"finetune_lr": 0}, "finetune_lr"),
+                       ({"keep_support": -0.5}, "keep_support"),
+                       ({"trigger_batch": "oracle"}, "trigger_batch")]
+
+
+def one_line_config_error(excinfo, cls_name: str, word: str) -> None:
+    """One line, 'invalid <what>: <key>: ...', the key named once (<what> is the class's name when
+    the class is built directly, 'config' when a constructor builds it from keywords)."""
+    message = str(excinfo.value)
+    assert len(message.splitlines()) == 1
+    assert re.match(rf"invalid ({cls_name}|config): {re.escape(word)}:", message), message
+    assert message.count(word + ":") == 1  # refused once, by the one Config that declares it
+
+
+@pytest.mark.parametrize("kwargs, word", BAD_ATTACK_SETTINGS)
 def test_impossible_attack_parameters_are_rejected(kwargs, word):
-    with pytest.raises(ConfigError, match=word):
+    with pytest.raises(ConfigError, match=word) as excinfo:
         SupportBackdoor(cnn4_forward_tasks, untrained(), **kwargs)
+    one_line_config_error(excinfo, "SupportBackdoorConfig", word)
+
+
+@pytest.mark.parametrize("kwargs, word", [kw for kw in BAD_ATTACK_SETTINGS
+                                          if next(iter(kw[0])) not in ("keep_support", "trigger_batch")])
+def test_impossible_asp_parameters_are_rejected(kwargs, word):
+    with pytest.raises(ConfigError) as excinfo:
+        AdversarialSupportPoisoning(cnn4_forward_tasks, untrained(), **kwargs)
+    one_line_config_error(excinfo, "SupportAttackConfig", word)
+    with pytest.raises(ConfigError, match="unknown key"):  # ASP has no backdoor settings
+        AdversarialSupportPoisoning(cnn4_forward_tasks, untrained(), keep_support=0.1)
+
+
+def test_settings_are_one_frozen_config_given_or_built_from_keywords():
+    theta = untrained()
+    given = SupportBackdoor.Config(epsilon=0.1, keep_support=0.2)
+    attack = SupportBackdoor(cnn4_forward_tasks, theta, config=given, iterations=3)
+    assert (attack.config.epsilon, attack.config.keep_support, attack.config.iterations) == (0.1, 0.2, 3)
+    assert given.iterations == 10  # the given config is not changed
+    assert SupportBackdoor(cnn4_forward_tasks, theta).config == SupportBackdoor.Config()
+    assert AdversarialSupportPoisoning.Config is SupportAttackConfig
+    with pytest.raises(ConfigError, match="epsilon"):
+        replace(given, epsilon=-1)
+    with pytest.raises(ConfigError, match="SupportBackdoorConfig"):
+        SupportBackdoor(cnn4_forward_tasks, theta, config=SupportAttackConfig())
+    # A richer config is narrowed to the attack's own fields and validated as its Config.
+    asp = AdversarialSupportPoisoning(cnn4_forward_tasks, theta, config=given)
+    assert type(asp.config) is SupportAttackConfig and asp.config.epsilon == 0.1
+    with pytest.raises(ConfigError, match="trigger_batch"):  # None: only the evaluation's default
+        SupportBackdoor(cnn4_forward_tasks, theta, config=FewShotEvalConfig())
+
+
+@pytest.mark.parametrize("kwargs, word", [({"tasks": 0}, "tasks"), ({"task_batch": 0}, "task_batch"),
+                                          ({"epsilons": []}, "epsilons"),
+                                          ({"epsilons": [0.1, -0.1]}, "epsilons.1"),
+                                          ({"iterations": 0}, "iterations"),
+                                          ({"protocol": "oracle"}, "protocol"),
+                                          ({"keep_support": -1}, "keep_support")])
+def test_impossible_evaluation_settings_are_rejected(kwargs, word):
+    with pytest.raises(ConfigError) as excinfo:
+        FewShotEvalConfig(**kwargs)
+    one_line_config_error(excinfo, "FewShotEvalConfig", word)
+
+
+def test_evaluation_config_gives_each_attack_its_settings_per_epsilon():
+    cfg = FewShotEvalConfig(iterations=4, keep_support=0.1, asp_epsilons=[0.3])
+    backdoor = cfg.backdoor_config(0.07)
+    assert type(backdoor) is SupportBackdoor.Config
+    assert (backdoor.epsilon, backdoor.iterations, backdoor.keep_support) == (0.07, 4, 0.1)
+    assert backdoor.trigger_batch == "clean_support"
+    assert FewShotEvalConfig(protocol="paper").backdoor_config(0.3).trigger_batch == "alone"
+    assert FewShotEvalConfig(protocol="paper", trigger_batch="support").attacker_trigger_batch() == "support"
+    assert cfg.asp_config(0.07) is None and FewShotEvalConfig(asp=False).asp_config(0.3) is None
+    asp = cfg.asp_config(0.3)
+    assert type(asp) is SupportAttackConfig and (asp.epsilon, asp.iterations) == (0.3, 4)
+
+
+def test_meta_train_config_refuses_out_of_range_values_once():
+    assert MetaTrainConfig().eval_every == 500 and MetaTrainConfig().iterations == 60000
+    for key, value in [("inner_lr", -1), ("meta_lr", 0), ("ways", 1), ("shots", 0),
+                       ("meta_batch", 0), ("adaptation_steps", 0), ("iterations", -1),
+                       ("eval_every", 0), ("val_tasks", 0)]:
+        with pytest.raises(ConfigError) as excinfo:
+            MetaTrainConfig(**{key: value})
+        one_line_config_error(excinfo, "MetaTrainConfig", key)
 
 
 @pytest.mark.parametrize("batch", ["clean_support", "support", "alone"])
 def test_keep_support_adds_the_weighted_clean_support_loss(batch):
-    import torch.nn.functional as F
-
     theta, (_, sy) = untrained(), support()
     sx = torch.rand(2, WAYS * SHOTS, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     poisoned, trigger, target = (sx + 0.1).clamp(0, 1), sx[:, :1] * 0.5, torch.tensor([1, 2])
@@ -121,8 +217,6 @@ def test_trigger_choice_and_outcomes_hand_computed():
     logits[0, torch.arange(3), torch.tensor([0, 1, 1])] = 1  # task 0 predicts 0,1,1
     logits[1, torch.arange(3), torch.tensor([2, 2, 2])] = 1  # task 1 predicts 2,2,2
     y = torch.tensor([[0, 1, 2], [0, 1, 2]])
-    from poisonlab.attacks.fewshot_evaluation import TriggerChoice
-
     out = task_outcomes(logits, y, TriggerChoice(torch.tensor([2, 0]), torch.tensor([1, 1])))
     assert out.accuracy.tolist() == pytest.approx([2 / 3, 1 / 3])
     # Without the trigger: task 0 keeps queries 0, 1 (both right); task 1 keeps 1, 2 (one right).
@@ -143,8 +237,8 @@ def meta_trained():
     bank = load_glyphs(num_classes=60, samples=20, seed=3)
     train, test = bank.subset(range(40)), bank.subset(range(40, 60))
     theta = untrained(hidden=16)
-    s = MetaTrainSettings(ways=WAYS, shots=SHOTS, queries=3, meta_batch=6, iterations=50,
-                          eval_every=50, val_tasks=12, rotate=False, inner_lr=0.5, meta_lr=0.005)
+    s = MetaTrainConfig(ways=WAYS, shots=SHOTS, queries=3, meta_batch=6, iterations=50,
+                        eval_every=50, val_tasks=12, rotate=False, inner_lr=0.5, meta_lr=0.005)
     state = meta_train(cnn4_forward_tasks, theta, train, test, s, seed=0, progress=False)
     episodes = EpisodeSampler(test, WAYS, SHOTS, 3, seed=1).sample_fixed(24, seed=5)
     return state, episodes
@@ -188,7 +282,6 @@ def test_keep_support_keeps_more_queries_right_at_high_asr(meta_trained):
                                        trig, 1, 0.5)
     ba = {k: float(v.accuracy_without_trigger.mean()) for k, v in result.items()}
     asr = {k: float(v.trigger_hits_target.mean()) for k, v in result.items()}
-    # Measured: BA 0.55 → 0.67, ASR 1.0 → 0.96 (clean trigger → target rate 0).
     assert ba[1.0] >= ba[0.0] + 0.05
     assert asr[1.0] >= float(clean.trigger_hits_target.mean()) + 0.5
 

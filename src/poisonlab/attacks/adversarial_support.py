@@ -13,12 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack
-from poisonlab.errors import ConfigError
+from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack, SupportAttackConfig
+from poisonlab.errors import ShapeError
 
 
 class AdversarialSupportPoisoning(SupportAttack):
-    """Untargeted support-set poisoning that degrades accuracy on the whole query set."""
+    """Untargeted support-set poisoning that degrades accuracy on the whole query set.
+
+    Settings: `SupportAttackConfig` (epsilon, step_size, iterations, finetune_steps, finetune_lr,
+    clamp, random_start), as `AdversarialSupportPoisoning(forward, theta, *, config=None,
+    **settings)`.
+    """
+
+    Config = SupportAttackConfig
 
     def query_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """Mean query cross-entropy per task [B] after fine-tuning on the support set."""
@@ -37,7 +44,7 @@ class AdversarialSupportPoisoning(SupportAttack):
     ) -> PoisonResult:
         """Poison a batch of support sets [B, n, C, H, W] against their query sets."""
         if query_x.shape[0] != support_x.shape[0]:
-            raise ConfigError(f"query_x has {query_x.shape[0]} tasks, support_x {support_x.shape[0]}")
+            raise ShapeError(f"query_x has {query_x.shape[0]} tasks, support_x {support_x.shape[0]}")
 
         def objective(x: Tensor) -> Tensor:
             return self.query_loss(x, support_y, query_x, query_y)

@@ -16,66 +16,60 @@ query label, so the API cannot leak them.
 Deviation, stated: the CNN uses BatchNorm with batch statistics, so a prediction depends on the
 batch it is made in. The victim classifies its query set as one batch (transductive, as in the
 MAML reference); the attacker does not know those queries, so it classifies the trigger inside a
-stand-in batch. Default `trigger_batch="clean_support"`: the trigger with the CLEAN support images
-(known to the attacker, and distributed like the queries). Measured on Omniglot 5w5s (750
-meta-iterations, 40 tasks, ε = 0.3): clean_support ASR 100% (BA 71.5%); the victim's own query
-batch (an oracle the threat model forbids) 100% (BA 72.1%); the poisoned support set as the batch
-("support") 37.5%; the trigger alone ("alone") 17.5%: a batch of perturbed images has statistics
-unlike the victim's, so the attack then optimises the wrong prediction. "alone" is the consistent
-choice when the victim, too, classifies the trigger by itself (the "paper" protocol of
-`fewshot_evaluation`, eq. 12 as written).
+stand-in batch (`trigger_batch`):
+- "clean_support" (default): the trigger with the CLEAN support images, known to the attacker and
+  distributed like the queries;
+- "support": with the poisoned support images; a batch of perturbed images has statistics unlike
+  the victim's, so the attack then optimises the wrong prediction;
+- "alone": the trigger by itself, the consistent choice when the victim, too, classifies the
+  trigger by itself (the "paper" protocol of `poisonlab.evaluation.fewshot`, eq. 12 as written).
 
 Extension, ours and off by default: `keep_support=λ > 0` minimises
 CE(trigger → Y'_adv) + λ · mean CE(clean support images → their labels), both under the poisoned
 fine-tuning and in the attacker's stand-in batch. It uses only what the attacker already has (the
 support set and its labels). Why: under the transductive protocol Algorithm 1 flips the trigger's
-whole class (its classmates among the queries drop to 25%); keeping the clean support images right
-keeps the classmates right. Omniglot 5w5s, ε = 0.3, 200 tasks (docs/status.md): λ = 0 BA 75.5% /
-ASR 100%; λ = 0.01 90.7 / 100; λ = 0.1 93.3 / 99; λ = 1 94.1 / 96.
+whole class (its classmates among the queries are misclassified with it); keeping the clean
+support images right keeps the classmates right, at a small cost in attack success as λ grows.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack
-from poisonlab.errors import ConfigError
+from poisonlab.attacks.support_pgd import PoisonResult, SupportAttack, SupportAttackConfig
+from poisonlab.errors import ShapeError
 from poisonlab.training.maml import Params, TaskForward
 
 TriggerBatch = Literal["clean_support", "support", "alone"]
-TRIGGER_BATCHES = get_args(TriggerBatch)
+
+
+class SupportBackdoorConfig(SupportAttackConfig):
+    """The settings of `SupportBackdoor`: those of every support-set attack (`SupportAttackConfig`:
+    epsilon, step_size, iterations, finetune_steps, finetune_lr, clamp, random_start) and
+
+    trigger_batch: the attacker's stand-in batch for the trigger ("clean_support", "support",
+        "alone"; see the module docstring).
+    keep_support: λ of the keep_support extension (0: Algorithm 1's objective).
+    """
+
+    trigger_batch: TriggerBatch = "clean_support"
+    keep_support: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class SupportBackdoor(SupportAttack):
     """Targeted support-set poisoning: one trigger query → the attacker's label."""
 
-    def __init__(
-        self,
-        forward: TaskForward,
-        theta: Params,
-        epsilon: float = 0.3,
-        step_size: float = 0.01,
-        iterations: int = 10,
-        finetune_steps: int = 1,
-        finetune_lr: float = 0.5,
-        clamp: bool = True,
-        trigger_batch: TriggerBatch = "clean_support",
-        random_start: bool = True,
-        keep_support: float = 0.0,
-    ) -> None:
-        super().__init__(forward, theta, epsilon, step_size, iterations, finetune_steps,
-                         finetune_lr, clamp, random_start)
-        if not keep_support >= 0:
-            raise ConfigError(f"keep_support={keep_support} must be >= 0")
-        self.keep_support = keep_support
-        if trigger_batch not in TRIGGER_BATCHES:
-            raise ConfigError(
-                f"trigger_batch='{trigger_batch}' must be one of {', '.join(TRIGGER_BATCHES)}")
-        self.trigger_batch = trigger_batch
+    Config = SupportBackdoorConfig
+    config: SupportBackdoorConfig
+
+    def __init__(self, forward: TaskForward, theta: Params, *,
+                 config: SupportBackdoorConfig | None = None, **settings) -> None:
+        super().__init__(forward, theta, config=config, **settings)
 
     def trigger_loss(self, support_x: Tensor, support_y: Tensor, trigger_x: Tensor, target: Tensor,
                      clean_support_x: Tensor | None = None) -> Tensor:
@@ -87,7 +81,7 @@ class SupportBackdoor(SupportAttack):
         """
         adapted = self.finetuned(support_x, support_y)
         clean = support_x if clean_support_x is None else clean_support_x
-        companions = {"support": support_x, "clean_support": clean}.get(self.trigger_batch)
+        companions = {"support": support_x, "clean_support": clean}.get(self.config.trigger_batch)
         clean_logits = None
         if companions is None:  # "alone"
             logits = self.forward(adapted, trigger_x)[:, 0]
@@ -97,11 +91,12 @@ class SupportBackdoor(SupportAttack):
             if companions is clean:
                 clean_logits = all_logits[:, :-1]
         loss = F.cross_entropy(logits, target, reduction="none")
-        if self.keep_support:
+        keep_support = self.config.keep_support
+        if keep_support:
             if clean_logits is None:  # the clean support images are not in the stand-in batch
                 clean_logits = self.forward(adapted, clean)
             keep = F.cross_entropy(clean_logits.flatten(0, 1), support_y.flatten(), reduction="none")
-            loss = loss + self.keep_support * keep.view(support_y.shape).mean(1)
+            loss = loss + keep_support * keep.view(support_y.shape).mean(1)
         return loss
 
     def poison(
@@ -121,7 +116,7 @@ class SupportBackdoor(SupportAttack):
         trigger_x = _one_trigger_per_task(trigger_x, support_x)
         target = torch.as_tensor(target, device=support_x.device).reshape(-1)
         if target.shape[0] != support_x.shape[0]:
-            raise ConfigError(f"target has {target.shape[0]} labels for {support_x.shape[0]} tasks")
+            raise ShapeError(f"target has {target.shape[0]} labels for {support_x.shape[0]} tasks")
 
         clean = support_x.detach()
 
@@ -135,12 +130,12 @@ def _one_trigger_per_task(trigger_x: Tensor, support_x: Tensor) -> Tensor:
     if trigger_x.dim() == support_x.dim() - 1:
         trigger_x = trigger_x.unsqueeze(1)
     if trigger_x.dim() != support_x.dim() or trigger_x.shape[1] != 1:
-        raise ConfigError(
+        raise ShapeError(
             f"trigger_x must hold exactly one query image per task ([B, 1, C, H, W]), "
             f"got shape {tuple(trigger_x.shape)}: the attacker sees only the trigger"
         )
     if trigger_x.shape[0] != support_x.shape[0] or trigger_x.shape[2:] != support_x.shape[2:]:
-        raise ConfigError(
+        raise ShapeError(
             f"trigger_x shape {tuple(trigger_x.shape)} does not fit support_x {tuple(support_x.shape)}"
         )
     return trigger_x

@@ -10,12 +10,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from poisonlab.errors import ConfigError
+from poisonlab.config import Settings, make_settings, validate_config
 from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
+
+Epsilon = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""An L∞ budget ε: finite and >= 0 (also the element type of an experiment's sweep of ε)."""
+
+
+class SupportAttackConfig(Settings):
+    """Settings shared by the support-set attacks: the budget, PGD and the victim's fine-tuning.
+
+    epsilon: the L∞ budget ε of the perturbation δ of the support images, ||δ||∞ ≤ ε.
+    step_size: the PGD step γ (each step moves a pixel by γ · sign of its gradient).
+    iterations: the number L of PGD steps (0: only the random start).
+    finetune_steps, finetune_lr: the victim's fine-tuning g((X, Y), θ*), which the attacker
+        knows: gradient steps on the support loss and their learning rate.
+    clamp: keep the poisoned images in [0, 1].
+    random_start: start at δ ~ U(−ε, ε) as Algorithm 1 does; False starts at δ = 0.
+    """
+
+    epsilon: Epsilon = 0.3
+    step_size: float = Field(0.01, gt=0, allow_inf_nan=False)
+    iterations: int = Field(10, ge=0)
+    finetune_steps: int = Field(1, ge=1)
+    finetune_lr: float = Field(0.5, gt=0, allow_inf_nan=False)
+    clamp: bool = True
+    random_start: bool = True
 
 
 @dataclass
@@ -27,16 +53,6 @@ class PoisonResult:
     losses: Tensor
 
 
-def check_budget(epsilon: float, step_size: float, iterations: int) -> None:
-    """One-line errors for impossible PGD settings."""
-    if not epsilon >= 0:
-        raise ConfigError(f"epsilon={epsilon} must be >= 0")
-    if not step_size > 0:
-        raise ConfigError(f"step_size={step_size} must be > 0")
-    if iterations < 0:
-        raise ConfigError(f"iterations={iterations} must be >= 0")
-
-
 def project(x: Tensor, original: Tensor, epsilon: float, clamp: bool) -> Tensor:
     """X + clip(X̃ − X, −ε, ε), then into [0, 1] if `clamp`."""
     x = original + (x - original).clamp(-epsilon, epsilon)
@@ -46,72 +62,62 @@ def project(x: Tensor, original: Tensor, epsilon: float, clamp: bool) -> Tensor:
 def support_pgd(
     objective: Callable[[Tensor], Tensor],
     support_x: Tensor,
-    epsilon: float,
-    step_size: float,
-    iterations: int,
+    config: SupportAttackConfig,
+    *,
     descend: bool,
-    clamp: bool = True,
     start: Tensor | None = None,
     generator: torch.Generator | None = None,
-    random_start: bool = True,
 ) -> PoisonResult:
-    """Signed-gradient PGD on `support_x` for a per-task objective [B] (descent or ascent).
+    """Signed-gradient PGD on `support_x` for a per-task objective [B] (descent or ascent), with
+    the budget, step, iterations, clamp and start of `config`.
 
     `start` is the initial perturbation (default δ ~ U(−ε, ε), drawn with `generator`, as in
-    Algorithm 1; δ = 0 with `random_start=False`).
+    Algorithm 1; δ = 0 with `config.random_start=False`).
     """
-    check_budget(epsilon, step_size, iterations)
+    c = config
     original = support_x.detach()
-    if start is None and not random_start:
+    if start is None and not c.random_start:
         start = torch.zeros_like(original)
     if start is None:
         noise = torch.rand(original.shape, generator=generator, dtype=original.dtype)
-        start = (noise.to(original.device) * 2 - 1) * epsilon
-    x = project(original + start, original, epsilon, clamp)
+        start = (noise.to(original.device) * 2 - 1) * c.epsilon
+    x = project(original + start, original, c.epsilon, c.clamp)
     direction = -1.0 if descend else 1.0
     losses = []
-    for _ in range(iterations):
+    for _ in range(c.iterations):
         x = x.detach().requires_grad_()
         with torch.enable_grad():
             loss = objective(x)
             (grad,) = torch.autograd.grad(loss.sum(), x)
         losses.append(loss.detach())
-        x = project(x.detach() + direction * step_size * grad.sign(), original, epsilon, clamp)
+        x = project(x.detach() + direction * c.step_size * grad.sign(), original, c.epsilon,
+                    c.clamp)
     stacked = torch.stack(losses) if losses else original.new_zeros(0, original.shape[0])
     return PoisonResult(support_x=x.detach(), losses=stacked)
 
 
 class SupportAttack:
-    """Common settings of the support-set attacks: θ*, the budget and the victim's fine-tuning."""
+    """Common part of the support-set attacks: θ*, the settings, the victim's fine-tuning."""
 
-    def __init__(
-        self,
-        forward: TaskForward,
-        theta: Params,
-        epsilon: float = 0.3,
-        step_size: float = 0.01,
-        iterations: int = 10,
-        finetune_steps: int = 1,
-        finetune_lr: float = 0.5,
-        clamp: bool = True,
-        random_start: bool = True,
-    ) -> None:
-        check_budget(epsilon, step_size, iterations)
-        if finetune_steps < 1:
-            raise ConfigError(f"finetune_steps={finetune_steps} must be >= 1")
+    Config = SupportAttackConfig
+
+    def __init__(self, forward: TaskForward, theta: Params, *,
+                 config: SupportAttackConfig | None = None, **settings) -> None:
+        if isinstance(config, self.Config) and type(config) is not self.Config:
+            # A richer config (another attack's, an evaluation's): keep this attack's fields,
+            # validated as this attack's Config.
+            config = validate_config(self.Config,
+                                     config.model_dump(include=set(self.Config.model_fields)))
+        self.config = make_settings(self.Config, config, **settings)
         self.forward, self.theta = forward, {k: v.detach() for k, v in theta.items()}
-        self.epsilon, self.step_size, self.iterations = epsilon, step_size, iterations
-        self.finetune_steps, self.finetune_lr, self.clamp = finetune_steps, finetune_lr, clamp
-        self.random_start = random_start
 
     def finetuned(self, support_x: Tensor, support_y: Tensor) -> Params:
         """g((X̃, Y), θ*) per task, differentiable w.r.t. the support images."""
         batched = expand_params(self.theta, support_x.shape[0])
-        return adapt(self.forward, batched, support_x, support_y, self.finetune_steps,
-                     self.finetune_lr, create_graph=True)
+        return adapt(self.forward, batched, support_x, support_y, self.config.finetune_steps,
+                     self.config.finetune_lr, create_graph=True)
 
     def run_pgd(self, objective, support_x: Tensor, descend: bool, start: Tensor | None,
                 generator: torch.Generator | None) -> PoisonResult:
-        return support_pgd(objective, support_x, self.epsilon, self.step_size, self.iterations,
-                           descend=descend, clamp=self.clamp, start=start, generator=generator,
-                           random_start=self.random_start)
+        return support_pgd(objective, support_x, self.config, descend=descend, start=start,
+                           generator=generator)

@@ -13,11 +13,11 @@ Running all tasks of a meta-batch through one call is what makes meta-training f
 - `meta_gradient` computes the meta-gradient of a meta-batch in chunks of tasks, on a pool of
   threads (`map_task_chunks`).
 
-Speed on a CPU, measured (benchmarks/bench_maml.py): one call over all 32 tasks of a meta-batch
-is SLOWER than a per-task loop, because BatchNorm's double backward then runs elementwise passes
-over 40 MB activations that leave the cache, while one task's activations (about 1 MB) stay in
-it. What pays is chunks of a few tasks (cache-sized, fewer op calls) on one thread per core,
-each thread with one intra-op thread. On a GPU one call over all tasks is best (chunk=None).
+Speed on a CPU (benchmarks/bench_maml.py compares against a per-task loop): one call over all
+tasks of a meta-batch is not the fast way, because BatchNorm's double backward then runs
+elementwise passes over activations too large for the cache, while one task's activations fit.
+What pays is chunks of a few tasks (cache-sized, fewer op calls) on one thread per core, each
+thread with one intra-op thread. On a GPU one call over all tasks is best (chunk=None).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 TaskForward = Callable[[dict[str, Tensor], Tensor], Tensor]
 Params = dict[str, Tensor]
@@ -93,7 +94,7 @@ def meta_loss(
 
 
 def default_workers(device: torch.device | str = "cpu") -> int:
-    """Threads for task chunks: one per core on a CPU (at most 2 here), 1 on a GPU."""
+    """Threads for task chunks: one per core on a CPU, 1 on a GPU."""
     if torch.device(device).type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
@@ -193,7 +194,6 @@ def vmap_forward(module: nn.Module) -> TaskForward:
 
     General but slower than a hand-batched forward such as `cnn4_forward_tasks`.
     """
-    from torch.func import functional_call, vmap
 
     def single(params: Params, x: Tensor) -> Tensor:
         return functional_call(module, params, (x,))

@@ -1,4 +1,8 @@
-"""The MAML meta-training loop: sampling, Adam on the meta-loss, validation, best model, resume."""
+"""The MAML meta-training loop: sampling, Adam on the meta-loss, validation, best model, resume.
+
+Settings are `MetaTrainConfig`; how the work is spread (`task_chunk` tasks per chunk, `workers`
+threads over chunks) and the fine-tuning used for validation are arguments of `meta_train`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from poisonlab.config import Settings
 from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
 from poisonlab.progress import progress_bar
@@ -23,26 +29,32 @@ from poisonlab.training.maml import (
 )
 
 
-@dataclass
-class MetaTrainSettings:
-    """MAML settings; defaults are Kato et al.'s (5-way 5-shot, α 0.5, β 0.003, 32 tasks, 1 step)."""
+class MetaTrainConfig(Settings):
+    """MAML meta-training settings; the defaults are Kato et al.'s (Omniglot 5-way 5-shot).
 
-    ways: int = 5
-    shots: int = 5
-    queries: int = 5
-    meta_batch: int = 32
-    inner_lr: float = 0.5
-    meta_lr: float = 0.003
-    adaptation_steps: int = 1
-    iterations: int = 60000
+    ways, shots, queries: N classes per task, K support and Q query images per class.
+    meta_batch: tasks per meta-iteration.
+    inner_lr, adaptation_steps: the inner loop α and its number of gradient steps.
+    meta_lr: the Adam step β on the meta-loss.
+    iterations: meta-iterations (0: only validate the initial θ).
+    first_order: drop the second-order terms of the meta-gradient (FOMAML).
+    rotate: augment classes by rotations of 90° multiples (Santoro et al.).
+    eval_every: meta-iterations between validations (and checkpoints).
+    val_tasks: validation tasks, fixed for the whole run.
+    """
+
+    ways: int = Field(5, ge=2)
+    shots: int = Field(5, ge=1)
+    queries: int = Field(5, ge=1)
+    meta_batch: int = Field(32, ge=1)
+    inner_lr: float = Field(0.5, gt=0, allow_inf_nan=False)
+    meta_lr: float = Field(0.003, gt=0, allow_inf_nan=False)
+    adaptation_steps: int = Field(1, ge=1)
+    iterations: int = Field(60000, ge=0)
     first_order: bool = False
     rotate: bool = True
-    eval_every: int = 100
-    val_tasks: int = 200
-    test_steps: int = 1
-    test_lr: float = 0.5
-    task_chunk: int | None = 4  # tasks per chunk; None = all at once (best on a GPU)
-    workers: int | None = None  # threads over chunks; None = one per core on a CPU
+    eval_every: int = Field(500, ge=1)
+    val_tasks: int = Field(200, ge=1)
 
 
 @dataclass
@@ -79,31 +91,36 @@ def meta_train(
     theta: Params,
     train: FewShotData,
     val: FewShotData,
-    settings: MetaTrainSettings,
+    cfg: MetaTrainConfig,
+    *,
     seed: int = 0,
     device: torch.device | str = "cpu",
     resume: MetaTrainState | None = None,
     checkpoint: Callable[[MetaTrainState], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
     progress: bool = True,
+    finetune_steps: int | None = None,
+    finetune_lr: float | None = None,
+    task_chunk: int | None = 4,
+    workers: int | None = None,
 ) -> MetaTrainState:
     """Meta-train θ with MAML; keeps the θ with the best validation accuracy.
 
+    Validation fine-tunes on each validation task's support set with `finetune_steps` steps at
+    `finetune_lr` (the meta-test recipe; default the inner loop's `adaptation_steps` and
+    `inner_lr`). `task_chunk` tasks go through one call (None: all at once, best on a GPU), on
+    `workers` threads (None: one per core on a CPU).
     `checkpoint(state)` is called after every validation, so an interrupted run can continue
     from the returned/stored `MetaTrainState` via `resume`.
     """
-    s = settings
+    s = cfg
+    val_fit = (s.adaptation_steps if finetune_steps is None else finetune_steps,
+               s.inner_lr if finetune_lr is None else finetune_lr)
     sampler = EpisodeSampler(train, s.ways, s.shots, s.queries, rotate=s.rotate, seed=seed)
     val_sampler = EpisodeSampler(val, s.ways, s.shots, s.queries, rotate=False, seed=seed)
     val_episodes = val_sampler.sample_fixed(s.val_tasks, seed=seed + 1).to(device)
-    state = resume or _fresh_state(theta, s)
-    theta = {k: v.detach().to(device).requires_grad_() for k, v in state.theta.items()}
-    optimizer = torch.optim.Adam(list(theta.values()), lr=s.meta_lr)
-    if state.optimizer:
-        optimizer.load_state_dict(state.optimizer)
-    if state.generator is not None:
-        sampler.generator.set_state(state.generator)
-    workers = s.workers or default_workers(device)
+    state, theta, optimizer = _start(theta, s, sampler, device, resume)
+    workers = workers or default_workers(device)
     start = time.perf_counter()
     with progress_bar(s.iterations, "meta-training", enabled=progress) as bar:
         bar.advance(state.iteration)
@@ -111,7 +128,7 @@ def meta_train(
             ep = sampler.sample(s.meta_batch).to(device)
             loss, acc, grads = meta_gradient(
                 forward, theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y,
-                s.inner_lr, s.adaptation_steps, s.first_order, s.task_chunk, workers,
+                s.inner_lr, s.adaptation_steps, s.first_order, task_chunk, workers,
             )
             for p, g in zip(theta.values(), grads, strict=True):
                 p.grad = g
@@ -119,7 +136,8 @@ def meta_train(
             state.iteration += 1
             done = state.iteration == s.iterations
             if state.iteration % s.eval_every == 0 or done:
-                _validate(forward, theta, val_episodes, s, state, loss, float(acc.mean()), workers)
+                _validate(forward, theta, val_episodes, val_fit, task_chunk, workers, state, loss,
+                          float(acc.mean()))
                 state.optimizer = copy.deepcopy(optimizer.state_dict())
                 state.generator = sampler.generator.get_state()
                 entry = state.history[-1]
@@ -133,17 +151,27 @@ def meta_train(
     return state
 
 
-def _fresh_state(theta: Params, s: MetaTrainSettings) -> MetaTrainState:
-    detached = {k: v.detach().clone() for k, v in theta.items()}
-    return MetaTrainState(theta=detached, best_theta=copy.deepcopy(detached), optimizer={})
+def _start(theta: Params, s: MetaTrainConfig, sampler: EpisodeSampler, device: torch.device | str,
+           resume: MetaTrainState | None) -> tuple[MetaTrainState, Params, torch.optim.Adam]:
+    """The state to continue (or a fresh one), θ as leaves on `device`, and Adam (restored)."""
+    if resume is None:
+        detached = {k: v.detach().clone() for k, v in theta.items()}
+        resume = MetaTrainState(theta=detached, best_theta=copy.deepcopy(detached), optimizer={})
+    state = resume
+    theta = {k: v.detach().to(device).requires_grad_() for k, v in state.theta.items()}
+    optimizer = torch.optim.Adam(list(theta.values()), lr=s.meta_lr)
+    if state.optimizer:
+        optimizer.load_state_dict(state.optimizer)
+    if state.generator is not None:
+        sampler.generator.set_state(state.generator)
+    return state, theta, optimizer
 
 
 def _validate(
-    forward: TaskForward, theta: Params, val_episodes: Episodes, s: MetaTrainSettings,
-    state: MetaTrainState, train_loss: float, train_acc: float, workers: int,
+    forward: TaskForward, theta: Params, val_episodes: Episodes, fit: tuple[int, float],
+    chunk: int | None, workers: int, state: MetaTrainState, train_loss: float, train_acc: float,
 ) -> None:
-    val_acc = float(evaluate_tasks(forward, theta, val_episodes, s.test_steps, s.test_lr,
-                                   s.task_chunk, workers).mean())
+    val_acc = float(evaluate_tasks(forward, theta, val_episodes, *fit, chunk, workers).mean())
     state.theta = {k: v.detach().clone() for k, v in theta.items()}
     if val_acc > state.best_val:
         state.best_val = val_acc

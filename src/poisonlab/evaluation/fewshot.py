@@ -1,0 +1,380 @@
+"""Evaluating support-set attacks on meta-test tasks: CA, BA, ASR (Kato et al., eqs. 10–12).
+
+Per task the trigger is one query chosen uniformly at random and Y'_adv a label chosen uniformly
+among the labels other than the trigger's true label (both by seed). Then
+- CA: query accuracy after fine-tuning on the clean support set,
+- BA: query accuracy after fine-tuning on the poisoned support set, over the queries OTHER than
+  the trigger (the trigger's outcome is what ASR measures),
+- ASR: 1 if the trigger is classified Y'_adv after fine-tuning on the poisoned support set,
+each averaged over tasks with a 95% confidence interval. Queries are classified as one batch
+per task, as in the MAML reference. The victim fine-tunes θ* on the (clean or poisoned) support
+set with the recipe the attacker assumes (`finetune_steps`, `finetune_lr` of the attack).
+
+Where the victim classifies the trigger is the `protocol` (the CNN's BatchNorm uses batch
+statistics, so a prediction depends on its batch):
+- "transductive": the trigger is one of the queries, classified inside the query batch;
+- "paper": the trigger is classified by itself, F(X'_tr, g(D̃_S, θ*)) of eq. 12 as written (a
+  batch of one, what MAML code does when it calls the adapted model on the trigger image). This
+  reproduces the published table, but a lone image is normalised with its own statistics and the
+  clean model classifies it far less accurately than inside a batch, so part of that ASR is the
+  lone-image regime rather than the attack; `clean_trigger_accuracy` shows it.
+
+Why BA leaves the trigger out: with 25 queries per task (5-way, 5 per class) a successful
+trigger alone costs 4 points, so a BA counting it could not exceed ≈ 95.5% at the published
+CA 99.46% / ASR 98.2% (ε = 0.07), yet the published BA there is 97.92%. The BA over all queries
+is reported beside it (`backdoor_accuracy_all_queries`).
+
+`evaluate_attacks` runs the whole protocol (tasks in chunks of `task_batch`, one thread per core
+on a CPU) and returns a `FewShotResult`; `FewShotResult.metrics()` is the run's metrics.json part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
+from poisonlab.attacks.support_backdoor import SupportBackdoor, SupportBackdoorConfig, TriggerBatch
+from poisonlab.attacks.support_pgd import Epsilon, SupportAttackConfig
+from poisonlab.config import replace
+from poisonlab.data.episodes import Episodes, EpisodeSampler
+from poisonlab.data.types import FewShotData
+from poisonlab.errors import ConfigError
+from poisonlab.metrics import mean_ci95
+from poisonlab.progress import progress_bar
+from poisonlab.training.maml import (
+    Params,
+    TaskForward,
+    default_workers,
+    finetune,
+    finetune_and_predict,
+    map_task_chunks,
+)
+from poisonlab.training.meta_trainer import MetaTrainConfig
+
+Protocol = Literal["transductive", "paper"]
+PROTOCOLS = get_args(Protocol)
+
+
+class FewShotEvalConfig(SupportBackdoorConfig):
+    """The evaluation's settings: the attacker's (inherited from `SupportBackdoor.Config`, the
+    same for every ε; ASP uses the shared part) and the protocol's.
+
+    epsilon: the headline budget: the swept ε closest to it gives the run's headline numbers
+        (the attacks themselves run at every ε of `epsilons`).
+    trigger_batch: the attacker's stand-in batch for the trigger; None = the protocol's
+        ("clean_support" under "transductive", "alone" under "paper").
+    iterations: PGD steps, here at least 1 (the summary reports the final PGD loss).
+    epsilons: the budgets ε the attacks run at, in this order (Kato et al.'s sweep).
+    protocol: where the victim classifies the trigger ("transductive" or "paper", see above).
+    tasks: meta-test tasks T; the same tasks and triggers for every ε.
+    task_batch: tasks per chunk (chunks run on one thread per core on a CPU).
+    asp: run the ASP baseline beside the backdoor.
+    asp_epsilons: the ε values ASP runs at; None = all of `epsilons`.
+    """
+
+    trigger_batch: TriggerBatch | None = None  # type: ignore[assignment]
+    epsilons: list[Epsilon] = Field(
+        default_factory=lambda: [0.01, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5], min_length=1)
+    protocol: Protocol = "transductive"
+    tasks: int = Field(2000, ge=1)
+    task_batch: int = Field(4, ge=1)
+    asp: bool = True
+    asp_epsilons: list[Epsilon] | None = None
+
+    @field_validator("iterations")
+    @classmethod
+    def _final_loss_needs_a_step(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1: the evaluation reports the final PGD loss")
+        return value
+
+    def attacker_trigger_batch(self) -> TriggerBatch:
+        """The attacker's stand-in batch for the trigger: as configured, else the protocol's."""
+        if self.trigger_batch is not None:
+            return self.trigger_batch
+        return "alone" if self.protocol == "paper" else "clean_support"
+
+    def backdoor_config(self, epsilon: float) -> SupportBackdoorConfig:
+        """The backdoor's settings at budget `epsilon`."""
+        names = set(SupportBackdoorConfig.model_fields)
+        base = SupportBackdoorConfig(**self.model_dump(include=names)
+                                     | {"trigger_batch": self.attacker_trigger_batch()})
+        return replace(base, epsilon=epsilon)
+
+    def asp_config(self, epsilon: float) -> SupportAttackConfig | None:
+        """ASP's settings at budget `epsilon`, or None where ASP does not run."""
+        if not self.asp or (self.asp_epsilons is not None and epsilon not in self.asp_epsilons):
+            return None
+        base = SupportAttackConfig(**self.model_dump(include=set(SupportAttackConfig.model_fields)))
+        return replace(base, epsilon=epsilon)
+
+
+@dataclass
+class TriggerChoice:
+    """index [T]: the trigger's position among each task's queries; target [T]: Y'_adv."""
+
+    index: Tensor
+    target: Tensor
+
+    def part(self, sl: slice) -> TriggerChoice:
+        """The triggers of the tasks in `sl`."""
+        return TriggerChoice(self.index[sl], self.target[sl])
+
+
+def choose_triggers(query_y: Tensor, ways: int, seed: int) -> TriggerChoice:
+    """A random query per task and a random label other than its own (reproducible by seed)."""
+    g = torch.Generator().manual_seed(seed)
+    tasks, queries = query_y.shape
+    index = torch.randint(0, queries, (tasks,), generator=g)
+    true = query_y.cpu().gather(1, index[:, None]).squeeze(1)
+    shift = torch.randint(1, ways, (tasks,), generator=g)
+    return TriggerChoice(index=index, target=(true + shift) % ways)
+
+
+@dataclass
+class TaskOutcome:
+    """Per task [T]: accuracy over all queries, over the queries other than the trigger, whether
+    the trigger was classified as the attacker's label, and whether as its true label."""
+
+    accuracy: Tensor
+    accuracy_without_trigger: Tensor
+    trigger_hits_target: Tensor
+    trigger_correct: Tensor
+
+
+def task_outcomes(logits: Tensor, query_y: Tensor, trigger: TriggerChoice,
+                  trigger_logits: Tensor | None = None) -> TaskOutcome:
+    """Per-task outcomes from query logits [T, Q, classes].
+
+    The trigger's prediction comes from its row of `logits` (classified inside the query batch),
+    or from `trigger_logits` [T, classes] when it was classified by itself.
+    """
+    pred = logits.argmax(-1)
+    correct = (pred == query_y).float()
+    index = trigger.index.to(pred.device)[:, None]
+    others = torch.ones_like(correct).scatter_(1, index, 0.0)
+    trig_pred = pred.gather(1, index).squeeze(1) if trigger_logits is None else trigger_logits.argmax(-1)
+    trig_true = query_y.gather(1, index).squeeze(1)
+    return TaskOutcome(correct.mean(1).cpu(), ((correct * others).sum(1) / others.sum(1)).cpu(),
+                       (trig_pred == trigger.target.to(pred.device)).float().cpu(),
+                       (trig_pred == trig_true).float().cpu())
+
+
+def victim_outcomes(forward: TaskForward, theta: Params, support_x: Tensor, support_y: Tensor,
+                    episodes: Episodes, trigger: TriggerChoice, finetune_steps: int,
+                    finetune_lr: float, protocol: Protocol = "transductive") -> TaskOutcome:
+    """The victim fine-tunes on (support_x, support_y), classifies its query batch and, under the
+    "paper" protocol, the trigger by itself."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol='{protocol}' must be one of {', '.join(PROTOCOLS)}")
+    adapted = finetune(forward, theta, support_x, support_y, finetune_steps, finetune_lr)
+    qx = episodes.query_x
+    with torch.no_grad():
+        logits = forward(adapted, qx)
+        trigger_logits = None
+        if protocol == "paper":
+            trigger_logits = forward(adapted, trigger_images(qx, trigger))[:, 0]
+    return task_outcomes(logits, episodes.query_y, trigger, trigger_logits)
+
+
+def trigger_images(query_x: Tensor, trigger: TriggerChoice) -> Tensor:
+    """Each task's trigger query [T, 1, C, H, W]."""
+    return query_x[torch.arange(query_x.shape[0]), trigger.index.to(query_x.device)].unsqueeze(1)
+
+
+@dataclass
+class EpsilonOutcome:
+    """Per-task results of one ε: BA (without and with the trigger) and ASR indicators of the
+    backdoor, ASP's accuracy, and the PGD loss curves [L, T]; plus the poisoned supports of the
+    first tasks, for figures."""
+
+    backdoor_accuracy: Tensor
+    backdoor_accuracy_all_queries: Tensor
+    attack_success: Tensor
+    asp_accuracy: Tensor | None
+    backdoor_losses: Tensor
+    asp_losses: Tensor | None
+    examples: Tensor
+
+
+def attack_tasks(
+    forward: TaskForward, theta: Params, episodes: Episodes, trigger: TriggerChoice,
+    backdoor: SupportBackdoor, asp: AdversarialSupportPoisoning | None, finetune_steps: int,
+    finetune_lr: float, seed: int, examples: int = 4, protocol: Protocol = "transductive",
+) -> EpsilonOutcome:
+    """Run the backdoor (and ASP) on a chunk of tasks and measure the victim's outcomes."""
+    g = torch.Generator().manual_seed(seed)
+    sx, sy, qx, qy = episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
+    bd = backdoor.poison(sx, sy, trigger_images(qx, trigger), trigger.target.to(sx.device),
+                         generator=g)
+    out = victim_outcomes(forward, theta, bd.support_x, sy, episodes, trigger, finetune_steps,
+                          finetune_lr, protocol)
+    asp_acc = asp_losses = None
+    if asp is not None:
+        res = asp.poison(sx, sy, qx, qy, generator=g)
+        asp_logits = finetune_and_predict(forward, theta, res.support_x, sy, qx, finetune_steps, finetune_lr)
+        asp_acc, asp_losses = task_outcomes(asp_logits, qy, trigger).accuracy, res.losses.cpu()
+    return EpsilonOutcome(out.accuracy_without_trigger, out.accuracy, out.trigger_hits_target,
+                          asp_acc, bd.losses.cpu(), asp_losses,
+                          bd.support_x[:examples].detach().cpu())
+
+
+@dataclass(frozen=True)
+class EpsilonRow:
+    """The measured numbers at one ε (fractions in [0, 1], each with its 95% CI half-width);
+    the ASP fields are None where ASP did not run."""
+
+    epsilon: float
+    backdoor_accuracy: float
+    backdoor_accuracy_ci95: float
+    backdoor_accuracy_all_queries: float
+    backdoor_accuracy_all_queries_ci95: float
+    attack_success_rate: float
+    attack_success_rate_ci95: float
+    asp_accuracy: float | None
+    asp_accuracy_ci95: float | None
+    final_pgd_loss: float
+
+    def metrics(self) -> dict[str, Any]:
+        """The row as in metrics.json (no ASP keys where ASP did not run)."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("asp_accuracy", "asp_accuracy_ci95")}
+
+
+@dataclass(frozen=True)
+class EpsilonTrace:
+    """For figures, at one ε: the backdoor's PGD loss per iteration and task [L, T] and the
+    poisoned support sets of the first tasks [E, n, C, H, W]."""
+
+    losses: Tensor
+    examples: Tensor
+
+
+@dataclass(frozen=True)
+class FewShotResult:
+    """What the evaluation measured: CA, how the clean model classifies the trigger, the rows per
+    ε and the headline row (the ε closest to the configured headline budget). `traces` and
+    `clean_examples` (the clean support sets of the first tasks) are for figures; a result read
+    back from metrics.json has none."""
+
+    tasks: int
+    protocol: str
+    attacker_trigger_batch: str
+    attacker_keep_support: float
+    clean_accuracy: float
+    clean_accuracy_ci95: float
+    clean_trigger_to_target_rate: float
+    clean_trigger_to_target_rate_ci95: float
+    clean_trigger_accuracy: float
+    clean_trigger_accuracy_ci95: float
+    per_epsilon: list[EpsilonRow]
+    headline: EpsilonRow
+    traces: dict[float, EpsilonTrace] | None = field(default=None, compare=False)
+    clean_examples: Tensor | None = field(default=None, compare=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """The run's metrics.json entries (the experiment adds data set and timing)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name not in ("per_epsilon", "headline", "traces",
+                                                 "clean_examples")}
+        h = self.headline
+        out["per_epsilon"] = [r.metrics() for r in self.per_epsilon]
+        out["headline"] = {"epsilon": h.epsilon, "clean_accuracy": self.clean_accuracy,
+                           "backdoor_accuracy": h.backdoor_accuracy,
+                           "attack_success_rate": h.attack_success_rate}
+        if h.asp_accuracy is not None:
+            out["asp_accuracy"] = h.asp_accuracy
+            out["asp_accuracy_ci95"] = h.asp_accuracy_ci95
+            out["headline"]["asp_accuracy"] = h.asp_accuracy
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> FewShotResult:
+        """The result back from `metrics()` output (a run's metrics.json), without traces."""
+        names = [f.name for f in fields(EpsilonRow)]
+        rows = [EpsilonRow(**{k: r.get(k) for k in names}) for r in metrics["per_epsilon"]]
+        headline = next(r for r in rows if r.epsilon == metrics["headline"]["epsilon"])
+        scalars = {f.name: metrics[f.name] for f in fields(cls)
+                   if f.name not in ("per_epsilon", "headline", "traces", "clean_examples")}
+        return cls(**scalars, per_epsilon=rows, headline=headline)
+
+
+def evaluate_attacks(
+    forward: TaskForward, theta: Params, test: FewShotData, meta: MetaTrainConfig,
+    cfg: FewShotEvalConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> FewShotResult:
+    """CA on `cfg.tasks` clean meta-test tasks (`meta.ways`-way `meta.shots`-shot), then the
+    backdoor (and ASP) at every ε of `cfg.epsilons` on the same tasks and triggers.
+
+    Tasks are processed in chunks of `cfg.task_batch`, one thread per core on a CPU.
+    """
+    sampler = EpisodeSampler(test, meta.ways, meta.shots, meta.queries, rotate=False, seed=seed)
+    episodes = sampler.sample_fixed(cfg.tasks, seed=seed + 2)
+    triggers = choose_triggers(episodes.query_y, meta.ways, seed=seed + 3)
+    n_chunks = -(-cfg.tasks // cfg.task_batch)
+    with progress_bar(n_chunks, "attacking", enabled=progress) as bar:
+
+        def one(sl: slice) -> tuple[TaskOutcome, dict[float, EpsilonOutcome]]:
+            part = _chunk(episodes, sl.start, cfg.task_batch, device)
+            trig = triggers.part(slice(sl.start, sl.start + cfg.task_batch))
+            clean = victim_outcomes(forward, theta, part.support_x, part.support_y, part, trig,
+                                    cfg.finetune_steps, cfg.finetune_lr, cfg.protocol)
+            per_eps = {}
+            for e, eps in enumerate(cfg.epsilons):
+                backdoor, asp = attackers(forward, theta, cfg, eps)
+                per_eps[eps] = attack_tasks(
+                    forward, theta, part, trig, backdoor, asp, cfg.finetune_steps,
+                    cfg.finetune_lr, seed=seed * 1000003 + sl.start * 101 + e,
+                    protocol=cfg.protocol)
+            bar.advance()
+            return clean, per_eps
+
+        results = map_task_chunks(one, cfg.tasks, cfg.task_batch, default_workers(device))
+    outcomes = {eps: [r[1][eps] for r in results] for eps in cfg.epsilons}
+    return summarize(cfg, [r[0] for r in results], outcomes, episodes.support_x[:4])
+
+
+def attackers(forward: TaskForward, theta: Params, cfg: FewShotEvalConfig, epsilon: float,
+              ) -> tuple[SupportBackdoor, AdversarialSupportPoisoning | None]:
+    """The backdoor and (where it runs) ASP at budget `epsilon`."""
+    backdoor = SupportBackdoor(forward, theta, config=cfg.backdoor_config(epsilon))
+    asp_cfg = cfg.asp_config(epsilon)
+    asp = None if asp_cfg is None else AdversarialSupportPoisoning(forward, theta, config=asp_cfg)
+    return backdoor, asp
+
+
+def _chunk(ep: Episodes, start: int, size: int, device: torch.device | str) -> Episodes:
+    sl = slice(start, start + size)
+    return Episodes(ep.support_x[sl], ep.support_y[sl], ep.query_x[sl], ep.query_y[sl],
+                    ep.classes[sl]).to(device)
+
+
+def summarize(cfg: FewShotEvalConfig, clean: list[TaskOutcome],
+              outcomes: dict[float, list[EpsilonOutcome]],
+              clean_examples: Tensor | None = None) -> FewShotResult:
+    """CA, the clean trigger rates and one row per ε from the outcomes of every chunk."""
+    ca, ca_ci = mean_ci95(torch.cat([c.accuracy for c in clean]))
+    base, base_ci = mean_ci95(torch.cat([c.trigger_hits_target for c in clean]))
+    trig_acc, trig_acc_ci = mean_ci95(torch.cat([c.trigger_correct for c in clean]))
+    rows, traces = [], {}
+    for eps, parts in outcomes.items():
+        ba, ba_ci = mean_ci95(torch.cat([p.backdoor_accuracy for p in parts]))
+        ba_all, ba_all_ci = mean_ci95(torch.cat([p.backdoor_accuracy_all_queries for p in parts]))
+        asr, asr_ci = mean_ci95(torch.cat([p.attack_success for p in parts]))
+        asp = asp_ci = None
+        if parts[0].asp_accuracy is not None:
+            asp, asp_ci = mean_ci95(torch.cat([p.asp_accuracy for p in parts]))
+        loss = torch.cat([p.backdoor_losses for p in parts], dim=1)
+        rows.append(EpsilonRow(eps, ba, ba_ci, ba_all, ba_all_ci, asr, asr_ci, asp, asp_ci,
+                               float(loss[-1].mean())))
+        traces[eps] = EpsilonTrace(loss, parts[0].examples)
+    headline = min(rows, key=lambda r: abs(r.epsilon - cfg.epsilon))
+    return FewShotResult(
+        cfg.tasks, cfg.protocol, cfg.attacker_trigger_batch(), cfg.keep_support, ca, ca_ci,
+        base, base_ci, trig_acc, trig_acc_ci, rows, headline, traces, clean_examples)
