@@ -34,9 +34,10 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class Settings(BaseModel):
-    """Base of every settings model: unknown keys are errors, the model is frozen once valid."""
+    """Base of every settings model: unknown keys are errors, numbers are finite (no NaN or
+    infinity: no check is ever true against NaN), the model is frozen once valid."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:

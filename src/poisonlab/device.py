@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 
 
@@ -22,10 +24,6 @@ def default_device() -> torch.device:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed torch (all devices) and numpy; return a CPU generator seeded with `seed`."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

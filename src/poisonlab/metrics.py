@@ -6,6 +6,9 @@ import math
 
 import torch
 from scipy import stats
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from poisonlab.errors import ConfigError, DataError
 
 
 def mean_ci95(values: torch.Tensor | list[float]) -> tuple[float, float]:
@@ -41,8 +44,6 @@ MEMBERSHIP_FPRS = (0.001, 0.01)
 
 def _roc_inputs(scores, labels) -> tuple:
     """Scores and 0/1 labels as flat NumPy arrays, checked (one-line DataError on bad input)."""
-    from poisonlab.errors import DataError
-
     s = torch.as_tensor(scores).detach().double().flatten().cpu()
     y = torch.as_tensor(labels).detach().flatten().cpu()
     if s.numel() != y.numel():
@@ -58,8 +59,6 @@ def _roc_inputs(scores, labels) -> tuple:
 
 def roc_points(scores, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fpr, tpr, thresholds) of every threshold, from sklearn.metrics.roc_curve."""
-    from sklearn.metrics import roc_curve
-
     s, y = _roc_inputs(scores, labels)
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     return torch.from_numpy(fpr), torch.from_numpy(tpr), torch.from_numpy(thr)
@@ -67,8 +66,6 @@ def roc_points(scores, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve (ties count one half), sklearn.metrics.roc_auc_score."""
-    from sklearn.metrics import roc_auc_score
-
     s, y = _roc_inputs(scores, labels)
     return float(roc_auc_score(y, s))
 
@@ -77,8 +74,6 @@ def tpr_at_fpr(scores, labels, fpr: float) -> float:
     """TPR at the largest threshold whose false-positive rate is at most `fpr` (Carlini et al.
     2022 report this at 0.1%); 0.0 when every threshold exceeds it."""
     if not 0.0 <= fpr <= 1.0:
-        from poisonlab.errors import ConfigError
-
         raise ConfigError(f"fpr must be in [0, 1], got {fpr}")
     f, t, _ = roc_points(scores, labels)
     ok = f <= fpr + 1e-12

@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from poisonlab import __version__
+from poisonlab.cli import audit, data, run, runs
 from poisonlab.errors import PoisonlabError
 
 app = typer.Typer(
@@ -25,14 +27,10 @@ def _root() -> None:
 @app.command()
 def version() -> None:
     """Print the poisonlab version."""
-    from poisonlab import __version__
-
     print(__version__)
 
 
 def _register_all() -> None:
-    from poisonlab.cli import audit, data, run, runs
-
     for module in (run, data, runs, audit):
         module.register(app)
 

@@ -13,6 +13,9 @@ from typing import Annotated
 
 import typer
 
+from poisonlab.data.download import download_dataset
+from poisonlab.data.registry import check_name, default_data_dir, describe_dataset, load_dataset
+
 data_app = typer.Typer(name="data", help="Inspect and download data sets.", no_args_is_help=True)
 
 DirOption = Annotated[
@@ -50,8 +53,6 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ) -> None:
     """Load a data set and print its classes, split sizes, image shape and value range."""
-    from poisonlab.data.registry import check_name, describe_dataset, load_dataset
-
     check_name(name)
     start = time.perf_counter()
     data = load_dataset(name, data_dir)
@@ -72,9 +73,6 @@ def download_command(
     ] = None,
 ) -> None:
     """Download the official files of a data set, verifying their checksums."""
-    from poisonlab.data.download import download_dataset
-    from poisonlab.data.registry import default_data_dir
-
     dest = data_dir if data_dir is not None else default_data_dir(name)
     for action in download_dataset(name, dest, base_url=mirror):
         print(action)

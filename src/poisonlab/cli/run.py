@@ -13,7 +13,7 @@ from poisonlab.config import replace, resolve_config, validate_config
 from poisonlab.errors import ConfigError
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.runs import Run
-from poisonlab.runs.record import to_jsonable
+from poisonlab.runs.layout import to_jsonable
 
 OutOpt = typer.Option(None, "--out", "-o", help="Root folder of run directories (default ./runs or $POISONLAB_RUNS).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides the config's).")

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from poisonlab.data.image_folder import load_image_folder
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import DataError
 
@@ -38,8 +40,6 @@ def load_records(path: str | Path) -> tuple[ImageSet, list[str] | None]:
 
 def save_records(path: str | Path, records: ImageSet, dtype: torch.dtype = torch.uint8) -> Path:
     """Write records as a safetensors record file; uint8 (default) rounds images to 1/255."""
-    from safetensors.torch import save_file
-
     if dtype not in (torch.uint8, torch.float16, torch.float32, torch.float64):
         raise DataError(f"record images are stored as uint8 or float, not {dtype}")
     x = records.x.detach().cpu()
@@ -52,8 +52,6 @@ def save_records(path: str | Path, records: ImageSet, dtype: torch.dtype = torch
 
 
 def _load_safetensors(path: Path) -> ImageSet:
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types, OSError and ValueError
@@ -99,8 +97,6 @@ def _labels(y: torch.Tensor, x: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 def _load_folder(root: Path) -> tuple[ImageSet, list[str]]:
-    from poisonlab.data.image_folder import load_image_folder
-
     images, classes = load_image_folder(root)
     if all(name.isdigit() for name in classes):
         mapping = torch.tensor([int(name) for name in classes], dtype=torch.long)

@@ -12,11 +12,16 @@ from typing import Any
 
 import torch
 
+from poisonlab.data.cifar10 import load_cifar10
+from poisonlab.data.glyphs import load_glyph_supervised, load_glyphs
+from poisonlab.data.mnist import load_mnist
+from poisonlab.data.omniglot import load_omniglot
 from poisonlab.data.types import FewShotData, SupervisedData
 from poisonlab.errors import DataError
 
 DATASETS = ("omniglot", "cifar10", "mnist", "glyphs")
 DOWNLOADABLE = ("omniglot", "cifar10", "mnist")
+SUPERVISED = ("cifar10", "mnist", "glyphs")
 
 
 def check_name(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
@@ -46,22 +51,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> FewShotData |
     supervised train/test sets."""
     check_name(name)
     if name == "glyphs":
-        try:
-            from poisonlab.data.glyphs import load_glyphs
-        except ImportError as exc:
-            raise DataError(f"the embedded glyph set is not available: {exc}") from exc
         return load_glyphs()
     path = resolve_data_dir(name, data_dir)
     if name == "omniglot":
-        from poisonlab.data.omniglot import load_omniglot
-
         return load_omniglot(path)
     if name == "cifar10":
-        from poisonlab.data.cifar10 import load_cifar10
-
         return load_cifar10(path)
-    from poisonlab.data.mnist import load_mnist
-
     return load_mnist(path)
 
 
@@ -103,3 +98,12 @@ def describe_dataset(data: FewShotData | SupervisedData) -> dict[str, Any]:
             "value_range": _value_range(data.train.x, data.test.x),
         }
     raise DataError(f"cannot describe {type(data).__name__}: not a poisonlab data set")
+
+
+def load_supervised(name: str, data_dir: str | Path | None = None, *, seed: int = 0) -> SupervisedData:
+    """A supervised train/test set by name: cifar10 or mnist from `data_dir`, or the embedded
+    glyph set (no files; its splits are shuffled by `seed`)."""
+    check_name(name, SUPERVISED)
+    if name == "glyphs":
+        return load_glyph_supervised(seed=seed)
+    return load_dataset(name, data_dir)

@@ -50,6 +50,12 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.x[index], self.y[index])
 
+    def downsampled(self, factor: int) -> ImageSet:
+        """The images average-pooled by `factor` (itself when factor is 1)."""
+        if factor == 1:
+            return self
+        return ImageSet(torch.nn.functional.avg_pool2d(self.x, factor), self.y)
+
 
 @dataclass
 class SupervisedData:

@@ -6,40 +6,8 @@ A builder is `fn(num_classes: int, in_channels: int, **kwargs) -> nn.Module`. Cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+# Importing an architecture's module registers it.
+from poisonlab.models import cnn4, resnet_cifar, small_cnn  # noqa: F401
+from poisonlab.models.registry import Builder, available_models, build_model, register_model
 
-from torch import nn
-
-from poisonlab.errors import ConfigError
-
-Builder = Callable[..., nn.Module]
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `fn` under `name`."""
-
-    def decorate(fn: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorate
-
-
-def available_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build architecture `name`; unknown names get a one-line error listing the known ones."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown architecture '{name}' (known: {', '.join(available_models())})")
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-
-# Architectures register themselves on import.
-from poisonlab.models import cnn4, resnet_cifar, small_cnn  # noqa: E402,F401
+__all__ = ["Builder", "available_models", "build_model", "register_model"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poisonlab.models import register_model
+from poisonlab.models.registry import register_model
 
 LAYERS = 4
 BN_EPS = 1e-3  # as in the reference few-shot code

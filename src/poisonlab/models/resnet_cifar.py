@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.errors import ConfigError
-from poisonlab.models import register_model
+from poisonlab.models.registry import register_model
 
 DEPTHS = (20, 32, 44, 56, 110)
 

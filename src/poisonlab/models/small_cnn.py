@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from poisonlab.errors import ConfigError
-from poisonlab.models import register_model
+from poisonlab.models.registry import register_model
 
 
 class SmallCNN(nn.Module):

@@ -18,7 +18,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from poisonlab.errors import RunError
-from poisonlab.runs.record import atomic_write_text
+from poisonlab.runs.layout import atomic_write_text
 
 _MIME = {
     ".png": "image/png",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from poisonlab.errors import RunError
+from poisonlab.runs.layout import read_run_dir, runs_root
 
 INDEX_NAME = "index.sqlite"
 COLUMNS = ("run_id", "experiment", "config_hash", "status", "started", "ended", "headline", "path")
@@ -130,8 +131,6 @@ def _row(info: Mapping[str, Any], headline: Mapping[str, Any], path: Path) -> tu
 
 def list_runs(root: Path | str | None = None, experiment: str | None = None) -> list[dict]:
     """Indexed runs (oldest first) whose directory still exists; rebuilds a missing index."""
-    from poisonlab.runs.record import runs_root
-
     root = runs_root(root)
     if not root.is_dir():
         return []
@@ -153,8 +152,6 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None) -> 
 
 def rebuild_index(root: Path | str | None = None) -> int:
     """Recreate the index from the run.json and metrics.json of every run directory."""
-    from poisonlab.runs.record import read_run_dir, runs_root
-
     root = runs_root(root)
     rows = []
     for run_json in sorted(root.glob("*/run.json")):

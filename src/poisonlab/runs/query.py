@@ -9,7 +9,7 @@ from typing import Any
 
 from poisonlab.errors import RunError
 from poisonlab.runs.index import flatten_numbers
-from poisonlab.runs.record import _read_yaml, read_run_dir, resolve_run_dir, runs_root
+from poisonlab.runs.layout import read_run_dir, read_yaml, resolve_run_dir, runs_root
 
 
 def get_run(root: Path | str | None, run_id: str) -> dict[str, Any]:
@@ -20,7 +20,7 @@ def get_run(root: Path | str | None, run_id: str) -> dict[str, Any]:
     return {
         **info,
         "path": str(path.resolve()),
-        "config": _read_yaml(path / "config.yaml") if (path / "config.yaml").exists() else {},
+        "config": read_yaml(path / "config.yaml") if (path / "config.yaml").exists() else {},
         "metrics": metrics,
         "checkpoints": sorted(p.stem for p in (path / "checkpoints").glob("*.safetensors")),
         "figures": sorted(p.name for p in (path / "figures").glob("*") if p.is_file()),

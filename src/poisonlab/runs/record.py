@@ -22,7 +22,6 @@ import re
 import secrets
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import warnings
@@ -33,26 +32,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel
 from torch import Tensor
 
+import poisonlab
 from poisonlab.config import config_hash, dump_yaml
+from poisonlab.device import default_device
 from poisonlab.errors import RunError
 from poisonlab.runs import index
 from poisonlab.runs.checkpoints import load_weights, pack_state, save_weights, unpack_state
+from poisonlab.runs.layout import (  # noqa: F401  (re-exported: the run-record API)
+    atomic_write_text,
+    read_json,
+    read_run_dir,
+    read_yaml,
+    resolve_run_dir,
+    runs_root,
+    to_jsonable,
+)
 
 STATUSES = ("created", "running", "completed", "interrupted", "failed")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _META_KEY = "poisonlab.meta"
 _STATE_KEY = "poisonlab.state"
-
-
-def runs_root(root: Path | str | None = None) -> Path:
-    """`root`, else $POISONLAB_RUNS, else ./runs."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("POISONLAB_RUNS") or "runs")
 
 
 def _now() -> str:
@@ -119,7 +121,7 @@ class Run:
         """Reopen an existing run (by path, id or unique id prefix) with resumed=True."""
         path = resolve_run_dir(run_id_or_path, root)
         info, _ = read_run_dir(path)
-        config = _read_yaml(path / "config.yaml")
+        config = read_yaml(path / "config.yaml")
         return cls(path, info, config, resumed=True)
 
     # --- records -------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class Run:
     def _save_info(self) -> None:
         atomic_write_text(self.path / "run.json", json.dumps(self.info, indent=2) + "\n")
         metrics = (
-            _read_json(self.path / "metrics.json") if (self.path / "metrics.json").exists() else {}
+            read_json(self.path / "metrics.json") if (self.path / "metrics.json").exists() else {}
         )
         self._update_index(metrics)
 
@@ -263,9 +265,6 @@ def _check_name(name: str, kind: str) -> None:
 
 def environment() -> dict[str, Any]:
     """Versions and place of this process: what run.json records beside the config."""
-    import poisonlab
-    from poisonlab.device import default_device
-
     return {
         "git_revision": _source_revision(),
         "poisonlab_version": poisonlab.__version__,
@@ -279,8 +278,6 @@ def environment() -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def _source_revision() -> str | None:
     """`git rev-parse HEAD` of the poisonlab source tree (with '+dirty'), or None without git."""
-    import poisonlab
-
     here = Path(poisonlab.__file__).resolve().parent
     try:
         head = subprocess.run(
@@ -298,75 +295,3 @@ def _source_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tensors and NumPy values become numbers or lists; paths become strings."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist") and type(value).__module__ == "numpy":
-        return value.tolist()
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace: never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {path}: {exc}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
-    return data or {}
-
-
-def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run.json, metrics.json or {}) of a run directory."""
-    info = _read_json(path / "run.json")
-    if not isinstance(info, dict) or "id" not in info or "experiment" not in info:
-        raise RunError(f"{path / 'run.json'} is not a run record")
-    metrics_file = path / "metrics.json"
-    metrics = _read_json(metrics_file) if metrics_file.exists() else {}
-    return info, metrics if isinstance(metrics, dict) else {}
-
-
-def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) -> Path:
-    """The directory of a run given as a path, an id or a unique id prefix under `root`."""
-    given = Path(run_id_or_path)
-    if (given / "run.json").is_file():
-        return given
-    base = runs_root(root)
-    key = str(run_id_or_path)
-    if "/" not in key and (base / key / "run.json").is_file():
-        return base / key
-    matches = sorted(p.parent for p in base.glob("*/run.json") if p.parent.name.startswith(key))
-    if len(matches) == 1 and key:
-        return matches[0]
-    if len(matches) > 1 and key:
-        names = ", ".join(p.name for p in matches[:5]) + (", ..." if len(matches) > 5 else "")
-        raise RunError(f"run id prefix '{key}' is ambiguous under {base}: {names}")
-    raise RunError(f"no run '{key}' under {base}")

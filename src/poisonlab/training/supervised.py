@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from torch import nn
 from pydantic import Field
+from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.config import Settings
@@ -24,6 +24,7 @@ from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ModelFileError
 from poisonlab.progress import progress_bar
+
 
 class TrainConfig(Settings):
     """Settings of one supervised training run (the seed and device are arguments of

@@ -1,0 +1,99 @@
+"""Run directories on disk: where they live, how they are read and found, atomic writes.
+
+The lowest layer of poisonlab.runs: the index (a mirror of the directories) and the run
+record both build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from torch import Tensor
+
+from poisonlab.errors import RunError
+
+
+def runs_root(root: Path | str | None = None) -> Path:
+    """`root`, else $POISONLAB_RUNS, else ./runs."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("POISONLAB_RUNS") or "runs")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors and NumPy values become numbers or lists; paths become strings."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":
+        return value.tolist()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and os.replace: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    return data or {}
+
+
+def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run.json, metrics.json or {}) of a run directory."""
+    info = read_json(path / "run.json")
+    if not isinstance(info, dict) or "id" not in info or "experiment" not in info:
+        raise RunError(f"{path / 'run.json'} is not a run record")
+    metrics_file = path / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    return info, metrics if isinstance(metrics, dict) else {}
+
+
+def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) -> Path:
+    """The directory of a run given as a path, an id or a unique id prefix under `root`."""
+    given = Path(run_id_or_path)
+    if (given / "run.json").is_file():
+        return given
+    base = runs_root(root)
+    key = str(run_id_or_path)
+    if "/" not in key and (base / key / "run.json").is_file():
+        return base / key
+    matches = sorted(p.parent for p in base.glob("*/run.json") if p.parent.name.startswith(key))
+    if len(matches) == 1 and key:
+        return matches[0]
+    if len(matches) > 1 and key:
+        names = ", ".join(p.name for p in matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise RunError(f"run id prefix '{key}' is ambiguous under {base}: {names}")
+    raise RunError(f"no run '{key}' under {base}")

@@ -1,0 +1,85 @@
+"""Every setting of every experiment is validated once, when the config is built: an
+out-of-range or non-finite value is refused with one line that names its dotted key."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import annotated_types as at
+import pytest
+from pydantic import BaseModel
+
+from poisonlab.config import Settings, replace, resolve_config
+from poisonlab.errors import ConfigError
+from poisonlab.experiments import EXPERIMENTS, get_experiment
+
+
+def _bounded_fields(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, annotation, constraint) of every numeric field with a bound, recursively."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _bounded_fields(ann, key + ".")
+            continue
+        for bound in field.metadata:
+            if isinstance(bound, (at.Ge, at.Gt, at.Le, at.Lt)):
+                yield key, ann, bound
+
+
+def _outside(ann: Any, bound) -> Any:
+    """A value just outside `bound` (of the field's type where that is an int)."""
+    integral = ann is int or ann == (int | None)
+    if isinstance(bound, at.Ge):
+        return bound.ge - 1 if integral else bound.ge - 0.5
+    if isinstance(bound, at.Gt):
+        return bound.gt
+    if isinstance(bound, at.Le):
+        return bound.le + 1 if integral else bound.le + 0.5
+    return bound.lt
+
+
+CASES = [(name, key, _outside(ann, bound))
+         for name in EXPERIMENTS
+         for key, ann, bound in _bounded_fields(get_experiment(name).Config)]
+
+
+def test_every_experiment_has_bounded_settings():
+    for name in EXPERIMENTS:
+        assert any(case[0] == name for case in CASES), name
+
+
+@pytest.mark.parametrize("experiment, key, value", CASES,
+                         ids=[f"{c[0]}:{c[1]}={c[2]}" for c in CASES])
+def test_an_out_of_range_value_is_refused_once_naming_its_key(experiment, key, value):
+    exp = get_experiment(experiment)
+    with pytest.raises(ConfigError) as info:
+        resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={value}"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.count(f"{key}:") == 1, message
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(experiment, value):
+    exp = get_experiment(experiment)
+    key, ann, _ = next(c for c in _bounded_fields(exp.Config) if c[1] is float)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={value}"])
+
+
+class _Demo(Settings):
+    rate: float = 0.5
+
+
+def test_settings_are_frozen_and_replace_validates_again():
+    demo = _Demo()
+    with pytest.raises(Exception, match="frozen"):
+        demo.rate = 2.0  # type: ignore[misc]
+    assert replace(demo, rate=0.25).rate == 0.25 and demo.rate == 0.5
+    with pytest.raises(ConfigError, match="rate"):
+        replace(demo, rate=math.nan)
+    with pytest.raises(ConfigError, match="invalid _Demo: rate"):
+        _Demo(rate="fast")
