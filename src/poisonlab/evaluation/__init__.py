@@ -1,0 +1,1 @@
+"""Evaluation protocols: techniques in, measured numbers out."""
