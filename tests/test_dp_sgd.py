@@ -9,8 +9,8 @@ import torch
 
 from poisonlab.data.glyphs import load_glyph_supervised
 from poisonlab.data.types import ImageSet
-from poisonlab.defenses.dp_sgd import DPSGDConfig, dp_compatible, train_dp_sgd
-from poisonlab.errors import ConfigError
+from poisonlab.defenses.dp_sgd import DPSGD, DPSGDResult, dp_compatible
+from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.models import build_model
 from poisonlab.training.supervised import evaluate
 
@@ -24,9 +24,13 @@ def glyphs():
     return ImageSet(pool(data.train.x, 2), data.train.y), ImageSet(pool(data.test.x, 2), data.test.y)
 
 
-def _cfg(**kw) -> DPSGDConfig:
-    base = {"epochs": 4, "batch_size": 50, "lr": 0.5, "noise_multiplier": 0.7, "device": "cpu"}
-    return DPSGDConfig(**(base | kw))
+def _cfg(**kw) -> DPSGD.Config:
+    base = {"epochs": 4, "batch_size": 50, "lr": 0.5, "noise_multiplier": 0.7}
+    return DPSGD.Config(**(base | kw))
+
+
+def train_dp_sgd(model, train, cfg: DPSGD.Config, checkpoint=None) -> DPSGDResult:
+    return DPSGD(config=cfg, device="cpu").train(model, train, checkpoint=checkpoint)
 
 
 def test_trains_above_chance_and_reports_epsilon(glyphs):
@@ -106,17 +110,32 @@ def test_resumed_training_matches_uninterrupted(glyphs):
 @pytest.mark.parametrize(("options", "message"), [
     ({"noise_multiplier": None}, "exactly one of"),
     ({"target_epsilon": 1.0}, "exactly one of"),
-    ({"noise_multiplier": -1.0}, "noise_multiplier must be > 0"),
-    ({"delta": 1.5}, "delta must be in"),
-    ({"accountant": "moments"}, "accountant must be one of"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm > 0"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier:"),
+    ({"target_epsilon": 0.0, "noise_multiplier": None}, "target_epsilon:"),
+    ({"delta": 1.5}, "delta:"),
+    ({"delta": 0.0}, "delta:"),
+    ({"accountant": "moments"}, "accountant:"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm:"),
+    ({"epochs": 0}, "epochs:"),
+    ({"batch_size": 0}, "batch_size:"),
+    ({"lr": 0.0}, "lr:"),
+    ({"momentum": -0.1}, "momentum:"),
+    ({"schedule": "step"}, "schedule:"),
 ])
-def test_bad_settings_are_config_errors(options, message):
-    with pytest.raises(ConfigError, match=message):
-        _cfg(**options)
+def test_bad_settings_are_refused_once_naming_the_key(options, message):
+    for build in (lambda: _cfg(**options), lambda: DPSGD(config=_cfg(), **options)):
+        with pytest.raises(ConfigError) as info:
+            build()
+        text = str(info.value)
+        assert "\n" not in text and text.count(message) == 1, text
 
 
-def test_empty_training_set_is_a_config_error():
-    with pytest.raises(ConfigError, match="empty"):
+def test_config_of_another_kind_is_refused():
+    with pytest.raises(ConfigError, match="config must be a"):
+        DPSGD(config={"epochs": 1})
+
+
+def test_empty_training_set_is_a_shape_error():
+    with pytest.raises(ShapeError, match="empty"):
         train_dp_sgd(build_model("tiny_cnn", 10, 1),
                      ImageSet(torch.zeros(0, 1, 14, 14), torch.zeros(0, dtype=torch.long)), _cfg())
