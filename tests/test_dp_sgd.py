@@ -29,14 +29,14 @@ def _cfg(**kw) -> DPSGD.Config:
     return DPSGD.Config(**(base | kw))
 
 
-def train_dp_sgd(model, train, cfg: DPSGD.Config, checkpoint=None) -> DPSGDResult:
+def _train(model, train, cfg: DPSGD.Config, checkpoint=None) -> DPSGDResult:
     return DPSGD(config=cfg, device="cpu").train(model, train, checkpoint=checkpoint)
 
 
 def test_trains_above_chance_and_reports_epsilon(glyphs):
     train, test = glyphs
     torch.manual_seed(0)
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg())
+    result = _train(build_model("tiny_cnn", 10, 1), train, _cfg())
     assert evaluate(result.model, test) > 0.3  # chance is 0.1
     assert math.isfinite(result.epsilon) and result.epsilon > 0
     assert result.delta == pytest.approx(1 / len(train))
@@ -50,13 +50,13 @@ def test_trains_above_chance_and_reports_epsilon(glyphs):
     assert result.epsilon == pytest.approx(accountant.get_epsilon(result.delta))
     # More noise, smaller ε.
     torch.manual_seed(0)
-    noisier = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1, noise_multiplier=2.0))
+    noisier = _train(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1, noise_multiplier=2.0))
     assert noisier.epsilon < result.epsilon
 
 
 def test_batch_norm_is_replaced_and_the_weights_reload(glyphs):
     train, _ = glyphs
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1))
+    result = _train(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1))
     modules = list(result.model.modules())
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in modules)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in modules)
@@ -68,7 +68,7 @@ def test_batch_norm_is_replaced_and_the_weights_reload(glyphs):
 
 def test_target_epsilon_is_met(glyphs):
     train, _ = glyphs
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train,
+    result = _train(build_model("tiny_cnn", 10, 1), train,
                           _cfg(epochs=1, noise_multiplier=None, target_epsilon=3.0))
     assert 0 < result.epsilon <= 3.0 + 1e-6
     assert result.noise_multiplier > 0
@@ -93,14 +93,14 @@ def test_resumed_training_matches_uninterrupted(glyphs):
     train, _ = glyphs
     cfg = _cfg(epochs=2)
     torch.manual_seed(0)
-    whole = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=_Store())
+    whole = _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=_Store())
     store = _Store(stop_after=1)
     with pytest.raises(KeyboardInterrupt):
         torch.manual_seed(0)
-        train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
+        _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
     store.stop_after = None
     torch.manual_seed(0)
-    resumed = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
+    resumed = _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
     assert resumed.epsilon == pytest.approx(whole.epsilon)
     assert resumed.steps == whole.steps
     for key, value in whole.model.state_dict().items():
@@ -137,5 +137,5 @@ def test_config_of_another_kind_is_refused():
 
 def test_empty_training_set_is_a_shape_error():
     with pytest.raises(ShapeError, match="empty"):
-        train_dp_sgd(build_model("tiny_cnn", 10, 1),
+        _train(build_model("tiny_cnn", 10, 1),
                      ImageSet(torch.zeros(0, 1, 14, 14), torch.zeros(0, dtype=torch.long)), _cfg())

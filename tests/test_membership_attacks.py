@@ -42,7 +42,7 @@ NUM_SHADOWS = 8
 
 
 def _train(x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
-    """A small MLP trained to overfit (100% train accuracy, no regularisation)."""
+    """A small MLP trained to overfit (it fits its training set; no regularisation)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
     cfg = TrainConfig(
