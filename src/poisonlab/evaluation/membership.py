@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from poisonlab.data.types import SupervisedData
 from poisonlab.defenses.membership_outputs import OUTPUT_DEFENSES
 from poisonlab.device import default_device
 from poisonlab.evaluation.membership_config import StudyConfig
 from poisonlab.evaluation.membership_study import PLANS, Study, accuracy
 from poisonlab.metrics import membership_metrics
 from poisonlab.runs import Run
-from poisonlab.data.types import SupervisedData
 
 SUMMARY = ("attack_accuracy", "auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01")
 # name: the shadow attack's settings that differ from its one-MLP form
