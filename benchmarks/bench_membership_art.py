@@ -28,19 +28,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from poisonlab.attacks.membership import ShadowModelAttack, logit_confidence
+from poisonlab.attacks.membership import Queried, Reference, ShadowModelAttack, logit_confidence
 from poisonlab.data.registry import load_dataset
 from poisonlab.data.types import ImageSet
+from poisonlab.evaluation.membership_study import build, load_data, split_parts
+from poisonlab.experiments.membership import Config
 from poisonlab.metrics import membership_metrics
 from poisonlab.models import build_model
-from poisonlab.training.supervised import TrainConfig, evaluate, predict_proba, train_classifier
+from poisonlab.runs.checkpoints import load_weights
+from poisonlab.training.supervised import (
+    TrainConfig,
+    evaluate,
+    predict_logits,
+    predict_proba,
+    train_classifier,
+)
 
 DEFAULTS = {"mnist": ("small_cnn", 1000, 30), "cifar10": ("small_cnn", 2000, 25)}
 
@@ -71,8 +82,6 @@ def parse_args() -> argparse.Namespace:
 def data_dir(args: argparse.Namespace, dataset: str | None = None) -> Path | None:
     if args.data_dir is not None:
         return args.data_dir
-    import os
-
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / (dataset or args.dataset)
     return None if os.environ.get("POISONLAB_DATA") or not shared.is_dir() else shared
 
@@ -142,10 +151,10 @@ OURS = {"poisonlab ShadowModelAttack": {},
 
 
 def run_ours(name: str, target, shadow_probs, eval_set, truth, seed) -> dict:
-    probs, labels, member = shadow_probs
+    references = [Reference(Queried(y, probs=p), m) for p, y, m in zip(*shadow_probs, strict=True)]
     t0 = time.perf_counter()
-    attack = ShadowModelAttack(**OURS[name], seed=seed).fit(probs, labels, member)
-    scores = attack.infer(predict_proba(target, eval_set.x), eval_set.y)
+    attack = ShadowModelAttack(**OURS[name], seed=seed).fit(references)
+    scores = attack.score(attack.query(target, eval_set.x, eval_set.y))
     seconds = time.perf_counter() - t0
     return attack_row(name, scores, truth, seconds)
 
@@ -198,21 +207,16 @@ def shadow_features(shadows) -> tuple[list, list, list]:
 def run_models(args: argparse.Namespace):
     """The same, taken from a membership run: its target, its first shadow of the target's
     architecture (trained on shadow-in, shadow-out held out) and its split."""
-    import yaml
-
-    from poisonlab.experiments import membership
-    from poisonlab.runs.checkpoints import load_weights
-
-    cfg = membership.Config.model_validate(yaml.safe_load((args.run / "config.yaml").read_text()))
-    data, name = membership.load_data(cfg, data_dir(args, cfg.data.dataset))
-    parts = membership.split_parts(data.train, cfg.data.part_size, cfg.seed)
-    arch = cfg.train.arch
+    cfg = Config.model_validate(yaml.safe_load((args.run / "config.yaml").read_text()))
+    data, name = load_data(cfg, data_dir(args, cfg.data.dataset), cfg.seed)
+    parts = split_parts(data.train, cfg.data.part_size, cfg.seed)
+    arch = cfg.arch
 
     def model(key: str):
         path = args.run / "checkpoints" / f"model-{key}.safetensors"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: the run has not trained that model yet")
-        net = membership.build(arch, data)
+        net = build(arch, data)
         net.load_state_dict(load_weights(path)[0])
         return net.eval()
 
@@ -239,8 +243,6 @@ def main() -> None:
     rows += [run_ours(name, target, (probs, labels, member), eval_set, truth, args.seed)
              for name in OURS]
     t1 = time.perf_counter()
-    from poisonlab.training.supervised import predict_logits
-
     loss_scores = logit_confidence(predict_logits(target, eval_set.x), eval_set.y)
     rows.append(attack_row("loss threshold (reference, no shadows)", loss_scores, truth,
                            time.perf_counter() - t1, decision=False))

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from poisonlab.config import replace
+from poisonlab.data.mnist import load_mnist
 from poisonlab.models import build_model
 from poisonlab.training.batched_models import batch_indices, train_batched
 from poisonlab.training.supervised import TrainConfig, lr_at
@@ -161,16 +163,17 @@ def train_loop(model: nn.Module, x, y, batches: torch.Tensor, cfg: TrainConfig) 
     return model.state_dict()
 
 
-def train_sequential(name: str, x, y, idx, cfg: TrainConfig, rows: list[int]) -> list[dict]:
+def train_sequential(name: str, x, y, idx, cfg: TrainConfig, rows: list[int],
+                     seed: int) -> list[dict]:
     """Models `rows` trained one after another on their rows of `idx`; their state dicts."""
     return [train_loop(m, x, y, idx[i], cfg)
-            for i, m in zip(rows, seeded_models(name, rows, cfg.seed), strict=True)]
+            for i, m in zip(rows, seeded_models(name, rows, seed), strict=True)]
 
 
-def train_grouped(name: str, x, y, idx, cfg: TrainConfig) -> list[dict]:
+def train_grouped(name: str, x, y, idx, cfg: TrainConfig, seed: int) -> list[dict]:
     models = []
     for i in range(idx.shape[0]):
-        torch.manual_seed(cfg.seed + i)
+        torch.manual_seed(seed + i)
         models.append(build(name))
     grouped = GroupedModels(models)
     opt = _adam(grouped.parameters(), cfg)
@@ -199,9 +202,9 @@ def _worker_sequential(job) -> tuple[list[dict], float]:
 
 
 def _worker_vmap(job) -> tuple[list[dict], float]:
-    name, x, y, masks, cfg = job
+    name, x, y, masks, cfg, seed = job
     t0 = time.process_time()
-    states = [m.state_dict() for m in train_batched(Builder(name), x, y, masks, cfg)]
+    states = [m.state_dict() for m in train_batched(Builder(name), x, y, masks, cfg, seed=seed)]
     return states, time.process_time() - t0
 
 
@@ -214,19 +217,18 @@ def _collect(results) -> list[list[dict]]:
     return [states for states, _ in results]
 
 
-def _vmap_jobs(name, x, y, masks, cfg: TrainConfig, parts: list[list[int]]):
-    """One train_batched job per worker: its models' masks, cfg.seed shifted so model j of part
-    `rows` is seeded cfg.seed + rows[j] as in the full run (parts are contiguous ranges)."""
-    from dataclasses import replace
-
-    return [(name, x, y, masks[rows], replace(cfg, seed=cfg.seed + rows[0])) for rows in parts]
+def _vmap_jobs(name, x, y, masks, cfg: TrainConfig, seed: int, parts: list[list[int]]):
+    """One train_batched job per worker: its models' masks, the seed shifted so model j of part
+    `rows` is seeded seed + rows[j] as in the full run (parts are contiguous ranges)."""
+    return [(name, x, y, masks[rows], cfg, seed + rows[0]) for rows in parts]
 
 
-def train_threads(name: str, x, y, idx, cfg: TrainConfig, workers: int = 2) -> list[dict]:
+def train_threads(name: str, x, y, idx, cfg: TrainConfig, seed: int,
+                  workers: int = 2) -> list[dict]:
     """`workers` Python threads, each training every workers-th model with the plain loop (the
     models are built first, in order, since torch.manual_seed is global)."""
     k = idx.shape[0]
-    models = seeded_models(name, list(range(k)), cfg.seed)
+    models = seeded_models(name, list(range(k)), seed)
     states: list[dict | None] = [None] * k
 
     def run(w: int) -> None:
@@ -282,42 +284,42 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 def methods(pool) -> dict:
-    """method name -> fn(name, x, y, masks, cfg) returning the k trained state dicts."""
+    """method name -> fn(name, x, y, masks, cfg, seed) returning the k trained state dicts."""
 
-    def idx_of(masks, cfg):
-        return batch_indices(masks, cfg, torch.Generator().manual_seed(cfg.seed))
+    def idx_of(masks, cfg, seed):
+        return batch_indices(masks, cfg, torch.Generator().manual_seed(seed))
 
     def halves(k):
         return [list(range(w * k // 2, (w + 1) * k // 2)) for w in range(2)]
 
-    def procs_seq(name, x, y, masks, cfg):
-        idx, parts = idx_of(masks, cfg), halves(len(masks))
-        jobs = [(name, x, y, idx, cfg, rows) for rows in parts]
+    def procs_seq(name, x, y, masks, cfg, seed):
+        idx, parts = idx_of(masks, cfg, seed), halves(len(masks))
+        jobs = [(name, x, y, idx, cfg, rows, seed) for rows in parts]
         return _interleave(parts, _collect(pool.map(_worker_sequential, jobs)), len(masks))
 
-    def procs_vmap(name, x, y, masks, cfg):
+    def procs_vmap(name, x, y, masks, cfg, seed):
         parts = halves(len(masks))
-        states = _collect(pool.map(_worker_vmap, _vmap_jobs(name, x, y, masks, cfg, parts)))
+        states = _collect(pool.map(_worker_vmap, _vmap_jobs(name, x, y, masks, cfg, seed, parts)))
         return _interleave(parts, states, len(masks))
 
     return {
-        "sequential": lambda n, x, y, m, c: train_sequential(n, x, y, idx_of(m, c), c,
-                                                             list(range(len(m)))),
-        "vmap": lambda n, x, y, m, c: [s.state_dict() for s in train_batched(Builder(n), x, y, m,
-                                                                            c)],
-        "grouped": lambda n, x, y, m, c: train_grouped(n, x, y, idx_of(m, c), c),
+        "sequential": lambda n, x, y, m, c, s: train_sequential(n, x, y, idx_of(m, c, s), c,
+                                                                list(range(len(m))), s),
+        "vmap": lambda n, x, y, m, c, s: [mod.state_dict() for mod in
+                                          train_batched(Builder(n), x, y, m, c, seed=s)],
+        "grouped": lambda n, x, y, m, c, s: train_grouped(n, x, y, idx_of(m, c, s), c, s),
         "2 procs seq": procs_seq,
         "2 procs vmap": procs_vmap,
-        "2 threads seq": lambda n, x, y, m, c: train_threads(n, x, y, idx_of(m, c), c),
+        "2 threads seq": lambda n, x, y, m, c, s: train_threads(n, x, y, idx_of(m, c, s), c, s),
     }
 
 
 def bench_model(name: str, x, y, masks, cfg: TrainConfig, args, pool) -> dict:
-    k = masks.shape[0]
-    steps = batch_indices(masks, cfg, torch.Generator().manual_seed(cfg.seed)).shape[1]
+    k, seed = masks.shape[0], args.seed
+    steps = batch_indices(masks, cfg, torch.Generator().manual_seed(seed)).shape[1]
     samples = k * steps * cfg.batch_size
     probe = x[: args.probe]
-    warm = (masks[:, : 4 * cfg.batch_size], TrainConfig(**{**cfg.__dict__, "epochs": 1}))
+    warm = (masks[:, : 4 * cfg.batch_size], replace(cfg, epochs=1), seed)
     runs = [(m, fn, 1 if m.startswith("2 ") else t) for t in args.threads
             for m, fn in methods(pool).items() if m in args.methods
             and (not m.startswith("2 ") or t == args.threads[0])]
@@ -325,7 +327,7 @@ def bench_model(name: str, x, y, masks, cfg: TrainConfig, args, pool) -> dict:
     for method, fn, threads in runs:
         torch.set_num_threads(threads)
         fn(name, x[: warm[0].shape[1]], y[: warm[0].shape[1]], *warm)  # first-call costs
-        states, seconds, cpu = timed(lambda fn=fn: fn(name, x, y, masks, cfg), args.repeats)
+        states, seconds, cpu = timed(lambda fn=fn: fn(name, x, y, masks, cfg, seed), args.repeats)
         logits = logits_of(name, states, probe)
         if ref is None and method == "sequential":
             ref = logits
@@ -334,7 +336,7 @@ def bench_model(name: str, x, y, masks, cfg: TrainConfig, args, pool) -> dict:
                "samples_per_cpu_s": samples / cpu}
         if ref is not None:
             expect = ref if method != "2 procs vmap" else _vmap_reference(name, x, y, masks, cfg,
-                                                                        probe, ref)
+                                                                        seed, probe, ref)
             row.update(compare(expect, logits))
         rows.append(row)
     base = next((r["seconds"] for r in rows if r["method"] == "sequential"), None)  # first thread count
@@ -344,18 +346,18 @@ def bench_model(name: str, x, y, masks, cfg: TrainConfig, args, pool) -> dict:
             "methods": rows}
 
 
-def _vmap_reference(name, x, y, masks, cfg, probe, ref) -> torch.Tensor:
+def _vmap_reference(name, x, y, masks, cfg, seed, probe, ref) -> torch.Tensor:
     """Sequential logits on the batches the 2-process vmap workers drew (the first part draws
     the same batches as the full run; later parts restart the generator at their own seed)."""
     k = len(masks)
     halves = [list(range(w * k // 2, (w + 1) * k // 2)) for w in range(2)]
     out = [ref[halves[0]]]
     for rows in halves[1:]:
-        _, _, _, m, sub_cfg = _vmap_jobs(name, x, y, masks, cfg, [rows])[0]
-        idx = batch_indices(m, sub_cfg, torch.Generator().manual_seed(sub_cfg.seed))
-        sub = TrainConfig(**{**sub_cfg.__dict__, "seed": sub_cfg.seed - rows[0]})
+        _, _, _, m, _, sub_seed = _vmap_jobs(name, x, y, masks, cfg, seed, [rows])[0]
+        idx = batch_indices(m, cfg, torch.Generator().manual_seed(sub_seed))
         shifted = torch.cat([torch.zeros(rows[0], *idx.shape[1:], dtype=idx.dtype), idx])
-        out.append(logits_of(name, train_sequential(name, x, y, shifted, sub, rows), probe))
+        out.append(logits_of(name, train_sequential(name, x, y, shifted, cfg, rows,
+                                                     sub_seed - rows[0]), probe))
     return torch.cat(out)
 
 
@@ -388,8 +390,6 @@ def load_pool(args) -> tuple[torch.Tensor, torch.Tensor, str]:
     path = args.data_dir or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
     gen = torch.Generator().manual_seed(args.seed)
     if path.is_dir():
-        from poisonlab.data.mnist import load_mnist
-
         train = load_mnist(path).train
         order = torch.randperm(len(train), generator=gen)[:n]
         return train.x[order], train.y[order], f"MNIST ({path})"
@@ -421,7 +421,7 @@ def main() -> None:
     for i in range(args.k):
         masks[i, torch.randperm(len(y), generator=gen)[: args.records]] = True
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, optimizer="adam",
-                      weight_decay=0.0, schedule="cosine", seed=args.seed, device="cpu")
+                      weight_decay=0.0, schedule="cosine")
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=ctx, initializer=_worker_init) as pool:

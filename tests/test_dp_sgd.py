@@ -9,8 +9,8 @@ import torch
 
 from poisonlab.data.glyphs import load_glyph_supervised
 from poisonlab.data.types import ImageSet
-from poisonlab.defenses.dp_sgd import DPSGDConfig, dp_compatible, train_dp_sgd
-from poisonlab.errors import ConfigError
+from poisonlab.defenses.dp_sgd import DPSGD, DPSGDResult, dp_compatible
+from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.models import build_model
 from poisonlab.training.supervised import evaluate
 
@@ -24,15 +24,19 @@ def glyphs():
     return ImageSet(pool(data.train.x, 2), data.train.y), ImageSet(pool(data.test.x, 2), data.test.y)
 
 
-def _cfg(**kw) -> DPSGDConfig:
-    base = {"epochs": 4, "batch_size": 50, "lr": 0.5, "noise_multiplier": 0.7, "device": "cpu"}
-    return DPSGDConfig(**(base | kw))
+def _cfg(**kw) -> DPSGD.Config:
+    base = {"epochs": 4, "batch_size": 50, "lr": 0.5, "noise_multiplier": 0.7}
+    return DPSGD.Config(**(base | kw))
+
+
+def _train(model, train, cfg: DPSGD.Config, checkpoint=None) -> DPSGDResult:
+    return DPSGD(config=cfg, device="cpu").train(model, train, checkpoint=checkpoint)
 
 
 def test_trains_above_chance_and_reports_epsilon(glyphs):
     train, test = glyphs
     torch.manual_seed(0)
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg())
+    result = _train(build_model("tiny_cnn", 10, 1), train, _cfg())
     assert evaluate(result.model, test) > 0.3  # chance is 0.1
     assert math.isfinite(result.epsilon) and result.epsilon > 0
     assert result.delta == pytest.approx(1 / len(train))
@@ -46,13 +50,13 @@ def test_trains_above_chance_and_reports_epsilon(glyphs):
     assert result.epsilon == pytest.approx(accountant.get_epsilon(result.delta))
     # More noise, smaller ε.
     torch.manual_seed(0)
-    noisier = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1, noise_multiplier=2.0))
+    noisier = _train(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1, noise_multiplier=2.0))
     assert noisier.epsilon < result.epsilon
 
 
 def test_batch_norm_is_replaced_and_the_weights_reload(glyphs):
     train, _ = glyphs
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1))
+    result = _train(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=1))
     modules = list(result.model.modules())
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in modules)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in modules)
@@ -64,7 +68,7 @@ def test_batch_norm_is_replaced_and_the_weights_reload(glyphs):
 
 def test_target_epsilon_is_met(glyphs):
     train, _ = glyphs
-    result = train_dp_sgd(build_model("tiny_cnn", 10, 1), train,
+    result = _train(build_model("tiny_cnn", 10, 1), train,
                           _cfg(epochs=1, noise_multiplier=None, target_epsilon=3.0))
     assert 0 < result.epsilon <= 3.0 + 1e-6
     assert result.noise_multiplier > 0
@@ -89,14 +93,14 @@ def test_resumed_training_matches_uninterrupted(glyphs):
     train, _ = glyphs
     cfg = _cfg(epochs=2)
     torch.manual_seed(0)
-    whole = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=_Store())
+    whole = _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=_Store())
     store = _Store(stop_after=1)
     with pytest.raises(KeyboardInterrupt):
         torch.manual_seed(0)
-        train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
+        _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
     store.stop_after = None
     torch.manual_seed(0)
-    resumed = train_dp_sgd(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
+    resumed = _train(build_model("tiny_cnn", 10, 1), train, cfg, checkpoint=store)
     assert resumed.epsilon == pytest.approx(whole.epsilon)
     assert resumed.steps == whole.steps
     for key, value in whole.model.state_dict().items():
@@ -106,17 +110,32 @@ def test_resumed_training_matches_uninterrupted(glyphs):
 @pytest.mark.parametrize(("options", "message"), [
     ({"noise_multiplier": None}, "exactly one of"),
     ({"target_epsilon": 1.0}, "exactly one of"),
-    ({"noise_multiplier": -1.0}, "noise_multiplier must be > 0"),
-    ({"delta": 1.5}, "delta must be in"),
-    ({"accountant": "moments"}, "accountant must be one of"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm > 0"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier:"),
+    ({"target_epsilon": 0.0, "noise_multiplier": None}, "target_epsilon:"),
+    ({"delta": 1.5}, "delta:"),
+    ({"delta": 0.0}, "delta:"),
+    ({"accountant": "moments"}, "accountant:"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm:"),
+    ({"epochs": 0}, "epochs:"),
+    ({"batch_size": 0}, "batch_size:"),
+    ({"lr": 0.0}, "lr:"),
+    ({"momentum": -0.1}, "momentum:"),
+    ({"schedule": "step"}, "schedule:"),
 ])
-def test_bad_settings_are_config_errors(options, message):
-    with pytest.raises(ConfigError, match=message):
-        _cfg(**options)
+def test_bad_settings_are_refused_once_naming_the_key(options, message):
+    for build in (lambda: _cfg(**options), lambda: DPSGD(config=_cfg(), **options)):
+        with pytest.raises(ConfigError) as info:
+            build()
+        text = str(info.value)
+        assert "\n" not in text and text.count(message) == 1, text
 
 
-def test_empty_training_set_is_a_config_error():
-    with pytest.raises(ConfigError, match="empty"):
-        train_dp_sgd(build_model("tiny_cnn", 10, 1),
+def test_config_of_another_kind_is_refused():
+    with pytest.raises(ConfigError, match="config must be a"):
+        DPSGD(config={"epochs": 1})
+
+
+def test_empty_training_set_is_a_shape_error():
+    with pytest.raises(ShapeError, match="empty"):
+        _train(build_model("tiny_cnn", 10, 1),
                      ImageSet(torch.zeros(0, 1, 14, 14), torch.zeros(0, dtype=torch.long)), _cfg())

@@ -1,5 +1,6 @@
 """Membership attacks on a deliberately overfit target: better than chance on its training records,
-near chance on records it never saw. Output-side defences and input checks."""
+near chance on records it never saw. The attack contract and registry, output-side defences,
+settings and input checks."""
 
 from __future__ import annotations
 
@@ -8,23 +9,31 @@ import torch
 from torch import nn
 
 from poisonlab.attacks.membership import (
+    MEMBERSHIP_ATTACKS,
     LabelOnlyAttack,
     LiRA,
+    MembershipAttack,
+    Queried,
+    Reference,
     ShadowModelAttack,
     ThresholdAttack,
-    default_augmentations,
+    get_attack,
+    label_oracle,
     logit_confidence,
     random_halves,
 )
-from poisonlab.attacks.membership.label_only import label_oracle, shift
+from poisonlab.attacks.membership.label_only import shift
 from poisonlab.data.glyphs import load_glyph_supervised
+from poisonlab.data.types import ImageSet
 from poisonlab.defenses.membership_outputs import (
-    apply_output_defense,
-    labels_only,
-    round_scores,
-    top_k,
+    OUTPUT_DEFENSES,
+    LabelsOnly,
+    NoDefense,
+    Rounding,
+    TopK,
+    get_output_defense,
 )
-from poisonlab.errors import ConfigError, DataError
+from poisonlab.errors import ConfigError, DataError, ShapeError
 from poisonlab.metrics import roc_auc
 from poisonlab.training.supervised import TrainConfig, predict_proba, train_classifier
 
@@ -33,9 +42,7 @@ NUM_SHADOWS = 8
 
 
 def _train(x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
-    """A small MLP trained to overfit (100% train accuracy, no regularisation)."""
-    from poisonlab.data.types import ImageSet
-
+    """A small MLP trained to overfit (it fits its training set; no regularisation)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
     cfg = TrainConfig(
@@ -89,20 +96,24 @@ def _check(seen: float, unseen: float) -> None:
 
 @pytest.mark.parametrize("score", ["loss", "confidence", "max_confidence"])
 def test_threshold_attack(setup, score):
-    attack = ThresholdAttack(score)
-    _check(*_auc_pair(setup, lambda m: attack.infer(predict_proba(m, setup["x"]), setup["y"])))
+    attack = ThresholdAttack(score=score)
+    _check(*_auc_pair(setup, lambda m: attack.score(attack.query(m, setup["x"], setup["y"]))))
+
+
+def _shadow_reference(setup) -> Reference:
+    p = predict_proba(setup["shadow"], setup["shadow_x"])
+    membership = torch.cat([torch.ones(200), torch.zeros(200)])
+    return Reference(Queried(setup["shadow_y"], probs=p), membership)
 
 
 @pytest.mark.parametrize("per_class,sort_probs,model", [
     (False, False, "mlp"), (False, True, "mlp"), (True, False, "mlp"),
     (False, False, "boosting"), (True, False, "boosting")])
 def test_shadow_model_attack(setup, per_class, sort_probs, model):
-    p = predict_proba(setup["shadow"], setup["shadow_x"])
-    membership = torch.cat([torch.ones(200), torch.zeros(200)])
     attack = ShadowModelAttack(per_class=per_class, sort_probs=sort_probs, epochs=150, batch_size=400,
                                model=model)
-    attack.fit(p, setup["shadow_y"], membership)
-    _check(*_auc_pair(setup, lambda m: attack.infer(predict_proba(m, setup["x"]), setup["y"])))
+    attack.fit([_shadow_reference(setup)])
+    _check(*_auc_pair(setup, lambda m: attack.score(attack.query(m, setup["x"], setup["y"]))))
 
 
 @pytest.mark.parametrize(
@@ -111,16 +122,71 @@ def test_shadow_model_attack(setup, per_class, sort_probs, model):
 )
 def test_lira(setup, online, global_variance, queries):
     augs = [lambda x: x, lambda x: shift(x, 0, 1)][:queries]
-    lira = LiRA(online=online, global_variance=global_variance, augmentations=augs)
-    shadow_stats = torch.stack([lira.query(m, setup["x"], setup["y"]) for m in setup["lira_models"]])
+    lira = LiRA(augs, online=online, global_variance=global_variance)
+    refs = [Reference(lira.query(m, setup["x"], setup["y"]), mask)
+            for m, mask in zip(setup["lira_models"], setup["shadow_in"], strict=True)]
+    shadow_stats = torch.stack([lira.confidences(r.queried) for r in refs])
     assert shadow_stats.shape == (NUM_SHADOWS, POOL, queries)
-    _check(*_auc_pair(setup, lambda m: lira.infer(
-        lira.query(m, setup["x"], setup["y"]), shadow_stats, setup["shadow_in"])))
+    lira.fit(refs)
+    _check(*_auc_pair(setup, lambda m: lira.score(lira.query(m, setup["x"], setup["y"]))))
 
 
 def test_label_only_attack(setup):
-    attack = LabelOnlyAttack(default_augmentations(1, flip=False), noise_std=0.3, noise_samples=8)
-    _check(*_auc_pair(setup, lambda m: attack.infer(label_oracle(m), setup["x"], setup["y"])))
+    attack = LabelOnlyAttack(max_shift=1, flip=False, noise_std=0.3, noise_samples=8)
+    assert len(attack.augmentations) == 9
+    _check(*_auc_pair(setup, lambda m: attack.score(
+        attack.query(label_oracle(m), setup["x"], setup["y"]))))
+
+
+# Settings that make each registered attack fast and strong enough on the small fixtures.
+CONTRACT_SETTINGS = {"shadow": {"epochs": 150, "batch_size": 400},
+                     "label_only": {"max_shift": 1, "flip": False, "noise_std": 0.3,
+                                    "noise_samples": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(MEMBERSHIP_ATTACKS))
+def test_every_registered_attack_keeps_the_contract(setup, name):
+    """fit on reference models (the LiRA models, trained on known halves of the records) returns
+    the attack; score gives one float per record, higher for the overfit target's members."""
+    attack = get_attack(name, seed=0, **CONTRACT_SETTINGS.get(name, {}))
+    assert isinstance(attack, MembershipAttack) and attack.name == name
+    assert isinstance(attack.config, type(attack).Config)
+    x, y = setup["x"], setup["y"]
+    refs = [Reference(attack.query(m, x, y), mask)
+            for m, mask in zip(setup["lira_models"], setup["shadow_in"], strict=True)]
+    assert attack.fit(refs) is attack
+    scores = attack.score(attack.query(setup["target"], x, y))
+    assert scores.shape == (POOL,) and scores.dtype.is_floating_point
+    assert bool(torch.isfinite(scores).all())
+    assert roc_auc(scores, setup["member"]) > 0.6
+
+
+def test_unknown_attack_name_is_a_one_line_error():
+    with pytest.raises(ConfigError) as info:
+        get_attack("lira_online")
+    message = str(info.value)
+    assert "\n" not in message and "unknown membership attack 'lira_online'" in message
+    assert "label_only, lira, shadow, threshold" in message
+
+
+@pytest.mark.parametrize(("cls", "key", "value"), [
+    (ThresholdAttack, "score", "entropy"), (ThresholdAttack, "eps", 0.0),
+    (ShadowModelAttack, "epochs", 0), (ShadowModelAttack, "lr", 0.0),
+    (ShadowModelAttack, "batch_size", 0), (ShadowModelAttack, "model", "forest"),
+    (ShadowModelAttack, "hidden", ()), (LiRA, "min_var", 0.0),
+    (LabelOnlyAttack, "max_shift", -1), (LabelOnlyAttack, "noise_std", -0.1),
+    (LabelOnlyAttack, "noise_samples", -1), (Rounding, "decimals", -1), (TopK, "k", 0)])
+def test_an_out_of_range_setting_is_refused_once_naming_its_key(cls, key, value):
+    for build in (lambda: cls.Config(**{key: value}), lambda: cls(**{key: value})):
+        with pytest.raises(ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert "\n" not in message and message.count(f"{key}:") == 1, message
+
+
+def test_label_only_noise_needs_a_standard_deviation():
+    with pytest.raises(ConfigError, match="noise_samples > 0 needs noise_std > 0"):
+        LabelOnlyAttack(noise_samples=3)
 
 
 def test_logit_confidence_matches_definition():
@@ -139,54 +205,72 @@ def test_random_halves_put_each_record_in_half_the_models():
 
 def test_output_defenses():
     p = torch.tensor([[0.61, 0.27, 0.12], [0.05, 0.15, 0.80]])
-    assert torch.equal(labels_only(p), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
-    assert torch.allclose(round_scores(p, 1), torch.tensor([[0.6, 0.3, 0.1], [0.0, 0.2, 0.8]]))
-    assert torch.allclose(top_k(p, 2), torch.tensor([[0.61, 0.27, 0.0], [0.0, 0.15, 0.80]]))
-    assert torch.equal(apply_output_defense("none", p), p)
+    assert torch.equal(LabelsOnly().release(p), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    assert torch.allclose(Rounding(decimals=1).release(p),
+                          torch.tensor([[0.6, 0.3, 0.1], [0.0, 0.2, 0.8]]))
+    assert torch.allclose(TopK(k=2).release(p), torch.tensor([[0.61, 0.27, 0.0], [0.0, 0.15, 0.80]]))
+    assert torch.equal(NoDefense().release(p), p)
+    assert set(OUTPUT_DEFENSES) == {"none", "labels_only", "rounding", "top_k"}
+    assert isinstance(get_output_defense("top_k", k=2), TopK)
     with pytest.raises(ConfigError, match="unknown output defence 'blur'"):
-        apply_output_defense("blur", p)
-    with pytest.raises(ConfigError, match="k must be"):
-        top_k(p, 4)
+        get_output_defense("blur")
+    with pytest.raises(ShapeError, match="k=4 exceeds the 3 classes"):
+        TopK(k=4).release(p)
+    with pytest.raises(ShapeError, match="records, classes"):
+        LabelsOnly().release(p[0])
 
 
 def test_bad_input_is_a_one_line_error():
     p = torch.full((4, 3), 1 / 3)
-    with pytest.raises(DataError, match="differ in length"):
-        ThresholdAttack().infer(p, torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ConfigError, match="one of"):
-        ThresholdAttack("entropy")
-    with pytest.raises(DataError, match="differ in length"):
-        ShadowModelAttack(epochs=1).fit(p, torch.zeros(4, dtype=torch.long), torch.ones(3))
-    with pytest.raises(ConfigError, match="fitted"):
-        ShadowModelAttack().infer(p, torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ConfigError, match="unknown attack model 'forest'"):
-        ShadowModelAttack(model="forest")
+    with pytest.raises(ShapeError, match="differ in length"):
+        ThresholdAttack().score(Queried(torch.zeros(3, dtype=torch.long), probs=p))
+    with pytest.raises(ShapeError, match="differ in length"):
+        ShadowModelAttack(epochs=1).fit([Reference(Queried(torch.zeros(4, dtype=torch.long),
+                                                           probs=p), torch.ones(3))])
+    with pytest.raises(ShapeError, match="fitted"):
+        ShadowModelAttack().score(Queried(torch.zeros(4, dtype=torch.long), probs=p))
     with pytest.raises(DataError, match="all in or all out"):
-        ShadowModelAttack(model="boosting").fit(p, torch.zeros(4, dtype=torch.long), torch.ones(4))
-    with pytest.raises(DataError, match="shapes disagree"):
-        LiRA().infer(torch.zeros(4), torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
-    with pytest.raises(DataError, match="differ in length"):
-        LabelOnlyAttack().infer(lambda x: x.sum((1, 2, 3)), torch.zeros(4, 1, 8, 8), torch.zeros(3))
+        ShadowModelAttack(model="boosting").fit(
+            [Reference(Queried(torch.zeros(4, dtype=torch.long), probs=p), torch.ones(4))])
+    with pytest.raises(ShapeError, match="the threshold attack scores probs"):
+        ThresholdAttack().score(Queried(torch.zeros(4, dtype=torch.long), logits=p[None]))
+    logits = torch.zeros(1, 5, 2)
+    refs = [Reference(Queried(torch.zeros(5), logits=logits), torch.tensor(m))
+            for m in ([1, 0, 1, 0, 1], [0, 1, 0, 1, 0])]
+    with pytest.raises(ShapeError, match="shapes disagree"):
+        LiRA(online=False).fit(refs).score(Queried(torch.zeros(4), logits=torch.zeros(1, 4, 2)))
+    with pytest.raises(ShapeError, match="differ in length"):
+        LabelOnlyAttack().query(lambda x: x.sum((1, 2, 3)), torch.zeros(4, 1, 8, 8), torch.zeros(3))
 
 
-def test_shadow_attack_accepts_one_tensor_per_shadow_model(setup):
+def test_shadow_attack_accepts_one_reference_per_shadow_model(setup):
     p = predict_proba(setup["shadow"], setup["shadow_x"])
     y, member = setup["shadow_y"], torch.cat([torch.ones(200), torch.zeros(200)])
     order = torch.randperm(400, generator=torch.Generator().manual_seed(0))
     a, b = order[:200], order[200:]
-    whole = ShadowModelAttack(epochs=5, batch_size=400).fit(p[order], y[order], member[order])
-    parts = ShadowModelAttack(epochs=5, batch_size=400).fit([p[a], p[b]], [y[a], y[b]], [member[a], member[b]])
-    target = predict_proba(setup["target"], setup["x"])
-    assert torch.allclose(whole.infer(target, setup["y"]), parts.infer(target, setup["y"]))
+    whole = ShadowModelAttack(epochs=5, batch_size=400).fit(
+        [Reference(Queried(y[order], probs=p[order]), member[order])])
+    parts = ShadowModelAttack(epochs=5, batch_size=400).fit(
+        [Reference(Queried(y[i], probs=p[i]), member[i]) for i in (a, b)])
+    target = Queried(setup["y"], probs=predict_proba(setup["target"], setup["x"]))
+    assert torch.allclose(whole.score(target), parts.score(target))
+
+
+def _phi(values: list[float]) -> Queried:
+    """Logits [1, N, 2] of label 0 whose logit-scaled confidence φ is exactly `values`."""
+    z = torch.tensor(values)
+    return Queried(torch.zeros(len(values)), logits=torch.stack([z, torch.zeros_like(z)], 1)[None])
 
 
 def test_lira_scores_match_hand_computed_gaussians():
     # One record, four shadow models: IN φ = 2, 4 (mean 3, var 1), OUT φ = 0, 2 (mean 1, var 1).
-    shadow = torch.tensor([[2.0], [4.0], [0.0], [2.0]])
-    shadow_in = torch.tensor([[True], [True], [False], [False]])
-    target = torch.tensor([3.0])
+    member = [True, True, False, False]
+    refs = [Reference(_phi([v]), torch.tensor([m])) for v, m in zip([2.0, 4.0, 0.0, 2.0], member,
+                                                                     strict=True)]
+    target = _phi([3.0])
     # log N(3; 3, 1) − log N(3; 1, 1) = 0 − (−2) = 2; offline z = (3 − 1) / 1 = 2.
-    assert LiRA(online=True).infer(target, shadow, shadow_in).item() == pytest.approx(2.0)
-    assert LiRA(online=False).infer(target, shadow, shadow_in).item() == pytest.approx(2.0)
+    assert LiRA(online=True).fit(refs).score(target).item() == pytest.approx(2.0)
+    assert LiRA(online=False).fit(refs).score(target).item() == pytest.approx(2.0)
+    out_only = [Reference(r.queried, torch.tensor([False])) for r in refs]
     with pytest.raises(DataError, match="at least one shadow model trained"):
-        LiRA(online=True).infer(target, shadow, torch.zeros(4, 1, dtype=torch.bool))
+        LiRA(online=True).fit(out_only)

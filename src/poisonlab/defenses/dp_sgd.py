@@ -17,60 +17,19 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.progress import progress_bar
 from poisonlab.training.supervised import CheckpointStore
-
-ACCOUNTANTS = ("rdp", "prv", "gdp")
-
-
-@dataclass
-class DPSGDConfig:
-    """Settings of one DP-SGD run. Give exactly one of noise_multiplier and target_epsilon.
-
-    batch_size: the expected (Poisson) batch size. delta: None means 1 / len(train).
-    schedule: "cosine" (per step, from lr to 0) or "none". accountant: opacus accountant name
-    ("rdp": the moments accountant of Abadi et al. in Rényi form).
-    """
-
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 0.5
-    momentum: float = 0.9
-    noise_multiplier: float | None = 1.0
-    target_epsilon: float | None = None
-    max_grad_norm: float = 1.0
-    delta: float | None = None
-    accountant: str = "rdp"
-    schedule: str = "cosine"
-    seed: int = 0
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("DP-SGD needs exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
-            raise ConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_grad_norm <= 0:
-            raise ConfigError(
-                f"need epochs >= 1, batch_size >= 1, lr > 0, max_grad_norm > 0 (got {self.epochs}, "
-                f"{self.batch_size}, {self.lr}, {self.max_grad_norm})"
-            )
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"accountant must be one of {ACCOUNTANTS}, got '{self.accountant}'")
-        if self.schedule not in ("cosine", "none"):
-            raise ConfigError(f"schedule must be 'cosine' or 'none', got '{self.schedule}'")
 
 
 @dataclass
@@ -108,26 +67,26 @@ def dp_compatible(model: nn.Module) -> nn.Module:
             module.inplace = False
     errors = validator.validate(fixed, strict=False)
     if errors:
-        raise ConfigError(f"model cannot be trained with DP-SGD: {errors[0]}")
+        raise ShapeError(f"model cannot be trained with DP-SGD: {errors[0]}")
     return fixed
 
 
-def _lr(cfg: DPSGDConfig, step: int, total: int) -> float:
+def _lr(cfg: DPSGD.Config, step: int, total: int) -> float:
     if cfg.schedule == "none":
         return cfg.lr
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
 
-def _make_private(model: nn.Module, train: ImageSet, cfg: DPSGDConfig, delta: float):
-    """(engine, private model, DP optimizer, Poisson data loader), all seeded by cfg.seed."""
+def _make_private(model: nn.Module, train: ImageSet, cfg: DPSGD.Config, delta: float, seed: int):
+    """(engine, private model, DP optimizer, Poisson data loader), all seeded by `seed`."""
     opacus = _opacus()
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     common = {"module": model, "optimizer": opt, "data_loader": loader,
               "max_grad_norm": cfg.max_grad_norm, "poisson_sampling": True,
               "noise_generator": torch.Generator(device=next(model.parameters()).device)
-              .manual_seed(cfg.seed + 1)}
+              .manual_seed(seed + 1)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notes about secure RNG and the accountant's defaults
         engine = opacus.PrivacyEngine(accountant=cfg.accountant)
@@ -156,42 +115,84 @@ def _restore(store, model, dp_opt, engine, loader, history) -> tuple[int, int]:
     return int(state["epoch"]), steps
 
 
-def train_dp_sgd(model: nn.Module, train: ImageSet, cfg: DPSGDConfig, progress: bool = False,
-                 checkpoint: CheckpointStore | None = None) -> DPSGDResult:
-    """Train a DP-compatible copy of `model` (see dp_compatible) with DP-SGD on `train`.
+class DPSGD:
+    """DP-SGD training of a classifier; `DPSGD(config=..., seed=...).train(model, data)`.
 
-    checkpoint: a poisonlab.training.supervised.CheckpointStore; the state is saved after every
-    epoch and training resumes from it (the accountant continues from the steps already taken).
+    The seed fixes the initial state of torch's generator, the Poisson sampler (seed) and the
+    noise (seed + 1); the device defaults to poisonlab.device.default_device().
     """
-    if len(train) == 0:
-        raise ConfigError("training set is empty")
-    delta = cfg.delta if cfg.delta is not None else 1.0 / len(train)
-    device = torch.device(cfg.device) if cfg.device else default_device()
-    torch.manual_seed(cfg.seed)
-    net = dp_compatible(model).to(device)
-    engine, private, dp_opt, loader = _make_private(net, train, cfg, delta)
-    history: dict = {"loss": [], "train_acc": [], "epsilon": [], "epoch_seconds": []}
-    start, step = _restore(checkpoint, net, dp_opt, engine, loader, history)
-    steps_per_epoch = len(loader)
-    total = cfg.epochs * steps_per_epoch
-    with (progress_bar(total - start * steps_per_epoch, "DP-SGD", enabled=progress) as bar,
-          warnings.catch_warnings()):
-        # Opacus' hooks on the first layer, whose input needs no gradient: expected, harmless.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            loss, acc, step = _epoch(private, dp_opt, loader, cfg, device, step, total, bar)
-            history["loss"].append(loss)
-            history["train_acc"].append(acc)
-            history["epsilon"].append(float(engine.get_epsilon(delta)))
-            history["epoch_seconds"].append(time.perf_counter() - t0)
-            if checkpoint is not None:
-                checkpoint.save(_state(net, dp_opt, loader, history, epoch + 1, step))
-    epsilon = float(engine.get_epsilon(delta)) if step else 0.0
-    trained = dp_compatible(model)
-    trained.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
-    return DPSGDResult(trained.eval(), epsilon, delta, float(dp_opt.noise_multiplier),
-                       float(loader.sample_rate), step, history)
+
+    class Config(Settings):
+        """Settings of one DP-SGD run. Give exactly one of noise_multiplier and target_epsilon.
+
+        epochs: passes over the training set. batch_size: the expected (Poisson) batch size.
+        lr, momentum: SGD's. noise_multiplier: noise standard deviation over max_grad_norm.
+        target_epsilon: solve for the noise multiplier that spends this ε over `epochs`.
+        max_grad_norm: the per-record clipping norm. delta: None means 1 / len(train).
+        accountant: opacus accountant name ("rdp": the moments accountant of Abadi et al. in Rényi
+        form). schedule: "cosine" (per step, from lr to 0) or "none".
+        """
+
+        epochs: int = Field(20, ge=1)
+        batch_size: int = Field(256, ge=1)
+        lr: float = Field(0.5, gt=0)
+        momentum: float = Field(0.9, ge=0)
+        noise_multiplier: float | None = Field(1.0, gt=0)
+        target_epsilon: float | None = Field(None, gt=0)
+        max_grad_norm: float = Field(1.0, gt=0)
+        delta: float | None = Field(None, gt=0, lt=1)
+        accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+        schedule: Literal["cosine", "none"] = "cosine"
+
+        @model_validator(mode="after")
+        def _one_noise_setting(self) -> DPSGD.Config:
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+            return self
+
+    def __init__(self, *, config: DPSGD.Config | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, **settings) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else default_device()
+
+    def train(self, model: nn.Module, data: ImageSet, *, progress: bool = False,
+              checkpoint: CheckpointStore | None = None) -> DPSGDResult:
+        """Train a DP-compatible copy of `model` (see dp_compatible) with DP-SGD on `data`.
+
+        checkpoint: a poisonlab.training.supervised.CheckpointStore; the state is saved after
+        every epoch and training resumes from it (the accountant continues from the steps
+        already taken).
+        """
+        cfg, device = self.config, self.device
+        if len(data) == 0:
+            raise ShapeError("training set is empty")
+        delta = cfg.delta if cfg.delta is not None else 1.0 / len(data)
+        torch.manual_seed(self.seed)
+        net = dp_compatible(model).to(device)
+        engine, private, dp_opt, loader = _make_private(net, data, cfg, delta, self.seed)
+        history: dict = {"loss": [], "train_acc": [], "epsilon": [], "epoch_seconds": []}
+        start, step = _restore(checkpoint, net, dp_opt, engine, loader, history)
+        steps_per_epoch = len(loader)
+        total = cfg.epochs * steps_per_epoch
+        with (progress_bar(total - start * steps_per_epoch, "DP-SGD", enabled=progress) as bar,
+              warnings.catch_warnings()):
+            # Opacus' hooks on the first layer, whose input needs no gradient: expected, harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for epoch in range(start, cfg.epochs):
+                t0 = time.perf_counter()
+                loss, acc, step = _epoch(private, dp_opt, loader, cfg, device, step, total, bar)
+                history["loss"].append(loss)
+                history["train_acc"].append(acc)
+                history["epsilon"].append(float(engine.get_epsilon(delta)))
+                history["epoch_seconds"].append(time.perf_counter() - t0)
+                if checkpoint is not None:
+                    checkpoint.save(_state(net, dp_opt, loader, history, epoch + 1, step))
+        epsilon = float(engine.get_epsilon(delta)) if step else 0.0
+        trained = dp_compatible(model)
+        trained.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
+        return DPSGDResult(trained.eval(), epsilon, delta, float(dp_opt.noise_multiplier),
+                           float(loader.sample_rate), step, history)
 
 
 def _epoch(private, dp_opt, loader, cfg, device, step, total, bar) -> tuple[float, float, int]:

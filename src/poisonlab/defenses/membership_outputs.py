@@ -2,57 +2,104 @@
 
 Shokri, Stronati, Song, Shmatikov, "Membership Inference Attacks Against Machine Learning Models",
 IEEE S&P 2017, §VI: restrict the output to the top-k classes, round it to a few decimals, or return
-only the label. Each function maps probability vectors [N, classes] to what the service releases,
-in the same shape, so every score-based attack still runs on it. (Choquette-Choo et al. 2021 show
-that label-only output is still attackable: poisonlab.attacks.membership.label_only.)
+only the label. Each defence maps probability vectors [N, classes] to what the service releases,
+in the same shape (`release(probs)`), so every score-based attack still runs on it.
+(Choquette-Choo et al. 2021 show that label-only output is still attackable:
+poisonlab.attacks.membership.label_only.)
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
+from pydantic import Field
 from torch.nn import functional as F
 
-from poisonlab.errors import ConfigError
+from poisonlab.config import Settings, make_settings
+from poisonlab.errors import ConfigError, ShapeError
 
-OUTPUT_DEFENSES = ("none", "labels_only", "rounding", "top_k")
+
+class OutputDefense:
+    """Base: `release(probs)` → what the service returns, same shape [N, classes]."""
+
+    name: ClassVar[str]
+
+    class Config(Settings):
+        """No settings."""
+
+    def __init__(self, *, config: Any = None, **settings: Any) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+
+    def release(self, probs: torch.Tensor) -> torch.Tensor:
+        """The probability vectors as released (here: unchanged)."""
+        _check(probs)
+        return probs
 
 
 def _check(probs: torch.Tensor) -> None:
     if probs.dim() != 2:
-        raise ConfigError(f"probabilities must be [records, classes], got {tuple(probs.shape)}")
+        raise ShapeError(f"probabilities must be [records, classes], got {tuple(probs.shape)}")
 
 
-def labels_only(probs: torch.Tensor) -> torch.Tensor:
+class NoDefense(OutputDefense):
+    """The full probability vector."""
+
+    name = "none"
+
+
+class LabelsOnly(OutputDefense):
     """One-hot vector of the predicted class."""
-    _check(probs)
-    return F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
+
+    name = "labels_only"
+
+    def release(self, probs: torch.Tensor) -> torch.Tensor:
+        _check(probs)
+        return F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
 
 
-def round_scores(probs: torch.Tensor, decimals: int = 1) -> torch.Tensor:
+class Rounding(OutputDefense):
     """Probabilities rounded to `decimals` decimal places."""
-    _check(probs)
-    if decimals < 0:
-        raise ConfigError(f"decimals must be >= 0, got {decimals}")
-    return torch.round(probs, decimals=decimals)
+
+    name = "rounding"
+
+    class Config(Settings):
+        """decimals: decimal places kept."""
+
+        decimals: int = Field(1, ge=0)
+
+    def release(self, probs: torch.Tensor) -> torch.Tensor:
+        _check(probs)
+        return torch.round(probs, decimals=self.config.decimals)
 
 
-def top_k(probs: torch.Tensor, k: int = 1) -> torch.Tensor:
+class TopK(OutputDefense):
     """Only the k largest probabilities kept (the others set to 0)."""
-    _check(probs)
-    if not 1 <= k <= probs.shape[1]:
-        raise ConfigError(f"top_k k must be in [1, {probs.shape[1]}], got {k}")
-    values, idx = probs.topk(k, dim=1)
-    return torch.zeros_like(probs).scatter(1, idx, values)
+
+    name = "top_k"
+
+    class Config(Settings):
+        """k: probabilities kept per record (at most the number of classes)."""
+
+        k: int = Field(1, ge=1)
+
+    def release(self, probs: torch.Tensor) -> torch.Tensor:
+        _check(probs)
+        k = self.config.k
+        if k > probs.shape[1]:
+            raise ShapeError(f"top_k k={k} exceeds the {probs.shape[1]} classes")
+        values, idx = probs.topk(k, dim=1)
+        return torch.zeros_like(probs).scatter(1, idx, values)
 
 
-def apply_output_defense(name: str, probs: torch.Tensor, decimals: int = 1, k: int = 1) -> torch.Tensor:
-    """Apply the output defence `name` (one of OUTPUT_DEFENSES)."""
-    if name == "none":
-        return probs
-    if name == "labels_only":
-        return labels_only(probs)
-    if name == "rounding":
-        return round_scores(probs, decimals)
-    if name == "top_k":
-        return top_k(probs, k)
-    raise ConfigError(f"unknown output defence '{name}' (known: {', '.join(OUTPUT_DEFENSES)})")
+OUTPUT_DEFENSES: dict[str, type[OutputDefense]] = {
+    cls.name: cls for cls in (NoDefense, LabelsOnly, Rounding, TopK)
+}
+
+
+def get_output_defense(name: str, **kwargs: Any) -> OutputDefense:
+    """The output defence `name` built with `kwargs` (config= or its settings); an unknown name
+    is a one-line ConfigError listing the known ones."""
+    if name not in OUTPUT_DEFENSES:
+        raise ConfigError(f"unknown output defence '{name}' (known: {', '.join(OUTPUT_DEFENSES)})")
+    return OUTPUT_DEFENSES[name](**kwargs)

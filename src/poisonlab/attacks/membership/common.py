@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from poisonlab.errors import DataError
+from poisonlab.errors import ShapeError
 
 
 def check_records(outputs: torch.Tensor, labels: torch.Tensor, what: str = "outputs") -> None:
-    """One-line DataError unless `outputs` is [N, classes] and `labels` [N] class indices in range."""
+    """One-line ShapeError unless `outputs` is [N, classes] and `labels` [N] class indices in range."""
     if outputs.dim() != 2:
-        raise DataError(f"{what} must be [records, classes], got shape {tuple(outputs.shape)}")
+        raise ShapeError(f"{what} must be [records, classes], got shape {tuple(outputs.shape)}")
     if labels.dim() != 1 or labels.shape[0] != outputs.shape[0]:
-        raise DataError(
+        raise ShapeError(
             f"{what} and labels differ in length ({outputs.shape[0]} vs {tuple(labels.shape)})"
         )
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= outputs.shape[1]):
-        raise DataError(f"labels must lie in [0, {outputs.shape[1] - 1}]")
+        raise ShapeError(f"labels must lie in [0, {outputs.shape[1] - 1}]")
 
 
 def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,17 @@ the scores (labels-only output) does not stop membership inference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from poisonlab.attacks.membership.base import MembershipAttack, Queried
 from poisonlab.attacks.membership.common import as_index
-from poisonlab.errors import ConfigError, DataError
+from poisonlab.config import Settings
+from poisonlab.errors import ShapeError
 from poisonlab.training.supervised import predict_logits
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -46,36 +49,52 @@ def label_oracle(model: nn.Module) -> LabelOracle:
     return lambda x: predict_logits(model, x).argmax(1)
 
 
-class LabelOnlyAttack:
-    """Fraction of perturbed queries still labelled correctly; `infer(oracle, x, labels)`."""
+class LabelOnlyAttack(MembershipAttack):
+    """Fraction of perturbed queries still labelled correctly (`Queried.predicted` [Q, N], as
+    returned by `query(oracle, x, labels)`); needs no references."""
 
-    def __init__(
-        self,
-        augmentations: Sequence[Transform] | None = None,
-        noise_std: float = 0.0,
-        noise_samples: int = 0,
-        seed: int = 0,
-    ) -> None:
-        if noise_std < 0 or noise_samples < 0 or (noise_samples > 0 and noise_std == 0):
-            raise ConfigError(
-                f"need noise_std > 0 with noise_samples > 0 (got {noise_std}, {noise_samples})"
-            )
-        self.augmentations = list(augmentations) if augmentations is not None else default_augmentations()
-        self.noise_std, self.noise_samples, self.seed = noise_std, noise_samples, seed
-        if not self.augmentations and noise_samples == 0:
-            raise ConfigError("the label-only attack needs augmentations or noise samples")
+    name = "label_only"
+    needs = "predicted"
+
+    class Config(Settings):
+        """max_shift: the queries shift each record by up to this many pixels on each axis (0:
+        the record alone). flip: each shift also of the horizontally flipped record.
+        noise_samples: further queries with Gaussian noise of standard deviation noise_std
+        (clamped to [0, 1])."""
+
+        max_shift: int = Field(1, ge=0)
+        flip: bool = True
+        noise_std: float = Field(0.0, ge=0)
+        noise_samples: int = Field(0, ge=0)
+
+        @model_validator(mode="after")
+        def _noise(self) -> LabelOnlyAttack.Config:
+            if self.noise_samples > 0 and self.noise_std == 0:
+                raise ValueError("noise_samples > 0 needs noise_std > 0")
+            return self
+
+    def __init__(self, *, config: Config | None = None, seed: int = 0, **settings) -> None:
+        super().__init__(config=config, seed=seed, **settings)
+        self.augmentations = default_augmentations(self.config.max_shift, self.config.flip)
 
     @torch.no_grad()
-    def infer(self, oracle: LabelOracle, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scores [N] in [0, 1] from predicted labels only."""
+    def query(self, model: nn.Module | LabelOracle, x: torch.Tensor,
+              labels: torch.Tensor) -> Queried:
+        """Predicted labels [Q, N] of the oracle (a model is wrapped by label_oracle) on x under
+        every augmentation, then under `noise_samples` noise draws seeded by the attack's seed."""
+        oracle = label_oracle(model) if isinstance(model, nn.Module) else model
         labels = as_index(labels)
         if x.shape[0] != labels.shape[0]:
-            raise DataError(f"images and labels differ in length ({x.shape[0]} vs {labels.shape[0]})")
+            raise ShapeError(f"images and labels differ in length ({x.shape[0]} vs "
+                             f"{labels.shape[0]})")
         gen = torch.Generator().manual_seed(self.seed)
-        correct = torch.zeros(len(labels))
-        for t in self.augmentations:
-            correct += (oracle(t(x)).cpu() == labels).float()
-        for _ in range(self.noise_samples):
-            noise = torch.randn(x.shape, generator=gen) * self.noise_std
-            correct += (oracle((x + noise.to(x.device)).clamp(0, 1)).cpu() == labels).float()
-        return correct / (len(self.augmentations) + self.noise_samples)
+        predicted = [oracle(t(x)).cpu() for t in self.augmentations]
+        for _ in range(self.config.noise_samples):
+            noise = torch.randn(x.shape, generator=gen) * self.config.noise_std
+            predicted.append(oracle((x + noise.to(x.device)).clamp(0, 1)).cpu())
+        return Queried(labels, predicted=torch.stack(predicted).long())
+
+    def score(self, queried: Queried) -> torch.Tensor:
+        """Scores [N] in [0, 1]: the share of queries whose predicted label is the true one."""
+        predicted = queried.need("predicted", self.name)
+        return (predicted == queried.labels).float().sum(0) / predicted.shape[0]

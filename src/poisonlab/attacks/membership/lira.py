@@ -16,10 +16,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from poisonlab.attacks.membership.base import MembershipAttack, Queried, Reference
 from poisonlab.attacks.membership.common import as_index, logit_confidence
-from poisonlab.errors import ConfigError, DataError
+from poisonlab.config import Settings
+from poisonlab.errors import ConfigError, DataError, ShapeError
 from poisonlab.training.supervised import predict_logits
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -47,58 +50,80 @@ def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch
     return -0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var))
 
 
-class LiRA:
-    """Online or offline LiRA; `query` computes φ per augmentation, `infer` scores the target."""
+class LiRA(MembershipAttack):
+    """Online or offline LiRA on logits under the query views (`Queried.logits` [A, N, classes]):
+    `fit` on reference models trained on known halves of the records, `score` the target on the
+    same records. `augmentations` are the query views (default: the records alone)."""
 
-    def __init__(
-        self,
-        online: bool = True,
-        global_variance: bool = False,
-        augmentations: Sequence[Transform] | None = None,
-        min_var: float = 1e-6,
-    ) -> None:
-        self.online, self.global_variance = online, global_variance
+    name = "lira"
+    needs = "logits"
+
+    class Config(Settings):
+        """online: the likelihood ratio of IN and OUT fits (False: the offline z-score against
+        the OUT fit). global_variance: one variance pooled over the records. min_var: floor of
+        every fitted variance."""
+
+        online: bool = True
+        global_variance: bool = False
+        min_var: float = Field(1e-6, gt=0)
+
+    def __init__(self, augmentations: Sequence[Transform] | None = None, *,
+                 config: Config | None = None, seed: int = 0, **settings) -> None:
+        super().__init__(config=config, seed=seed, **settings)
         self.augmentations = list(augmentations) if augmentations else [lambda x: x]
-        self.min_var = min_var
+        self._fit: dict[str, torch.Tensor] = {}
 
-    def query(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logit-scaled confidences [N, A] of `model` on x under each augmentation."""
-        labels = as_index(labels)
-        cols = [logit_confidence(predict_logits(model, t(x)), labels) for t in self.augmentations]
-        return torch.stack(cols, 1)
+    def query(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Queried:
+        """Logits [A, N, classes] of `model` on x under each augmentation."""
+        return Queried(labels, logits=torch.stack([predict_logits(model, t(x))
+                                                   for t in self.augmentations]))
+
+    def confidences(self, queried: Queried) -> torch.Tensor:
+        """Logit-scaled confidences φ [N, A] of the queried logits, one column per view."""
+        logits, labels = queried.need("logits", self.name), as_index(queried.labels)
+        return torch.stack([logit_confidence(view, labels) for view in logits], 1)
 
     def _variance(self, var: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Per-record variances; records with fewer than 2 observations (or all, when
         global_variance) use the variance pooled over the records."""
         enough = count >= 2
         pooled = var[enough].mean(0) if bool(enough.any()) else torch.ones(var.shape[1])
-        if self.global_variance:
-            return pooled.expand_as(var).clamp_min(self.min_var)
-        return torch.where(enough[:, None], var, pooled).clamp_min(self.min_var)
+        if self.config.global_variance:
+            return pooled.expand_as(var).clamp_min(self.config.min_var)
+        return torch.where(enough[:, None], var, pooled).clamp_min(self.config.min_var)
 
-    def infer(
-        self, target_stats: torch.Tensor, shadow_stats: torch.Tensor, shadow_in: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores [N] from the target's φ [N, A] (or [N]), the shadows' φ [S, N, A] (or [S, N]) and
-        membership of each record in each shadow's training set, bool [S, N]."""
-        t = target_stats if target_stats.dim() == 2 else target_stats[:, None]
-        s = shadow_stats if shadow_stats.dim() == 3 else shadow_stats[:, :, None]
-        m = shadow_in.bool()
-        if s.shape[1:] != t.shape or m.shape != s.shape[:2]:
-            raise DataError(
-                f"LiRA shapes disagree: target {tuple(t.shape)}, shadows {tuple(s.shape)}, "
-                f"membership {tuple(m.shape)}"
-            )
-        t, s = t.double(), s.double()
+    def fit(self, references: Sequence[Reference]) -> LiRA:
+        """Gaussian fits per record (and view) of the references' φ over the models that trained
+        on it (IN, online only) and those that did not (OUT)."""
+        stats = [self.confidences(r.queried) for r in references]
+        if not stats or any(s.shape != stats[0].shape for s in stats):
+            raise ShapeError("LiRA shapes disagree: the reference models need φ of one shape, got "
+                             f"{[tuple(s.shape) for s in stats]}")
+        s = torch.stack(stats).double()
+        m = torch.stack([r.member for r in references])
         out_mean, out_var = _masked_fit(s, ~m)
         out_var = self._variance(out_var, (~m).sum(0))
         if int((~m).sum(0).min()) == 0:
             raise DataError("every record needs at least one shadow model that did not train on it")
-        if not self.online:
-            return ((t - out_mean) / out_var.sqrt()).mean(1).float()
-        if int(m.sum(0).min()) == 0:
-            raise DataError("online LiRA needs at least one shadow model trained on every record")
-        in_mean, in_var = _masked_fit(s, m)
-        in_var = self._variance(in_var, m.sum(0))
-        llr = _log_normal(t, in_mean, in_var) - _log_normal(t, out_mean, out_var)
+        self._fit = {"out_mean": out_mean, "out_var": out_var}
+        if self.config.online:
+            if int(m.sum(0).min()) == 0:
+                raise DataError("online LiRA needs at least one shadow model trained on every record")
+            in_mean, in_var = _masked_fit(s, m)
+            self._fit |= {"in_mean": in_mean, "in_var": self._variance(in_var, m.sum(0))}
+        return self
+
+    def score(self, queried: Queried) -> torch.Tensor:
+        """Scores [N]: the log-likelihood ratio (online) or z-score (offline), averaged over views."""
+        if not self._fit:
+            raise ShapeError("LiRA must be fitted before score")
+        t = self.confidences(queried).double()
+        f = self._fit
+        if t.shape != f["out_mean"].shape:
+            raise ShapeError(f"LiRA shapes disagree: target φ {tuple(t.shape)}, references "
+                             f"{tuple(f['out_mean'].shape)}")
+        if not self.config.online:
+            return ((t - f["out_mean"]) / f["out_var"].sqrt()).mean(1).float()
+        llr = (_log_normal(t, f["in_mean"], f["in_var"])
+               - _log_normal(t, f["out_mean"], f["out_var"]))
         return llr.mean(1).float()

@@ -7,33 +7,32 @@ score is thresholded by the ROC metrics, so no threshold is fixed here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
-from poisonlab.attacks.membership.common import as_index, check_records
-from poisonlab.errors import ConfigError
-
-SCORES = ("loss", "confidence", "max_confidence")
+from poisonlab.attacks.membership.base import MembershipAttack, Queried
+from poisonlab.config import Settings
 
 
-class ThresholdAttack:
-    """score="loss": −cross-entropy = log p_y; "confidence": p_y; "max_confidence": max_j p_j
-    (needs no label). Input: probability vectors [N, classes]."""
+class ThresholdAttack(MembershipAttack):
+    """Scores the target's released probability vectors (`Queried.probs`); needs no references."""
 
-    def __init__(self, score: str = "loss", eps: float = 1e-12) -> None:
-        if score not in SCORES:
-            raise ConfigError(f"threshold score must be one of {SCORES}, got '{score}'")
-        self.score = score
-        self.eps = eps
+    name = "threshold"
+    needs = "probs"
 
-    def infer(self, probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    class Config(Settings):
+        """score: "loss" = −cross-entropy = log p_y; "confidence" = p_y; "max_confidence" =
+        max_j p_j (ignores the label). eps: floor of p_y before the log."""
+
+        score: Literal["loss", "confidence", "max_confidence"] = "loss"
+        eps: float = Field(1e-12, gt=0)
+
+    def score(self, queried: Queried) -> torch.Tensor:
         """Membership scores [N], higher = more likely a member."""
-        if self.score == "max_confidence":
-            if probs.dim() != 2:
-                raise ConfigError(f"probs must be [records, classes], got {tuple(probs.shape)}")
+        probs = queried.need("probs", self.name)
+        if self.config.score == "max_confidence":
             return probs.max(1).values.float()
-        if labels is None:
-            raise ConfigError(f"threshold score '{self.score}' needs the records' labels")
-        labels = as_index(labels)
-        check_records(probs, labels, "probs")
-        p_y = probs.gather(1, labels[:, None]).squeeze(1).float()
-        return p_y.clamp_min(self.eps).log() if self.score == "loss" else p_y
+        p_y = probs.gather(1, queried.labels[:, None]).squeeze(1).float()
+        return p_y.clamp_min(self.config.eps).log() if self.config.score == "loss" else p_y
