@@ -10,10 +10,6 @@ import sys
 import pytest
 import torch
 
-# Fixtures shared with the CLI and Neural Cleanse tests (tests/ is on sys.path under pytest).
-from test_neural_cleanse import TARGET, backdoored, glyphs14  # noqa: F401
-from test_scan_membership import files  # noqa: F401
-
 from poisonlab.attacks.triggers import badnets_patch
 from poisonlab.audit import (
     BackdoorResult,
@@ -33,6 +29,10 @@ from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.defenses.neural_cleanse import NeuralCleanse
 from poisonlab.errors import ConfigError, ShapeError
+
+# Fixtures shared with the CLI and Neural Cleanse tests (tests/ is on sys.path under pytest).
+from test_neural_cleanse import TARGET, backdoored, glyphs14  # noqa: F401
+from test_scan_membership import files  # noqa: F401
 
 # The backdoor check and purify run on the defences' settings API (NeuralCleanse.Config,
 # MCL.Config, FineTuneConfig without a seed) of the defences branch; until it is merged, the
