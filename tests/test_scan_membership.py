@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from poisonlab.audit import select_checks
 from poisonlab.cli import main
-from poisonlab.cli.audit import _select_checks
 from poisonlab.data.records import load_records, save_records
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError
@@ -122,12 +122,12 @@ def test_dataset_splits_as_record_sets(files, shared_data, capsys, tmp_path):
 
 
 def test_checks_run_when_their_inputs_are_given():
-    assert _select_checks(None, True, False) == ["backdoor"]
-    assert _select_checks(None, False, True) == ["membership"]
-    assert _select_checks(None, True, True) == ["backdoor", "membership"]
-    assert _select_checks(["membership"], True, True) == ["membership"]
+    assert select_checks(None, True, False) == ["backdoor"]
+    assert select_checks(None, False, True) == ["membership"]
+    assert select_checks(None, True, True) == ["backdoor", "membership"]
+    assert select_checks(["membership"], True, True) == ["membership"]
     with pytest.raises(ConfigError, match="nothing to scan"):
-        _select_checks(None, False, False)
+        select_checks(None, False, False)
 
 
 def _bad_records(root: Path) -> dict[str, Path]:

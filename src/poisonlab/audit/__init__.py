@@ -1,0 +1,42 @@
+"""Audit a model you did not train, from Python: what `poisonlab scan` and `poisonlab purify` do.
+
+    from poisonlab.audit import ScanConfig, load_model, scan
+    model, shape = load_model("model.safetensors", "resnet20")
+    report = scan(model, clean=images, config=ScanConfig(steps=60), input_shape=shape)
+    print(report.backdoor.verdict, report.to_dict())
+
+`scan` runs the checks of CHECKS (backdoor: Neural Cleanse on clean images; membership: a
+loss-threshold attack on member and non-member records) and returns a ScanReport of typed
+CheckResults; `purify` runs MCL and returns a PurifyReport with the purified model.
+"""
+
+from poisonlab.audit.backdoor import BackdoorResult
+from poisonlab.audit.checks import CheckResult, RecordSets, ScanConfig, ScanContext
+from poisonlab.audit.data import CleanSubset, load_clean
+from poisonlab.audit.membership import AttackResult, MembershipResult, load_record_sets
+from poisonlab.audit.model import load_model
+from poisonlab.audit.purify import Measured, PurifyReport, find_target, known_trigger, purify
+from poisonlab.audit.scan import CHECKS, ScanReport, scan, select_checks
+
+__all__ = [
+    "CHECKS",
+    "AttackResult",
+    "BackdoorResult",
+    "CheckResult",
+    "CleanSubset",
+    "Measured",
+    "MembershipResult",
+    "PurifyReport",
+    "RecordSets",
+    "ScanConfig",
+    "ScanContext",
+    "ScanReport",
+    "find_target",
+    "known_trigger",
+    "load_clean",
+    "load_model",
+    "load_record_sets",
+    "purify",
+    "scan",
+    "select_checks",
+]

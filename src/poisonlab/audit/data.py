@@ -1,0 +1,79 @@
+"""The clean images an audit uses: an image folder or a named data set's split, checked
+against the model's input shape, and the samples drawn from them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from poisonlab.config import Settings
+from poisonlab.data.glyphs import load_glyph_supervised
+from poisonlab.data.image_folder import load_image_folder
+from poisonlab.data.registry import check_name, load_dataset
+from poisonlab.data.types import ImageSet
+from poisonlab.errors import ConfigError, DataError, ShapeError
+
+
+class CleanSubset(Settings):
+    """The defender's clean data when it is drawn from a named data set.
+
+    fraction: the share of the data set's training split used (drawn with the seed).
+    """
+
+    fraction: float = Field(0.05, gt=0, le=1, allow_inf_nan=False)
+
+    def draw(self, images: ImageSet, seed: int) -> ImageSet:
+        """`fraction` of `images` (at least one)."""
+        return sample(images, max(1, round(self.fraction * len(images))), seed)
+
+
+def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, split: str,
+               seed: int) -> tuple[ImageSet, list[str]]:
+    """Clean labelled images and class names from an image folder or a named data set's
+    `split` ("train" or "test")."""
+    if (data is None) == (dataset is None):
+        raise ConfigError("give exactly one of a data folder (--data/--clean-data) or --dataset")
+    if data is not None:
+        return load_image_folder(data)
+    if dataset == "glyphs":
+        sup = load_glyph_supervised(seed=seed)
+    else:
+        sup = load_dataset(check_name(dataset, ("cifar10", "mnist")), data_dir)
+    return (sup.train if split == "train" else sup.test), sup.classes
+
+
+def check_images(images: ImageSet, shape: Sequence[int], source: str) -> None:
+    """DataError when there are no images, ShapeError when they do not have the (C, H, W) the
+    model expects (H = 0: any size)."""
+    got = tuple(images.x.shape[1:])
+    if len(images) == 0:
+        raise DataError(f"no images in {source}")
+    if shape[1] and got != tuple(shape):
+        raise ShapeError(f"images in {source} are {got[0]}x{got[1]}x{got[2]} (CxHxW), but the "
+                         f"model expects {shape[0]}x{shape[1]}x{shape[2]}")
+
+
+def sample(images: ImageSet, n: int, seed: int) -> ImageSet:
+    """`n` images drawn without replacement with `seed` (all of them when there are fewer)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images.subset(order[:n])
+
+
+def num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of outputs of `model`: its head's, else those on one image of `x`."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        return int(head.out_features)
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+def class_names(classes: Sequence[str], k: int) -> list[str]:
+    """The data's class names, extended with the label number up to the model's `k` classes."""
+    if len(classes) > k:
+        raise ShapeError(f"the data has {len(classes)} classes but the model only {k}")
+    return list(classes) + [str(i) for i in range(len(classes), k)]

@@ -1,0 +1,114 @@
+"""`purify`: remove a backdoor from a model you did not train with MCL (poisonlab.defenses.mcl)
+on a little clean data; the target label is the one a Neural Cleanse scan flags when it is not
+given. Benign accuracy (BA) and, with a known trigger, attack success rate (ASR) are measured
+before and after on a clean test set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from poisonlab.attacks.backdoor_injection import attack_success_rate
+from poisonlab.attacks.triggers import Trigger, make_trigger
+from poisonlab.audit.checks import ScanConfig
+from poisonlab.audit.data import class_names, num_classes, sample
+from poisonlab.config import make_settings
+from poisonlab.data.types import ImageSet
+from poisonlab.defenses.mcl import MCL
+from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
+from poisonlab.errors import ConfigError
+from poisonlab.progress import progress_bar
+from poisonlab.training.supervised import evaluate
+
+DETECT_SAMPLES = 200  # clean images Neural Cleanse uses to find the target
+
+
+@dataclass
+class Measured:
+    """Benign accuracy on the test set and attack success rate of the known trigger (None when
+    not measured)."""
+
+    benign_accuracy: float | None = None
+    attack_success_rate: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("benign_accuracy", self.benign_accuracy),
+                                  ("attack_success_rate", self.attack_success_rate))
+                if v is not None}
+
+
+@dataclass
+class PurifyReport:
+    """The purified model, the target it was purified for (with the detection that chose it,
+    None when it was given), the number of clean images and the metrics before and after."""
+
+    model: nn.Module
+    target: int
+    clean_images: int
+    before: Measured
+    after: Measured
+    detection: DetectionResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """target, clean_images, before, after (as in purify's --json line)."""
+        return {"target": self.target, "clean_images": self.clean_images,
+                "before": self.before.to_dict(), "after": self.after.to_dict()}
+
+
+def known_trigger(name: str | None, shape: Sequence[int], seed: int) -> Trigger | None:
+    """The named trigger (badnets, blend, grid, trojan) for images of `shape`; blend draws its
+    pattern with `seed`."""
+    if name is None:
+        return None
+    return make_trigger(name, tuple(shape), **({"seed": seed} if name == "blend" else {}))
+
+
+def find_target(model: nn.Module, clean: ImageSet, *, config: NeuralCleanse.Config | None = None,
+                seed: int = 0) -> DetectionResult:
+    """Neural Cleanse on DETECT_SAMPLES of `clean` (drawn with `seed`); ConfigError when it
+    flags no label, since there is then no target to purify."""
+    config = config or ScanConfig().detection()
+    k = num_classes(model, clean.x)
+    detection = NeuralCleanse(config=config, seed=seed).detect(
+        model, sample(clean, DETECT_SAMPLES, seed).x, k)
+    if detection.target is None:
+        raise ConfigError("Neural Cleanse flags no label, so there is no target to purify: "
+                          "pass --target L to purify anyway")
+    return detection
+
+
+def measure(model: nn.Module, test: ImageSet | None, trigger: Trigger | None,
+            target: int) -> Measured:
+    """BA on `test` and ASR of `trigger` towards `target` (nothing without a test set)."""
+    if test is None:
+        return Measured()
+    asr = attack_success_rate(model, trigger, test, target) if trigger is not None else None
+    return Measured(evaluate(model, test), asr)
+
+
+def purify(model: nn.Module, clean: ImageSet, *, target: int | None = None,
+           config: MCL.Config | None = None, detect: NeuralCleanse.Config | None = None,
+           seed: int = 0, progress: bool = False, test: ImageSet | None = None,
+           trigger: Trigger | None = None, classes: Sequence[str] | None = None) -> PurifyReport:
+    """MCL on `clean` for `target` (default: the label Neural Cleanse with `detect` flags);
+    returns the purified copy of `model` (left untouched) with BA/ASR before and after on
+    `test` (ASR for a known `trigger`). classes: the clean data's class names, checked against
+    the model's labels."""
+    config = make_settings(MCL.Config, config)
+    k = len(class_names(classes or [], num_classes(model, clean.x)))
+    detection = None
+    if target is None:
+        detection = find_target(model, clean, config=detect, seed=seed)
+        target = detection.target
+    elif not 0 <= target < k:
+        raise ConfigError(f"--target {target} is not a label of the model (0..{k - 1})")
+    before = measure(model, test, trigger, target)
+    method = MCL(config=config, seed=seed)
+    with progress_bar(method.steps(), "MCL", enabled=progress) as bar:
+        purified = method.purify(model, clean, target,
+                                 progress=lambda status: bar.advance(status=status)).model
+    return PurifyReport(purified, int(target), len(clean), before,
+                        measure(purified, test, trigger, target), detection)
