@@ -155,7 +155,8 @@ def membership_scores(model: nn.Module, sets: RecordSets, label_only: bool = Fal
 def label_only_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       seed: int) -> torch.Tensor:
     """The label-only attack's membership scores of the records (x, y) (higher = member)."""
-    return LabelOnlyAttack(seed=seed).infer(label_oracle(model), x, y)
+    attack = LabelOnlyAttack(seed=seed)
+    return attack.score(attack.query(label_oracle(model), x, y))
 
 
 @dataclass
