@@ -2,7 +2,7 @@
 
 Each test runs one experiment exactly as a user would (`poisonlab run NAME --preset cpu` on the
 real data set in ../shared/data) and checks the published-number targets. They are slow by
-design and excluded from the default suite; docs/status.md records what each gave when last run,
+design and excluded from the default suite; docs/results.md holds what each gave when last run,
 including the targets that are not met.
 """
 
@@ -40,10 +40,10 @@ def run_cpu_preset(experiment: str, data: str, tmp_path, capsys, *extra: str) ->
 
 def test_fewshot_backdoor_on_omniglot(shared_data, tmp_path, capsys):
     """Kato et al. on Omniglot 5-way 5-shot, T = 500 tasks: CA ≥ 97%; at ε = 0.3 ASR ≥ 95% with
-    BA ≥ 85%, under the paper's protocol (the trigger classified by itself, eq. 12 as written;
-    89.1% measured). Then the same model under the transductive protocol (the trigger inside the
-    victim's query batch), where Algorithm 1 meets only CA and ASR (BA 75.1%, see docs/status.md),
-    and our keep_support extension of its objective (λ = 0.1) meets all three (92.8% / 99.4%)."""
+    BA ≥ 85%, under the paper's protocol (the trigger classified by itself, eq. 12 as written).
+    Then the same model under the transductive protocol (the trigger inside the
+    victim's query batch), where Algorithm 1 meets only CA and ASR (see docs/results.md),
+    and our keep_support extension of its objective (λ = 0.1) meets all three."""
     data, eps = str(shared_data / "omniglot"), "attack.epsilons=[0.07, 0.3, 0.5]"
     m = run_cpu_preset("fewshot-backdoor", data, tmp_path, capsys, "--set", eps,
                        "--set", "attack.protocol=paper")
