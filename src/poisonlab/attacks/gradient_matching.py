@@ -26,8 +26,8 @@ I = 250, poisons of the adversarial class.
 Deviations from the reference code, and why:
 - Augmentation: integer crop (zero padding) and horizontal flip, the victim recipe's own
   augmentation (`training.supervised.augment_batch`), instead of the reference's bilinear
-  grid-sample translation: the poisons are meant to survive the victim's augmentation, and this is
-  the one poisonlab's victims use.
+  grid-sample translation (up to a quarter of the image, 8 px on CIFAR-10) and flip: the poisons
+  are meant to survive the victim's augmentation, and this is the one poisonlab's victims use.
 - The restart is chosen by B at the final δ, computed once more without augmentation (the
   reference keeps the mean of the last iteration's augmented batch losses, i.e. the loss BEFORE
   the last step, and noisy): a deterministic comparison of what is actually returned.
@@ -40,7 +40,6 @@ Deviations from the reference code, and why:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -53,9 +52,9 @@ from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ShapeError
+from poisonlab.progress import StatusFn
 from poisonlab.training.supervised import augment_batch
 
-StatusFn = Callable[[str], None]
 # The reference's step schedule: ×0.1 at these fractions of the iterations (I // 2.667, ...).
 _MILESTONE_DIVISORS = (2.667, 1.6, 1.142)
 
@@ -144,6 +143,7 @@ class GradientMatching:
             loss, grad = self._loss(x_p, delta, y_p, params, g_t, gen, need_grad=True)
             curve.append(loss)
             opt.zero_grad(set_to_none=True)
+            assert grad is not None
             delta.grad = grad.sign()
             opt.step()
             if sched is not None:
@@ -155,13 +155,14 @@ class GradientMatching:
                          f"loss {loss:.4f}")
         return delta.detach(), curve
 
-    def _loss(self, x_p, delta, y_p, params, g_t, gen, need_grad: bool) -> tuple[float, Tensor]:
+    def _loss(self, x_p, delta, y_p, params, g_t, gen,
+              need_grad: bool) -> tuple[float, Tensor | None]:
         """Mean B over the poison batches, and ∇δ of the summed B (when `need_grad`);
         augmented with draws from `gen` when augmentation is on and `gen` is given."""
         cfg = self.config
         t_norm = torch.sqrt(sum((g * g).sum() for g in g_t))
         total, batches = 0.0, 0
-        grad = torch.zeros_like(delta) if need_grad else delta
+        grad = torch.zeros_like(delta) if need_grad else None
         for start in range(0, len(x_p), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             d = delta[sl].detach().requires_grad_(need_grad)
@@ -171,7 +172,7 @@ class GradientMatching:
             with torch.enable_grad():
                 g_p = _grads(self.model, params, x, y_p[sl], create_graph=need_grad)
                 b = matching_loss(g_t, g_p, t_norm)
-                if need_grad:
+                if grad is not None:
                     grad[sl] = torch.autograd.grad(b, d)[0]
             total += float(b.detach())
             batches += 1
