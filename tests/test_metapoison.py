@@ -223,7 +223,7 @@ def _bad(**kw):
     ({"target_label": 1}, ConfigError, "poison class"),
     ({"adv_label": 3}, ConfigError, "adversarial class 3"),
     ({"adv_label": -1}, ConfigError, "adversarial class -1"),
-    ({"train": ImageSet(torch.rand(60, 3, 16, 16), torch.arange(60) % 3),
+    ({"train": ImageSet(torch.rand(60, 3, 16, 16), torch.arange(60) // 20),
       "target_x": torch.rand(3, 16, 16)}, ShapeError, "do not fit"),
     ({"target_x": torch.rand(3, 16, 16)}, ShapeError, "target images"),
     ({"poison_idx": torch.tensor([20, 20])}, ShapeError, "twice"),
