@@ -1,0 +1,461 @@
+"""MetaPoison: clean-label poisons crafted through unrolled training of a staggered surrogate ensemble.
+
+Huang, Geiping, Fowl, Taylor, Goldstein, "MetaPoison: Practical General-purpose Clean-label Data
+Poisoning", NeurIPS 2020 (Algorithm 1). A few training images of one class (the poisons; their
+labels never change) are perturbed so that a network trained from scratch on the poisoned set
+classifies one target image of another class as the adversarial class. The bilevel problem
+
+    min_{δ, g} L_adv(θ*(δ, g)),   θ*(δ, g) = argmin_θ Σ_i CE(f(x_i(δ, g); θ), y_i),
+    x_p(δ, g) = clip(R(x_p; g_p) + δ_p, 0, 1),  ‖δ_p‖∞ ≤ ε,  ‖g_p‖∞ ≤ ε_c,
+
+(R the smooth colour transform of attacks/recolor.py) is approximated by unrolling K SGD steps
+from the weights of M surrogates spread over training (attacks/unrolled_ensemble.py has the
+unrolled loss L_adv: the Carlini–Wagner margin averaged over the unrolled stages 1..K).
+
+One craft step s, as the reference code (wronnyhuang/metapoison, main.py, meta.py, data.py) does:
+- surrogate m is at epoch e_m = (m·stagger + s) mod (M·stagger); at e_m = 0 (for s > 0) it is
+  re-initialised; at s = 0 surrogate m is first trained m·stagger clean epochs from scratch;
+- each surrogate trains one clean epoch (its own shuffle, drop-last batches of `batch_size`,
+  plain SGD at lr(e) = lr · min(1, (e+1)/warmup) · 0.1^(milestones passed), the target image in
+  every batch for the batch-norm statistics only);
+- before its training step on a batch that holds at least one poison, the surrogate takes the
+  meta-gradient there: the poisons replace their clean originals in that batch (stage 0), the
+  next K batches of its epoch (cyclically) are stages 1..K, clean;
+- the meta-gradients of (L_adv + λ·S(g)) (S the colour smoothness, added once per poison batch)
+  are summed over the poison batches and the surrogates and divided by M; one Adam step
+  (β = 0.9, 0.999) at craft_lr · min(1, ((s+1)/5)²) · (1, 0.1, 0.01 from steps 20, 40); then
+  δ is clipped to ±ε and the grid to ±ε_c and the colour range.
+Step 0 starts from δ uniform in ±ε (clipped so that x + δ is a valid image) and the zero grid.
+
+Units: pixels are in [0, 1] here and in [0, 255] in the reference, so ε = 8/255 is the
+reference's 8, and its craft rate 200 (pixel units) is 200/255 for δ. Adam's step does not depend
+on the gradient's scale, so this gives the reference's trajectory of δ. The colour grid has the
+same units in both (YUV of a [0, 1] image), so it gets the reference's rate, 200, unconverted:
+with it every Adam step moves an offset far past ±ε_c, so the grid is in effect a signed step onto
+the box, as in the reference.
+
+Deviations from the reference code, and why:
+- pixels are clipped to [0, 1] after the colour transform and δ, while crafting and in
+  `Poisons.apply` (the reference leaves them unclipped): a poisoned set must be a set of valid
+  images, and crafting should optimise the images the victim will see;
+- the reference's graph appends the poisons of the stage-0 batch (their gradient stopped) to every
+  later stage too, and drops from the later batches the rows the stage-0 poisons displaced; here
+  stages 1..K are the plain clean batches, as the paper's algorithm and our specification say;
+- surrogates train without running batch-norm statistics (crafting never uses them);
+- the colour grid spans the whole gamut of its colour space (see attacks/recolor.py);
+- Adam is torch's, whose ε sits outside the bias-corrected √v̂ (TensorFlow's inside): the same up
+  to ε = 1e-8.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+from torch.func import functional_call
+
+from poisonlab.attacks.recolor import Recolor
+from poisonlab.attacks.unrolled_ensemble import ModelFactory, SurrogateEnsemble
+from poisonlab.config import Settings, make_settings
+from poisonlab.data.types import ImageSet
+from poisonlab.device import default_device
+from poisonlab.errors import ConfigError, ShapeError
+from poisonlab.progress import StatusFn
+
+
+def poison_images(x: Tensor, delta: Tensor, grid: Tensor, recolor: Recolor | None) -> Tensor:
+    """clip(R(x; grid) + δ, 0, 1), or clip(x + δ, 0, 1) without a colour transform."""
+    base = recolor.apply(x, grid) if recolor is not None else x
+    return (base + delta).clamp(0.0, 1.0)
+
+
+@dataclass
+class Poisons:
+    """Crafted poisons: indices [n] into the training set, δ [n, C, H, W] (in [0, 1] pixel
+    units), the colour grid [n, G, G, G, 3] of `color_space`, and the craft history: the
+    adversarial loss of each surrogate at each craft step [steps, M] (NaN where a surrogate met
+    no poison in that step), measured before that step's update."""
+
+    indices: Tensor
+    delta: Tensor
+    grid: Tensor
+    history: Tensor
+    color_space: Literal["yuv", "luv"] = "yuv"
+    use_color: bool = True
+
+    def recolor(self) -> Recolor | None:
+        if not self.use_color:
+            return None
+        return Recolor(grid_size=int(self.grid.shape[1]), space=self.color_space)
+
+    def images(self, x: Tensor) -> Tensor:
+        """The poisoned versions of the clean originals x [n, C, H, W]."""
+        if x.shape != self.delta.shape:
+            raise ShapeError(f"poison originals must be {tuple(self.delta.shape)}, got {tuple(x.shape)}")
+        return poison_images(x, self.delta.to(x), self.grid.to(x), self.recolor())
+
+    def apply(self, train: ImageSet) -> ImageSet:
+        """The training set with the poisons in place: labels unchanged, other images untouched."""
+        idx = self.indices.to(train.x.device)
+        if len(idx) and (int(idx.max()) >= len(train) or int(idx.min()) < 0):
+            raise ShapeError(f"poison indices reach {int(idx.max())}, but the set holds {len(train)}")
+        x = train.x.clone()
+        with torch.no_grad():
+            x[idx] = self.images(train.x[idx])
+        return ImageSet(x, train.y.clone())
+
+
+@dataclass
+class CraftState:
+    """Everything needed to continue crafting after `step` craft steps (for `resume`)."""
+
+    step: int
+    delta: Tensor
+    grid: Tensor
+    adam: dict
+    params: dict[str, Tensor]
+    ages: list[int]
+    generator: Tensor
+    history: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    """One crafting problem, validated and on the device."""
+
+    x: Tensor
+    y: Tensor
+    base: Tensor
+    slot_of: Tensor
+    idx: Tensor
+    target: Tensor
+    adv_label: int
+
+
+class MetaPoison:
+    """`MetaPoison(model_factory).craft(train, poison_idx, target_x, adv_label) -> Poisons`."""
+
+    class Config(Settings):
+        """budget: poisons to choose (`choose_poisons`); poison_choice: the first `budget` images
+        of the poison class in index order (the reference) or a seeded random choice.
+        epsilon: ‖δ‖∞ bound in [0, 1] pixel units (8/255 = the reference's 8).
+        color_epsilon: bound on each colour offset ε_c (0 disables the colour transform);
+        grid_size: colour grid points per axis; color_space: "yuv" (reference code) or "luv";
+        smoothness: weight λ of the colour smoothness penalty.
+        unroll_steps: K; ensemble: M surrogates; stagger: epochs between successive surrogates.
+        craft_steps: outer steps (the reference's 61); random_start: δ starts uniform in ±ε.
+        lr, warmup_epochs, lr_milestones, batch_size: the surrogates' plain SGD (lr × 0.1 at
+        each milestone epoch, linear warm-up over warmup_epochs).
+        craft_lr: Adam's rate in [0, 255] pixel units (δ moves at craft_lr/255 in [0, 1] units,
+        the colour grid at craft_lr); craft_warmup: quadratic warm-up steps; craft_milestones:
+        steps where the rate drops ×0.1 (each).
+        chunk: surrogates per batched meta-gradient computation (None: all at once; smaller
+        saves memory, same result)."""
+
+        budget: int = Field(50, ge=1)
+        poison_choice: Literal["first", "random"] = "first"
+        epsilon: float = Field(8 / 255, ge=0.0, le=1.0)
+        color_epsilon: float = Field(0.04, ge=0.0, le=1.0)
+        grid_size: int = Field(10, ge=2, le=64)
+        color_space: Literal["yuv", "luv"] = "yuv"
+        smoothness: float = Field(1.0, ge=0.0)
+        unroll_steps: int = Field(2, ge=1)
+        ensemble: int = Field(24, ge=1)
+        stagger: int = Field(1, ge=1)
+        craft_steps: int = Field(61, ge=1)
+        random_start: bool = True
+        lr: float = Field(0.1, gt=0.0)
+        warmup_epochs: int = Field(5, ge=0)
+        lr_milestones: tuple[int, ...] = (100, 150, 200)
+        batch_size: int = Field(125, ge=1)
+        craft_lr: float = Field(200.0, gt=0.0)
+        craft_warmup: int = Field(5, ge=0)
+        craft_milestones: tuple[int, ...] = (20, 40)
+        chunk: int | None = Field(None, ge=1)
+
+        @model_validator(mode="after")
+        def _sorted_milestones(self) -> MetaPoison.Config:
+            for key in ("lr_milestones", "craft_milestones"):
+                values = getattr(self, key)
+                if list(values) != sorted(values):
+                    raise ValueError(f"{key} must be increasing, got {list(values)}")
+            return self
+
+    def __init__(self, model_factory: ModelFactory, *, config: Config | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, **settings) -> None:
+        self.config = make_settings(self.Config, config, **settings)
+        self.model_factory = model_factory
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else default_device()
+        c = self.config
+        self.recolor = (Recolor(grid_size=c.grid_size, epsilon=c.color_epsilon, space=c.color_space)
+                        if c.color_epsilon > 0 else None)
+
+    # ---- schedules -------------------------------------------------------------------------
+    def surrogate_epoch(self, member: int, step: int) -> int:
+        """e_m(s) = (m·stagger + s) mod (M·stagger): the epoch surrogate m trains at step s."""
+        c = self.config
+        return (member * c.stagger + step) % (c.ensemble * c.stagger)
+
+    def surrogate_lr(self, epoch: int) -> float:
+        """The reference's lr_schedule: linear warm-up, ×0.1 at each milestone passed."""
+        c = self.config
+        warm = min(1.0, (epoch + 1) / c.warmup_epochs) if c.warmup_epochs > 0 else 1.0
+        drops = sum(epoch >= m for m in c.lr_milestones)
+        return c.lr * warm * 0.1 ** drops
+
+    def craft_lr(self, step: int) -> float:
+        """The reference's cr_schedule (pixel units): quadratic warm-up, ×0.1 per milestone."""
+        c = self.config
+        warm = min(1.0, ((step + 1) / c.craft_warmup) ** 2) if c.craft_warmup > 0 else 1.0
+        drops = sum(step >= m for m in c.craft_milestones)
+        return c.craft_lr * warm * 0.1 ** drops
+
+    # ---- poisons ---------------------------------------------------------------------------
+    def choose_poisons(self, train: ImageSet, poison_class: int) -> Tensor:
+        """`budget` indices of training images of `poison_class` (first ones, or seeded random)."""
+        pool = torch.nonzero(train.y == poison_class).flatten()
+        if self.config.budget > len(pool):
+            raise ConfigError(f"budget {self.config.budget} is larger than the poison class "
+                              f"{poison_class} ({len(pool)} training images)")
+        if self.config.poison_choice == "first":
+            return pool[: self.config.budget].clone()
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(len(pool), generator=g)[: self.config.budget]
+        return pool[pick.to(pool.device)].sort().values
+
+    def craft(self, train: ImageSet, poison_idx: Tensor, target_x: Tensor, adv_label: int, *,
+              target_label: int | None = None, progress: StatusFn | None = None,
+              checkpoint: Callable[[CraftState], None] | None = None,
+              resume: CraftState | None = None) -> Poisons:
+        """Craft δ and the colour grids of the training images `poison_idx` so that surrogates
+        trained on the poisoned set classify `target_x` ([C, H, W] or [T, C, H, W]) as
+        `adv_label`. `target_label` (the target's true class), if given, is checked against the
+        poison class. `checkpoint` receives the state after every step; `resume` continues one."""
+        crafter = _Crafter(self, _validate(self, train, poison_idx, target_x, adv_label,
+                                           target_label))
+        return crafter.run(progress=progress, checkpoint=checkpoint, resume=resume)
+
+
+def _validate(attack: MetaPoison, train: ImageSet, poison_idx: Tensor, target_x: Tensor,
+              adv_label: int, target_label: int | None) -> _Task:
+    """The inputs checked (one-line ShapeError/ConfigError naming the problem) and on the device."""
+    c, dev = attack.config, attack.device
+    if train.x.dim() != 4 or train.y.shape != (train.x.shape[0],):
+        raise ShapeError(f"train must hold images [N, C, H, W] and labels [N], got "
+                         f"{tuple(train.x.shape)} and {tuple(train.y.shape)}")
+    n_train, shape = len(train), tuple(train.x.shape[1:])
+    idx = torch.as_tensor(poison_idx).flatten().long().cpu()
+    if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_train:
+        raise ShapeError(f"poison_idx must be non-empty indices into the {n_train} training images")
+    if len(idx.unique()) != len(idx):
+        raise ShapeError("poison_idx holds an index twice")
+    target = target_x.unsqueeze(0) if target_x.dim() == 3 else target_x
+    if target.dim() != 4 or tuple(target.shape[1:]) != shape:
+        raise ShapeError(f"target images must be {list(shape)} like the training images, "
+                         f"got {tuple(target_x.shape)}")
+    poison_classes = sorted(set(train.y[idx].tolist()))
+    if target_label is not None and int(target_label) in poison_classes:
+        raise ConfigError(f"the target is of the poison class {int(target_label)}: pick a target "
+                          "of another class")
+    if c.batch_size > n_train:
+        raise ConfigError(f"batch_size {c.batch_size} is larger than the training set ({n_train})")
+    if attack.recolor is not None and shape[0] != 3:
+        raise ConfigError(f"the colour transform needs RGB images, these have {shape[0]} "
+                          "channels (set color_epsilon=0)")
+    slot_of = torch.full((n_train,), -1, dtype=torch.long)
+    slot_of[idx] = torch.arange(len(idx))
+    x = train.x.to(dev)
+    return _Task(x=x, y=train.y.to(dev), base=x[idx.to(dev)], slot_of=slot_of, idx=idx,
+                 target=target.to(x), adv_label=int(adv_label))
+
+
+def _check_fit(ens: SurrogateEnsemble, task: _Task) -> None:
+    """Images the surrogate cannot take, or an adversarial class it does not have: one line."""
+    one = {n: p[0] for n, p in ens.params.items()}
+    try:
+        z = functional_call(ens.fmodel, one, (task.x[:2],))
+    except RuntimeError as exc:
+        raise ShapeError(f"images of size {list(task.x.shape[1:])} do not fit the surrogate: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if z.dim() != 2:
+        raise ShapeError(f"the surrogate must return logits [N, classes], got {tuple(z.shape)}")
+    if not 0 <= task.adv_label < z.shape[1]:
+        raise ConfigError(f"adversarial class {task.adv_label} is out of range: the surrogate "
+                          f"has {z.shape[1]} classes")
+
+
+class _Crafter:
+    """The crafting loop of one `MetaPoison.craft` call (state: δ, grid, Adam, the ensemble)."""
+
+    def __init__(self, attack: MetaPoison, task: _Task) -> None:
+        self.attack, self.c, self.task = attack, attack.config, task
+        self.ens = SurrogateEnsemble(attack.model_factory, self.c.ensemble, attack.device)
+        _check_fit(self.ens, task)
+        self.gen = torch.Generator().manual_seed(attack.seed)
+        self.recolor = attack.recolor
+        n = len(task.base)
+        self.delta = torch.zeros_like(task.base, requires_grad=True)
+        g = self.c.grid_size
+        self.grid = torch.zeros(n, g, g, g, 3, dtype=task.base.dtype, device=task.base.device,
+                                requires_grad=True)
+        self.opt = torch.optim.Adam([{"params": [self.delta]}, {"params": [self.grid]}], lr=1.0,
+                                    betas=(0.9, 0.999), eps=1e-8)
+        self.ages = [0] * self.c.ensemble
+        self.history: list[Tensor] = []
+        self.step = 0
+
+    def run(self, progress: StatusFn | None, checkpoint: Callable[[CraftState], None] | None,
+            resume: CraftState | None) -> Poisons:
+        if resume is not None:
+            self._restore(resume)
+        else:
+            self._fresh()
+        for s in range(self.step, self.c.craft_steps):
+            self.history.append(self._craft_step(s))
+            self.step = s + 1
+            if progress is not None:
+                progress(f"step {s + 1}/{self.c.craft_steps} "
+                         f"adversarial loss {float(self.history[-1].nanmean()):.3f}")
+            if checkpoint is not None:
+                checkpoint(self.state())
+        return Poisons(indices=self.task.idx.clone(), delta=self.delta.detach().cpu(),
+                       grid=self.grid.detach().cpu(), history=torch.stack(self.history),
+                       color_space=self.c.color_space, use_color=self.recolor is not None)
+
+    def _fresh(self) -> None:
+        c, base = self.c, self.task.base
+        with torch.no_grad():
+            if c.random_start:
+                noise = (torch.rand(base.shape, generator=self.gen, dtype=base.dtype) * 2 - 1)
+                d = (base + noise.to(base) * c.epsilon).clamp(0, 1) - base
+                self.delta.copy_(d.clamp(-c.epsilon, c.epsilon))
+        self._reinitialise(list(range(c.ensemble)))
+        for epoch in range(max(m * c.stagger for m in range(c.ensemble))):
+            members = [m for m in range(c.ensemble) if m * c.stagger > epoch]
+            self._epoch(members, [self.attack.surrogate_lr(epoch)] * len(members), meta=None)
+
+    def _reinitialise(self, members: list[int]) -> None:
+        seeds = torch.randint(0, 2**62, (len(members),), generator=self.gen).tolist()
+        self.ens.reinitialise(members, seeds)
+        for m in members:
+            self.ages[m] = 0
+
+    def _craft_step(self, s: int) -> Tensor:
+        c, a = self.c, self.attack
+        epochs = [a.surrogate_epoch(m, s) for m in range(c.ensemble)]
+        if s > 0:
+            wrapped = [m for m, e in enumerate(epochs) if e == 0]
+            if wrapped:
+                self._reinitialise(wrapped)
+        acc = _Accumulator(self.delta, self.grid, c.ensemble)
+        self._epoch(list(range(c.ensemble)), [a.surrogate_lr(e) for e in epochs], meta=acc)
+        self.delta.grad, self.grid.grad = acc.g_delta / c.ensemble, acc.g_grid / c.ensemble
+        self._adam_step(a.craft_lr(s))
+        return acc.losses()
+
+    def _adam_step(self, lr: float) -> None:
+        """Adam on δ at lr/255 and on the grid at lr (see the module docstring), then project."""
+        groups = self.opt.param_groups
+        groups[0]["lr"], groups[1]["lr"] = lr / 255.0, lr  # δ: pixel units → [0, 1] units
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.delta.clamp_(-self.c.epsilon, self.c.epsilon)
+            if self.recolor is not None:
+                self.grid.copy_(self.recolor.project(self.grid))
+            else:
+                self.grid.zero_()
+
+    def _epoch(self, members: list[int], lrs: list[float], meta: _Accumulator | None) -> None:
+        """One clean epoch for each of `members` (own shuffle, drop-last batches), with the
+        meta-gradient taken before the training step on every batch that holds poisons."""
+        c, t = self.c, self.task
+        n_batches = len(t.y) // c.batch_size
+        perms = torch.stack([torch.randperm(len(t.y), generator=self.gen)[: n_batches * c.batch_size]
+                             for _ in members]).view(len(members), n_batches, c.batch_size)
+        who = torch.tensor(members, device=t.x.device)
+        lr_t = torch.tensor(lrs, dtype=t.x.dtype, device=t.x.device)
+        for b in range(n_batches):
+            if meta is not None:
+                self._meta_batch(who, perms, b, lr_t, meta)
+            ids = perms[:, b].to(t.x.device)
+            self.ens.train_step(who, t.x[ids], t.y[ids], t.target, lr_t)
+        for m in members:
+            self.ages[m] += 1
+
+    def _meta_batch(self, who: Tensor, perms: Tensor, b: int, lrs: Tensor,
+                    acc: _Accumulator) -> None:
+        c, t = self.c, self.task
+        n_batches = perms.shape[1]
+        slots = t.slot_of[perms[:, b]]
+        rows = torch.nonzero((slots >= 0).any(1)).flatten()
+        if len(rows) == 0:
+            return
+        for chunk in rows.split(c.chunk or len(rows)):
+            stage = torch.stack([perms[chunk, (b + k) % n_batches]
+                                 for k in range(c.unroll_steps + 1)], 1).to(t.x.device)
+            xs, ys = t.x[stage], t.y[stage]
+            slot = slots[chunk].to(t.x.device)
+            poisons = poison_images(t.base, self.delta, self.grid, self.recolor)
+            x0 = torch.where((slot >= 0).view(*slot.shape, 1, 1, 1),
+                             poisons[slot.clamp(min=0)], xs[:, 0])
+            xs = torch.cat([x0.unsqueeze(1), xs[:, 1:]], 1)
+            losses = self.ens.adversarial_losses(who[chunk], xs, ys, t.target, lrs[chunk],
+                                                 t.adv_label)
+            objective = losses.sum()
+            if self.recolor is not None and c.smoothness > 0:
+                objective = objective + len(chunk) * c.smoothness * self.recolor.smoothness(self.grid)
+            acc.add(objective, who[chunk].cpu(), losses.detach().cpu(), self.recolor is not None)
+
+    def state(self) -> CraftState:
+        """A detached copy of the crafting state after `self.step` steps (on the CPU)."""
+        return CraftState(
+            step=self.step, delta=self.delta.detach().cpu().clone(),
+            grid=self.grid.detach().cpu().clone(), adam=copy.deepcopy(self.opt.state_dict()),
+            params={n: p.detach().cpu().clone() for n, p in self.ens.params.items()},
+            ages=list(self.ages), generator=self.gen.get_state(), history=list(self.history))
+
+    def _restore(self, state: CraftState) -> None:
+        if state.delta.shape != self.delta.shape or state.grid.shape != self.grid.shape or \
+                set(state.params) != set(self.ens.params) or len(state.ages) != self.c.ensemble:
+            raise ShapeError("resume state does not fit these poisons, settings or surrogate")
+        with torch.no_grad():
+            self.delta.copy_(state.delta)
+            self.grid.copy_(state.grid)
+        self.opt.load_state_dict(copy.deepcopy(state.adam))
+        for n, p in state.params.items():
+            self.ens.params[n] = p.to(self.ens.params[n]).clone()
+        self.ages, self.step = list(state.ages), state.step
+        self.gen.set_state(state.generator)
+        self.history = list(state.history)
+
+
+class _Accumulator:
+    """Meta-gradients summed over poison batches and surrogates; adversarial loss per surrogate."""
+
+    def __init__(self, delta: Tensor, grid: Tensor, members: int) -> None:
+        self.delta, self.grid = delta, grid
+        self.g_delta, self.g_grid = torch.zeros_like(delta), torch.zeros_like(grid)
+        self.total, self.count = torch.zeros(members, dtype=torch.float64), torch.zeros(members)
+
+    def add(self, objective: Tensor, who: Tensor, losses: Tensor, color: bool) -> None:
+        if color:
+            g_delta, g_grid = torch.autograd.grad(objective, [self.delta, self.grid])
+            self.g_grid += g_grid
+        else:
+            (g_delta,) = torch.autograd.grad(objective, [self.delta])
+        self.g_delta += g_delta
+        self.total.index_add_(0, who, losses.double())
+        self.count.index_add_(0, who, torch.ones(len(who)))
+
+    def losses(self) -> Tensor:
+        out = (self.total / self.count.clamp(min=1)).float()
+        out[self.count == 0] = math.nan
+        return out

@@ -1,0 +1,177 @@
+"""M surrogate networks of one architecture run as one batched computation, and the unrolled
+adversarial loss MetaPoison differentiates through.
+
+Huang, Geiping, Fowl, Taylor, Goldstein, "MetaPoison: Practical General-purpose Clean-label Data
+Poisoning", NeurIPS 2020, Algorithm 1. For one surrogate with weights θ₀, the batches
+X₀ (holding the poisons), X₁, ..., X_K (clean) and the target x_t with adversarial label y_adv:
+
+    θ_{k+1} = θ_k − η ∇_θ CE(f([X_k; x_t]; θ_k)[:B], Y_k),           k = 0 .. K−1,
+    L_adv   = (1/K) Σ_{k=1..K} CW(f([X_k; x_t]; θ_k)[B:], y_adv),
+    CW(z, a) = max(max_j z'_j − z_a, −100),   z' = z with z'_a = 0 (not −∞: the reference's quirk),
+
+where [X; x_t] is the batch with the target appended, so batch normalisation computes its batch
+statistics over both (as the reference code does; the training loss excludes the target rows).
+The meta-gradient ∂L_adv/∂(poisons) flows through every unrolled step (second order, no
+first-order approximation), as in the reference's tf.gradients through its unrolled graph.
+
+The M weight sets are stacked (torch.func.stack_module_state) and one forward (and its gradient)
+runs for all of them through torch.func.vmap over torch.func.functional_call; the per-surrogate
+inner gradients come from torch.func.grad inside that vmap. Batch normalisation always uses batch
+statistics here (running statistics play no part in crafting, where every forward of the
+reference is in training mode), so every BatchNorm layer of the functional copy is replaced by
+`BatchStatsNorm`, the same normalisation written in elementary operations with the same
+parameters: running buffers cannot be updated inside vmap, and torch's fused batch-norm backward
+has a wrong batching rule for its input gradient (pytorch/functorch#534), which makes the
+second-order meta-gradient through it under vmap wrong (tests/test_metapoison.py checks the
+batched meta-gradient against a loop and against finite differences). The functional copy is in
+eval mode, so dropout, if the architecture has any, is off.
+`batched=False` runs the same per-surrogate function in a Python loop: the reference for the
+equality test and the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from poisonlab.errors import ConfigError
+
+Params = dict[str, Tensor]
+ModelFactory = Callable[[], nn.Module]
+
+
+class BatchStatsNorm(nn.Module):
+    """Batch normalisation with batch statistics only (biased variance, as torch's training mode
+    and TensorFlow's moments), in elementary operations so vmap differentiates it twice right."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        self.weight = bn.weight
+        self.bias = bn.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out
+
+
+def functional_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` in eval mode with every BatchNorm layer a `BatchStatsNorm`."""
+    out = copy.deepcopy(model)
+    for module in list(out.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, child_name, BatchStatsNorm(child))
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def cw_margin(logits: Tensor, adv_label: int, clamp: float = -100.0) -> Tensor:
+    """The reference's Carlini–Wagner margin, averaged over the rows of `logits` [T, classes]."""
+    keep = torch.ones(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    keep[adv_label] = 0.0
+    second = (logits * keep).max(-1).values  # the adversarial logit counts as 0, not −∞
+    return (second - logits[..., adv_label]).clamp(min=clamp).mean()
+
+
+def _logits(fmodel: nn.Module, params: Params, x: Tensor, target: Tensor) -> Tensor:
+    return functional_call(fmodel, params, (torch.cat([x, target]),))
+
+
+def unrolled_adversarial_loss(fmodel: nn.Module, params: Params, xs: Tensor, ys: Tensor,
+                              target: Tensor, lr: Tensor, adv_label: int) -> Tensor:
+    """L_adv of one surrogate: xs [K+1, B, C, H, W] (stage 0 already poisoned), ys [K+1, B]."""
+    unroll = xs.shape[0] - 1
+    b = ys.shape[1]
+    total = xs.new_zeros(())
+    for k in range(unroll + 1):
+        if k < unroll:
+            def train_loss(p: Params, k: int = k) -> tuple[Tensor, Tensor]:
+                z = _logits(fmodel, p, xs[k], target)
+                return F.cross_entropy(z[:b], ys[k]), z
+
+            g, z = grad(train_loss, has_aux=True)(params)
+            params = {n: params[n] - lr * g[n] for n in params}
+        else:
+            z = _logits(fmodel, params, xs[k], target)
+        if k >= 1:
+            total = total + cw_margin(z[b:], adv_label)
+    return total / unroll
+
+
+def _train_grad(fmodel: nn.Module, params: Params, x: Tensor, y: Tensor, target: Tensor) -> Params:
+    def loss(p: Params) -> Tensor:
+        return F.cross_entropy(_logits(fmodel, p, x, target)[: y.shape[0]], y)
+
+    return grad(loss)(params)
+
+
+class SurrogateEnsemble:
+    """M weight sets of the architecture `model_factory()` builds, stacked: params[name] [M, ...]."""
+
+    def __init__(self, model_factory: ModelFactory, size: int,
+                 device: torch.device | str = "cpu") -> None:
+        template = model_factory()
+        if not isinstance(template, nn.Module):
+            raise ConfigError(f"model_factory must return an nn.Module, got {type(template).__name__}")
+        self.factory, self.size, self.device = model_factory, size, torch.device(device)
+        self.fmodel = functional_copy(template).to(self.device)
+        self.params: Params = {n: torch.stack([p.detach()] * size).to(self.device)
+                               for n, p in self.fmodel.named_parameters()}
+
+    def reinitialise(self, members: Sequence[int], seeds: Sequence[int]) -> None:
+        """Fresh weights from the factory for each member, under torch.manual_seed(seed)."""
+        for m, seed in zip(members, seeds):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                fresh = dict(self.factory().named_parameters())
+            for n in self.params:
+                self.params[n][m] = fresh[n].detach().to(self.params[n])
+
+    def select(self, members: Tensor) -> Params:
+        return {n: p[members] for n, p in self.params.items()}
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Every member's logits on the same images x [N, ...]: [M, N, classes]."""
+        return vmap(lambda p: functional_call(self.fmodel, p, (x,)))(self.params)
+
+    def train_step(self, members: Tensor, x: Tensor, y: Tensor, target: Tensor, lrs: Tensor) -> None:
+        """One plain SGD step for each member on its batch x [M', B, ...], y [M', B]; the target
+        joins every batch for the batch statistics only."""
+        fmodel = self.fmodel
+        g = vmap(lambda p, xb, yb: _train_grad(fmodel, p, xb, yb, target))(
+            self.select(members), x, y)
+        for n, p in self.params.items():
+            step = lrs.view(-1, *[1] * (p.dim() - 1)).to(p) * g[n]
+            p[members] = p[members] - step
+
+    def adversarial_losses(self, members: Tensor, xs: Tensor, ys: Tensor, target: Tensor,
+                           lrs: Tensor, adv_label: int, batched: bool = True) -> Tensor:
+        """L_adv of each member [M'] from its stages xs [M', K+1, B, ...], ys [M', K+1, B];
+        differentiable in xs (the poisons)."""
+        lrs = lrs.to(xs)
+        params = self.select(members)
+        if batched:
+            fmodel = self.fmodel
+            return vmap(lambda p, xm, ym, lr: unrolled_adversarial_loss(
+                fmodel, p, xm, ym, target, lr, adv_label))(params, xs, ys, lrs)
+        return torch.stack([
+            unrolled_adversarial_loss(self.fmodel, {n: p[i] for n, p in params.items()},
+                                      xs[i], ys[i], target, lrs[i], adv_label)
+            for i in range(len(members))
+        ])
