@@ -21,7 +21,6 @@ import argparse
 import time
 
 import torch
-from torch.func import functional_call, grad
 
 from poisonlab.attacks.metapoison import poison_images
 from poisonlab.attacks.recolor import Recolor

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from poisonlab.attacks import metapoison as mp_module
 from poisonlab.attacks.metapoison import MetaPoison, Poisons, poison_images
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.attacks.unrolled_ensemble import SurrogateEnsemble, cw_margin
@@ -120,7 +119,7 @@ def test_batched_ensemble_equals_loop():
         g = torch.zeros(4, 4, 4, 4, 3, requires_grad=True)
         obj = _objective(ens, xs, ys, base, slots, target, d, g, r, batched=batched)
         out.append((obj.detach(), *torch.autograd.grad(obj, [d, g])))
-    for a, b in zip(*out):
+    for a, b in zip(*out, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

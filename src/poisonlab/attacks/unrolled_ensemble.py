@@ -136,7 +136,7 @@ class SurrogateEnsemble:
 
     def reinitialise(self, members: Sequence[int], seeds: Sequence[int]) -> None:
         """Fresh weights from the factory for each member, under torch.manual_seed(seed)."""
-        for m, seed in zip(members, seeds):
+        for m, seed in zip(members, seeds, strict=True):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 fresh = dict(self.factory().named_parameters())

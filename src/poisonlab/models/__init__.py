@@ -7,8 +7,12 @@ A builder is `fn(num_classes: int, in_channels: int, **kwargs) -> nn.Module`. Cl
 from __future__ import annotations
 
 # Importing an architecture's module registers it.
-from poisonlab.models import cnn4, resnet_cifar, small_cnn  # noqa: F401
-from poisonlab.models import convnet_bn  # noqa: F401
+from poisonlab.models import (  # noqa: F401
+    cnn4,
+    convnet_bn,  # noqa: F401
+    resnet_cifar,
+    small_cnn,
+)
 from poisonlab.models.registry import Builder, available_models, build_model, register_model
 
 __all__ = ["Builder", "available_models", "build_model", "register_model"]
