@@ -44,7 +44,7 @@ def files(tmp_path_factory):
     test = ImageSet((pool(data.test.x, 2) * 255).round() / 255, data.test.y)
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 1)
-    poisoned = BackdoorInjection(badnets_patch((1, 14, 14)), TARGET, 0.1).poison(train).data
+    poisoned = BackdoorInjection(badnets_patch((1, 14, 14)), target=TARGET, poison_rate=0.1).poison(train).data
     train_classifier(model, poisoned, TrainConfig(epochs=4, batch_size=64, lr=0.05),
                      progress=False)
     weights = save_weights(root / "model.safetensors", model.state_dict(),

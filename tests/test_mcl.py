@@ -40,7 +40,7 @@ def setting():
     trigger = badnets_patch((1, 14, 14))
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1)
-    train_classifier(model, BackdoorInjection(trigger, TARGET, 0.1).poison(train).data,
+    train_classifier(model, BackdoorInjection(trigger, target=TARGET, poison_rate=0.1).poison(train).data,
                      TrainConfig(epochs=4, batch_size=64, lr=0.05), progress=False)
     clean = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:250])
     return model, trigger, test, clean

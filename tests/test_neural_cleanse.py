@@ -34,7 +34,7 @@ def glyphs14():
 @pytest.fixture(scope="module")
 def backdoored(glyphs14):
     train, _ = glyphs14
-    return _train(BackdoorInjection(badnets_patch((1, 14, 14)), TARGET, 0.1).poison(train).data)
+    return _train(BackdoorInjection(badnets_patch((1, 14, 14)), target=TARGET, poison_rate=0.1).poison(train).data)
 
 
 def _train(train: ImageSet):

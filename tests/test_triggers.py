@@ -68,7 +68,7 @@ def test_bad_trigger_inputs_are_clear_errors():
 def test_injection_poisons_the_rate_of_non_target_images_deterministically():
     g = torch.Generator().manual_seed(0)
     data = ImageSet(torch.rand(200, 1, 10, 10, generator=g), torch.arange(200) % 4)
-    inj = BackdoorInjection(badnets_patch((1, 10, 10)), target=2, rate=0.1, seed=5)
+    inj = BackdoorInjection(badnets_patch((1, 10, 10)), target=2, poison_rate=0.1, seed=5)
     a, b = inj.poison(data), inj.poison(data)
     assert torch.equal(a.poisoned, b.poisoned) and len(a.poisoned) == 20
     assert (data.y[a.poisoned] != 2).all() and (a.data.y[a.poisoned] == 2).all()
@@ -78,8 +78,10 @@ def test_injection_poisons_the_rate_of_non_target_images_deterministically():
     assert torch.equal(a.data.y[untouched], data.y[untouched])
     test = triggered_set(inj.trigger, data, 2)
     assert len(test) == 150 and (test.y == 2).all()
-    with pytest.raises(ConfigError, match="poison rate"):
-        BackdoorInjection(inj.trigger, target=2, rate=1.5)
+    with pytest.raises(ConfigError, match="poison_rate"):
+        BackdoorInjection(inj.trigger, target=2, poison_rate=1.5)
+    with pytest.raises(ConfigError, match="target"):
+        BackdoorInjection(inj.trigger, target=-1)
     with pytest.raises(ConfigError, match="not a label"):
         BackdoorInjection(inj.trigger, target=9).poison(data)
 
@@ -100,7 +102,7 @@ def test_injection_gives_high_asr_on_a_tiny_model(attack):
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 1)
     cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05)
-    train_classifier(model, BackdoorInjection(trigger, 3, 0.1).poison(train).data, cfg,
+    train_classifier(model, BackdoorInjection(trigger, target=3, poison_rate=0.1).poison(train).data, cfg,
                      progress=False)
     train_classifier(clean_model, train, cfg, progress=False)
     got = backdoor_metrics(model, trigger, test, 3)

@@ -2,7 +2,7 @@
 
 Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply
 Chain", 2017; Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data
-Poisoning", 2017. A fraction `rate` of the training set (drawn among images whose label is not the
+Poisoning", 2017. A fraction `poison_rate` of the training set (drawn among images whose label is not the
 target) gets the trigger stamped and its label changed to `target`; a model trained on the result
 learns to send any triggered input to the target while staying accurate on clean inputs.
 
@@ -13,11 +13,14 @@ images whose true label is not the target.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from poisonlab.attacks.triggers import Trigger
+from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError
 from poisonlab.training.supervised import evaluate, predict_logits
@@ -32,20 +35,26 @@ class PoisonedSet:
 
 
 class BackdoorInjection:
-    """All-to-one poisoning: `poison(train)` stamps `trigger` on a `rate` fraction, relabelled."""
+    """All-to-one poisoning: `poison(train)` stamps `trigger` on a `poison_rate` fraction of the
+    training set, relabelled to `target`."""
 
-    def __init__(self, trigger: Trigger, target: int, rate: float = 0.1, seed: int = 0) -> None:
-        if not 0.0 < rate < 1.0:
-            raise ConfigError(f"poison rate must be in (0, 1), got {rate}")
-        if target < 0:
-            raise ConfigError(f"target label must be >= 0, got {target}")
+    class Config(Settings):
+        """target: the all-to-one target label. poison_rate: the share of the training set that
+        gets the trigger and the target label (drawn among the images of other labels)."""
+
+        target: int = Field(0, ge=0)
+        poison_rate: float = Field(0.1, gt=0, lt=1)
+
+    def __init__(self, trigger: Trigger, *, config: Config | None = None, seed: int = 0,
+                 **settings: Any) -> None:
+        self.config = make_settings(self.Config, config, **settings)
         self.trigger = trigger
-        self.target = int(target)
-        self.rate = float(rate)
+        self.target = self.config.target
+        self.rate = self.config.poison_rate
         self.seed = int(seed)
 
     def poison(self, train: ImageSet) -> PoisonedSet:
-        """Return a copy of `train` with round(rate·N) non-target images triggered and relabelled."""
+        """Return a copy of `train` with round(poison_rate·N) non-target images triggered and relabelled."""
         if self.target > int(train.y.max()):
             raise ConfigError(f"target label {self.target} is not a label of the training set")
         candidates = torch.nonzero(train.y != self.target).flatten()

@@ -64,15 +64,13 @@ class DataConfig(Settings):
     clean_fraction: float = Field(0.05, gt=0, le=1)
 
 
-class AttackConfig(Settings):
-    """attacks: one backdoored model per trigger. target: the all-to-one target label.
-    poison_rate: share of the training set stamped and relabelled. blend_alpha: Blend's mixing
-    ratio. clean_control: also train and scan a model on the unpoisoned data."""
+class AttackConfig(BackdoorInjection.Config):
+    """The injection's settings (target, poison_rate), plus: attacks: one backdoored model per
+    trigger. blend_alpha: Blend's mixing ratio. clean_control: also train and scan a model on the
+    unpoisoned data."""
 
     attacks: list[Literal["badnets", "blend", "grid", "trojan"]] = Field(
         default_factory=lambda: ["badnets", "blend", "grid"], min_length=1)
-    target: int = Field(5, ge=0)
-    poison_rate: float = Field(0.1, gt=0, lt=1)
     blend_alpha: float = Field(0.2, gt=0, le=1)
     clean_control: bool = True
 
@@ -99,7 +97,7 @@ class ProtocolConfig(BaseConfig):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         augment=True, channels_last=True))
-    attack: AttackConfig = Field(default_factory=AttackConfig)
+    attack: AttackConfig = Field(default_factory=lambda: AttackConfig(target=5))
     nc: DetectionConfig = Field(default_factory=DetectionConfig)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
 
@@ -260,7 +258,7 @@ def run_attack(cfg: ProtocolConfig, run: Run, name: str, data: SupervisedData, c
     """Train (or reload) the model of one attack, scan it, defend it."""
     shape = tuple(data.train.x.shape[1:])
     trigger = build_trigger(cfg, name, shape)
-    injection = BackdoorInjection(trigger, cfg.attack.target, cfg.attack.poison_rate, cfg.seed)
+    injection = BackdoorInjection(trigger, config=cfg.attack, seed=cfg.seed)
     poisoned = injection.poison(data.train).data
     t0 = time.perf_counter()
     model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, sources)
