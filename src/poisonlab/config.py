@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from poisonlab.errors import ConfigError
 
@@ -52,9 +52,9 @@ class Settings(BaseModel):
 
 
 class BaseConfig(Settings):
-    """Base of every experiment config."""
+    """Base of every experiment config. seed: the trial's seed (torch seeds are 64-bit)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
 
 
 S = TypeVar("S", bound=BaseModel)
