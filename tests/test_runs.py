@@ -371,3 +371,28 @@ def test_pool_workers_forked_inside_a_run_keep_the_default_sigterm(tmp_path):
 
     with Run.create("demo", DemoConfig(), root=tmp_path):
         assert run_chunks(_sigterm_is_default, [0, 1, 2, 3], workers=2) == [True] * 4
+
+
+@pytest.mark.parametrize("damage", [b"", b"this is not an sqlite database" * 40])
+def test_an_unusable_index_is_set_aside_and_rebuilt(tmp_path, capsys, damage):
+    from poisonlab.runs import list_runs
+    from poisonlab.runs.index import index_path
+
+    class Cfg(BaseConfig):
+        pass
+
+    ids = []
+    for _ in range(2):
+        with Run.create("demo", Cfg(), root=tmp_path) as run:
+            run.write_metrics({"accuracy": 0.5})
+            ids.append(run.id)
+    for side in ("-wal", "-shm"):
+        index_path(tmp_path).with_name("index.sqlite" + side).unlink(missing_ok=True)
+    index_path(tmp_path).write_bytes(damage)
+    assert sorted(r["run_id"] for r in list_runs(tmp_path)) == sorted(ids)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rebuilt" in err
+    assert len(list(tmp_path.glob("index.sqlite.bad-*"))) == (1 if damage else 0)
+    with Run.create("demo", Cfg(), root=tmp_path) as run:  # and new runs are indexed again
+        run.write_metrics({"accuracy": 0.7})
+    assert len(list_runs(tmp_path)) == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -57,19 +58,48 @@ def _connect(root: Path) -> Iterator[sqlite3.Connection]:
 
 
 def _with_retry(action: Callable[[sqlite3.Connection], T], root: Path) -> T:
-    """Run `action` on a fresh connection, retrying while the database is locked or busy."""
+    """Run `action` on a fresh connection, retrying while the database is locked or busy. An
+    index that is not a usable database (corrupt, truncated, empty) is set aside and rebuilt from
+    the run directories, which are the source of truth, before `action` runs."""
+    path = index_path(root)
     delay = 0.01
+    recovered = False
     for attempt in range(_ATTEMPTS):
         try:
             with _connect(root) as conn:
                 return action(conn)
         except sqlite3.OperationalError as exc:
             message = str(exc).lower()
-            if ("locked" not in message and "busy" not in message) or attempt == _ATTEMPTS - 1:
-                raise RunError(f"cannot update the run index {index_path(root)}: {exc}") from None
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 1.0)
-    raise AssertionError("unreachable")
+            if "locked" in message or "busy" in message:
+                if attempt == _ATTEMPTS - 1:
+                    raise RunError(f"cannot update the run index {path}: {exc}") from None
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+                continue
+            if recovered or not path.exists():
+                raise RunError(f"cannot update the run index {path}: {exc}") from None
+            _set_aside(root, str(exc))
+            recovered = True
+        except sqlite3.DatabaseError as exc:  # not a database, malformed
+            if recovered:
+                raise RunError(f"cannot update the run index {path}: {exc}") from None
+            _set_aside(root, str(exc))
+            recovered = True
+    raise RunError(f"cannot update the run index {path}")
+
+
+def _set_aside(root: Path, reason: str) -> None:
+    """Move an unusable index (and its WAL files) aside, rebuild it, say so in one line."""
+    path = index_path(root)
+    bad = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16**4):04x}")
+    path.replace(bad)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.replace(bad.with_name(bad.name + suffix))
+    count = rebuild_index(root)
+    print(f"warning: the run index {path} was unusable ({reason}); moved to {bad.name} and "
+          f"rebuilt from {count} run directories", file=sys.stderr)
 
 
 def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,6 +175,13 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None) -> 
         return conn.execute(sql + " ORDER BY started, rowid", args).fetchall()
 
     rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
+    on_disk = {str(p.parent.resolve()) for p in root.glob("*/run.json")}
+    missing = on_disk - {row["path"] for row in rows}
+    if missing:  # the index is a mirror: an emptied or stale one is rebuilt from the directories
+        rebuild_index(root)
+        print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
+              "directories; rebuilt from the directories", file=sys.stderr)
+        rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
     for row in rows:
         row["headline"] = json.loads(row["headline"] or "{}")
     return [row for row in rows if Path(row["path"]).is_dir()]
