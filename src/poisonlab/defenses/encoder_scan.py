@@ -295,7 +295,7 @@ class EncoderScan:
             pass_sim = sum(sims) / len(sims)
             if progress is not None:
                 progress(f"restart {restart + 1}: similarity {pass_sim:.3f}, "
-                         f"mask L1 {float(param.parts()[0].sum()):.1f}")
+                         f"mask L1 {float(param.parts()[0].detach().sum()):.1f}")
             if schedule.stop(pass_sim):
                 break
         reached = best is not None
