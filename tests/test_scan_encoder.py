@@ -62,7 +62,7 @@ def test_scan_encoder_from_python_writes_the_trigger_and_the_summary(tmp_path):
     summary = json.loads((tmp_path / "encoder_scan.json").read_text())
     assert summary["backdoored"] is True and summary["samples"] == 48
     assert summary["normalised_l1"] < 0.1 and len(summary["restarts"]) == 2
-    # the scan's settings alone are accepted too (then the audit's 100 samples)
+    # the scan's settings alone are accepted too (then the audit's 50 samples)
     small = scan_encoder(PlantedEncoder(False), noise_images(8),
                          config=EncoderScan.Config(steps=2))
     assert small.samples == 8 and not small.detected

@@ -105,10 +105,10 @@ def scan_command(
     records: RecordsOpt = None,
     label_only: LabelOnlyOpt = False,
     samples: Annotated[int | None, typer.Option("--samples", help="Clean images used by the "
-                                                "scan (default 200; --encoder: 100).")] = None,
+                                                "scan (default 200; --encoder: 50).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Neural Cleanse steps per label "
                                               "(default 40; --encoder: inversion passes, "
-                                              "300).")] = None,
+                                              "200).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="(default 50; "
                                                    "--encoder: 256)")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Anomaly index cut-off "

@@ -35,8 +35,8 @@ def encoder_trigger_figure(path: Path, result: EncoderScanResult) -> Path:
         star = "*" if i == result.best else ""
         grey = torch.full(trig.image_shape, 0.5)
         panels = ((trig.mask.expand_as(trig.pattern), f"restart {i + 1}{star} mask"),
-                  (trig.mask * trig.pattern, f"PL1 {run.normalised_l1:.3f}"),
-                  (trig.apply(grey), f"S {run.similarity:.3f}"))
+                  (trig.mask * trig.pattern, f"mask·pattern, PL1 {run.normalised_l1:.3f}"),
+                  (trig.apply(grey), f"on grey, S {run.similarity:.3f}"))
         for j, (img, title) in enumerate(panels):
             _show(axes[i, j], img, title)
     return save_figure(fig, path)
