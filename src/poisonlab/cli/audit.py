@@ -109,7 +109,7 @@ def scan_command(
     steps: Annotated[int | None, typer.Option("--steps", help="Neural Cleanse steps per label "
                                               "(default 40; --encoder: inversion passes, "
                                               "200).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="(default 50; "
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size (default 50; "
                                                    "--encoder: 256)")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Anomaly index cut-off "
                                                     "(default 2; --encoder: the normalised "
