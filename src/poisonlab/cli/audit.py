@@ -109,8 +109,8 @@ def scan_command(
     steps: Annotated[int | None, typer.Option("--steps", help="Neural Cleanse steps per label "
                                               "(default 40; --encoder: inversion passes, "
                                               "200).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size (default 50; "
-                                                   "--encoder: 256)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size "
+                                                   "(default 50; --encoder: 256).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Anomaly index cut-off "
                                                     "(default 2; --encoder: the normalised "
                                                     "trigger size, 0.1).")] = None,
