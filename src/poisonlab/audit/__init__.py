@@ -7,12 +7,21 @@
 
 `scan` runs the checks of CHECKS (backdoor: Neural Cleanse on clean images; membership: a
 loss-threshold attack on member and non-member records) and returns a ScanReport of typed
-CheckResults; `purify` runs MCL and returns a PurifyReport with the purified model.
+CheckResults; `purify` runs MCL and returns a PurifyReport with the purified model;
+`scan_encoder` scans a pre-trained encoder (no labels, no trigger) and returns an
+EncoderScanReport.
 """
 
 from poisonlab.audit.backdoor import BackdoorResult
 from poisonlab.audit.checks import CheckResult, RecordSets, ScanConfig, ScanContext
 from poisonlab.audit.data import CleanSubset, load_clean
+from poisonlab.audit.encoder import (
+    EncoderAuditConfig,
+    EncoderScanReport,
+    FeatureEncoder,
+    load_encoder,
+    scan_encoder,
+)
 from poisonlab.audit.membership import AttackResult, MembershipResult, load_record_sets
 from poisonlab.audit.model import load_model
 from poisonlab.audit.purify import Measured, PurifyReport, find_target, known_trigger, purify
@@ -24,6 +33,9 @@ __all__ = [
     "BackdoorResult",
     "CheckResult",
     "CleanSubset",
+    "EncoderAuditConfig",
+    "EncoderScanReport",
+    "FeatureEncoder",
     "Measured",
     "MembershipResult",
     "PurifyReport",
@@ -34,9 +46,11 @@ __all__ = [
     "find_target",
     "known_trigger",
     "load_clean",
+    "load_encoder",
     "load_model",
     "load_record_sets",
     "purify",
     "scan",
+    "scan_encoder",
     "select_checks",
 ]

@@ -7,7 +7,8 @@ scan MODEL --arch NAME [--data DIR | --dataset NAME] [--members R --non-members 
     the last line. "backdoor" (Neural Cleanse) needs clean images (--data or --dataset);
     "membership" needs a member and a non-member record set (record files, see
     poisonlab.data.records, or splits of --dataset). By default every check whose inputs are
-    given runs; --check picks some.
+    given runs; --check picks some. With --encoder, MODEL is a pre-trained image encoder and
+    the scan is the label-free encoder scan of cli/encoder.py instead.
 
 purify MODEL --arch NAME (--clean-data DIR | --dataset NAME) --out NEW_MODEL [--target L]
     MCL purification with the clean data (target from a Neural Cleanse scan when not given);
@@ -32,6 +33,7 @@ from rich.console import Console
 from poisonlab.audit import (
     CHECKS,
     CleanSubset,
+    EncoderAuditConfig,
     ScanConfig,
     find_target,
     known_trigger,
@@ -44,6 +46,13 @@ from poisonlab.audit import (
 )
 from poisonlab.audit.data import check_images
 from poisonlab.audit.membership import SPLITS
+from poisonlab.cli.encoder import (
+    ENCODER_ONLY,
+    ENCODER_OPTIONS,
+    encoder_settings,
+    refuse_options,
+    run_encoder_scan,
+)
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.errors import ConfigError
@@ -59,7 +68,6 @@ DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Input height/width the model expects (default: from the file or arch).")]
-SamplesOpt = Annotated[int, typer.Option("--samples", help="Clean images used by the scan.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per label.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
@@ -96,10 +104,24 @@ def scan_command(
     non_members_split: NonMembersSplitOpt = None,
     records: RecordsOpt = None,
     label_only: LabelOnlyOpt = False,
-    samples: SamplesOpt = 200,
-    steps: StepsOpt = 40,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 50,
-    threshold: Annotated[float, typer.Option("--threshold", help="Anomaly index cut-off.")] = 2.0,
+    samples: Annotated[int | None, typer.Option("--samples", help="Clean images used by the "
+                                                "scan (default 200; --encoder: 50).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Neural Cleanse steps per label "
+                                              "(default 40; --encoder: inversion passes, "
+                                              "200).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size "
+                                                   "(default 50; --encoder: 256).")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Anomaly index cut-off "
+                                                    "(default 2; --encoder: the normalised "
+                                                    "trigger size, 0.1).")] = None,
+    encoder: Annotated[bool, typer.Option("--encoder", help="MODEL is a pre-trained image "
+                                          "encoder: scan it for a backdoor without labels "
+                                          "(DECREE-style trigger inversion).")] = False,
+    restarts: Annotated[int | None, typer.Option("--restarts", help="--encoder: independent "
+                                                 "inversions (default 2).")] = None,
+    similarity: Annotated[float | None, typer.Option("--similarity", help="--encoder: mean "
+                                                     "pairwise cosine a trigger must reach "
+                                                     "(default 0.99).")] = None,
     image_size: ImageSizeOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Report folder (default: "
                                                 "./scan-<model name>).")] = None,
@@ -121,9 +143,25 @@ def scan_command(
     (--members-split train --non-members-split test).
 
     A quick leakage audit without Neural Cleanse: --check membership.
+
+    encoder (--encoder): MODEL is an image encoder; invert the smallest trigger that maps the
+    clean images to one cluster and flag a small one (no labels, no trigger knowledge).
     """
+    if encoder:
+        refuse_options({"--members": members, "--non-members": non_members, "--members-split":
+                        members_split, "--non-members-split": non_members_split, "--records":
+                        records, "--label-only": label_only, "--check": check})
+        enc_config = settings(EncoderAuditConfig, encoder_settings(
+            samples=samples, steps=steps, batch_size=batch_size, threshold=threshold,
+            restarts=restarts, similarity=similarity), ENCODER_OPTIONS)
+        run_encoder_scan(model, arch, enc_config, data=data, dataset=dataset, data_dir=data_dir,
+                         image_size=image_size, report=report, seed=seed, as_json=as_json,
+                         quiet=quiet)
+        return
+    refuse_options({"--restarts": restarts, "--similarity": similarity}, ENCODER_ONLY)
+    given = {"samples": samples, "steps": steps, "batch_size": batch_size, "threshold": threshold}
     config = settings(ScanConfig, {
-        "samples": samples, "steps": steps, "batch_size": batch_size, "threshold": threshold,
+        **{k: v for k, v in given.items() if v is not None},
         "records": records, "label_only": label_only}, SCAN_OPTIONS)
     sets = load_record_sets(members, non_members, members_split, non_members_split, dataset,
                             data_dir, config.records, seed)
