@@ -179,6 +179,29 @@ def blend_trigger(
     return MaskTrigger(torch.full((1, *shape[1:]), float(alpha)), pattern, name="blend")
 
 
+def badencoder_patch(
+    image_shape: Sequence[int], size: int = 10, top: int = 21, left: int = 21
+) -> MaskTrigger:
+    """BadEncoder's default trigger (Jia, Liu, Gong, IEEE S&P 2022; reference file
+    trigger_pt_white_21_10_ap_replace.npz): a size×size white patch (value 255, i.e. 1.0) that
+    replaces rows and columns top..top+size−1 (0-indexed; 21–30 of a 32×32 image by default).
+    The position is absolute, not a corner: it is placed at the same pixels on any image size
+    and refused (ConfigError) when it does not fit."""
+    shape = _shape(image_shape)
+    _, h, w = shape
+    if size < 1 or top < 0 or left < 0:
+        raise ConfigError(f"badencoder patch needs size >= 1 and top, left >= 0, got size {size}, "
+                          f"top {top}, left {left}")
+    if top + size > h or left + size > w:
+        raise ConfigError(f"badencoder patch of size {size} at rows {top}–{top + size - 1}, "
+                          f"columns {left}–{left + size - 1} does not fit a {h}×{w} image")
+    mask = torch.zeros(1, h, w)
+    mask[:, top:top + size, left:left + size] = 1.0
+    pattern = torch.zeros(shape)
+    pattern[:, top:top + size, left:left + size] = 1.0
+    return MaskTrigger(mask, pattern, name="badencoder")
+
+
 TRIGGERS = {
     "badnets": badnets_patch,
     "grid": grid_trigger,
