@@ -15,6 +15,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+
+def terminal(stderr: bool = False) -> Console:
+    """The console every command prints through: rich markup is off, so a user's string (a path
+    holding `[/]`, a class name) prints as itself instead of being parsed (or crashing the print
+    after the work is done); tables and other renderables still render."""
+    return Console(stderr=stderr, markup=False, highlight=False)
+
+
 # What long-running library functions accept as `progress`: called with a short status line after
 # each unit of work (a pass, an epoch); the CLI wires it to a bar's `advance(status=...)`.
 StatusFn = Callable[[str], None]

@@ -28,7 +28,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
-from rich.console import Console
 
 from poisonlab.audit import (
     CHECKS,
@@ -56,6 +55,7 @@ from poisonlab.cli.encoder import (
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.errors import ConfigError
+from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.runs.checkpoints import save_weights
 
@@ -175,7 +175,7 @@ def scan_command(
                   config=config, seed=seed, progress=not quiet, report_dir=report_dir,
                   input_shape=shape, name=str(model), arch=arch,
                   clean_source=str(data or dataset))
-    console = Console()
+    console = terminal()
     for check_result in result.checks.values():
         section = check_result.section()
         for table in section.tables:
@@ -261,7 +261,7 @@ def purify_command(
     if target is None:
         target = find_target(net, clean, config=detect, seed=seed).target
         if not quiet:
-            Console(stderr=True).print(f"target label {target} (flagged by Neural Cleanse)")
+            terminal(stderr=True).print(f"target label {target} (flagged by Neural Cleanse)")
     report = purify(net, clean, target=target, config=mcl, detect=detect, seed=seed,
                     progress=not quiet, test=test, trigger=known, classes=classes)
     save_weights(out, report.model.state_dict(), {
@@ -282,7 +282,7 @@ def _test_set(test_data, dataset, data_dir, seed, shape) -> ImageSet | None:
 
 
 def _print_purify(result: dict) -> None:
-    console = Console()
+    console = terminal()
     console.print(f"purified for target label {result['target']} with "
                   f"{result['clean_images']} clean images -> {result['out']}")
     for key in ("benign_accuracy", "attack_success_rate"):

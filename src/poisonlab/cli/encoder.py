@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from poisonlab.audit.data import load_clean
 from poisonlab.audit.encoder import EncoderAuditConfig, load_encoder, scan_encoder
 from poisonlab.errors import ConfigError
+from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 
 # Settings key → the scan command's option, for one-line errors naming the option.
@@ -69,7 +68,7 @@ def run_encoder_scan(model: Path, arch: str, config: EncoderAuditConfig, *, data
     result = scan_encoder(net, images, config=config, seed=seed, progress=not quiet,
                           report_dir=report_dir, input_shape=shape, name=str(model), arch=arch,
                           source=str(data or dataset))
-    console = Console()
+    console = terminal()
     section = result.section()
     for table in section.tables:
         console.print(rich_table(table, title=section.heading))

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from poisonlab.config import replace, resolve_config, validate_config
 from poisonlab.errors import ConfigError
 from poisonlab.experiments import EXPERIMENTS, get_experiment
+from poisonlab.progress import terminal
 from poisonlab.runs import Run
 from poisonlab.runs.layout import to_jsonable
 
@@ -50,7 +50,7 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
 
 
 def show(run: Run, metrics: dict, exp, as_json: bool) -> None:
-    console = Console()
+    console = terminal()
     console.print(exp.render(metrics))
     console.print(f"run {run.id}: {run.path}" + (f"  report: {run.path / 'report.html'}"
                                                  if (run.path / "report.html").exists() else ""))

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
 
@@ -32,10 +32,6 @@ _INFO_KEYS = (
     "id", "experiment", "status", "seed", "started", "ended", "resumed_at", "error",
     "config_hash", "git_revision", "poisonlab_version", "python", "torch", "device", "host", "path",
 )  # fmt: skip
-
-
-def _console() -> Console:
-    return Console(highlight=False)
 
 
 def _emit_json(obj: Any) -> None:
@@ -56,7 +52,7 @@ def list_command(
     if as_json:
         _emit_json({"root": str(root), "runs": rows})
         return
-    console = _console()
+    console = terminal()
     if not rows:
         console.print(f"no runs under {root}" + (f" for '{experiment}'" if experiment else ""))
         return
@@ -81,7 +77,7 @@ def show_command(
     if as_json:
         _emit_json(run)
         return
-    console = _console()
+    console = terminal()
     info = RichTable(show_header=False, title=f"run {run['id']}")
     info.add_column("field", style="bold")
     info.add_column("value", overflow="fold")
@@ -113,7 +109,7 @@ def compare_command(
     if as_json:
         _emit_json(table)
         return
-    _console().print(rich_table(table, title="comparison"))
+    terminal().print(rich_table(table, title="comparison"))
 
 
 def _status(status: str) -> Text:
