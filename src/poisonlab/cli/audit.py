@@ -58,6 +58,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.runs.checkpoints import save_weights
+from poisonlab.runs.layout import prepare_output
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -170,7 +171,8 @@ def scan_command(
                        else (None, []))
     channels = int(images.x.shape[1]) if images is not None else None
     net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
-    report_dir = report or Path(f"scan-{model.stem}")
+    report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
+                                what="--report")
     result = scan(net, clean=images, records=sets, checks=checks, classes=classes,
                   config=config, seed=seed, progress=not quiet, report_dir=report_dir,
                   input_shape=shape, name=str(model), arch=arch,
@@ -244,6 +246,7 @@ def purify_command(
     """Remove a backdoor with MCL on a little clean data; write the purified model."""
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
+    prepare_output(out, directory=False)
     mcl = settings(MCL.Config, {
         "inversion": {**MCL.Config().inversion.model_dump(), "steps": inversion_steps},
         "finetune": {"epochs": epochs}, "ce_weight": ce_weight, "distill_weight": distill_weight,

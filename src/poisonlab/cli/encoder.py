@@ -23,6 +23,7 @@ from poisonlab.audit.encoder import EncoderAuditConfig, load_encoder, scan_encod
 from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
+from poisonlab.runs.layout import prepare_output
 
 # Settings key → the scan command's option, for one-line errors naming the option.
 ENCODER_OPTIONS = {"samples": "--samples", "scan.steps": "--steps",
@@ -64,7 +65,8 @@ def run_encoder_scan(model: Path, arch: str, config: EncoderAuditConfig, *, data
     images, _ = load_clean(data, dataset, data_dir, "test", seed)
     net, shape = load_encoder(model, arch, in_channels=int(images.x.shape[1]),
                               image_size=image_size)
-    report_dir = report or Path(f"scan-{model.stem}")
+    report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
+                                what="--report")
     result = scan_encoder(net, images, config=config, seed=seed, progress=not quiet,
                           report_dir=report_dir, input_shape=shape, name=str(model), arch=arch,
                           source=str(data or dataset))

@@ -13,7 +13,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.progress import terminal
 from poisonlab.runs import Run
-from poisonlab.runs.layout import to_jsonable
+from poisonlab.runs.layout import prepare_output, to_jsonable
 
 OutOpt = typer.Option(None, "--out", "-o", help="Root folder of run directories (default ./runs or $POISONLAB_RUNS).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides the config's).")
@@ -27,6 +27,8 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
             progress: bool = True) -> tuple[Run, dict, object]:
     """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module)."""
     exp = get_experiment(name)
+    if out is not None and resume is None:
+        prepare_output(out, directory=True)
     if resume is not None:
         run = Run.open(resume, root=out)
         if run.experiment != name:

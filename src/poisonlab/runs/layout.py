@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 from torch import Tensor
 
-from poisonlab.errors import RunError
+from poisonlab.errors import ConfigError, RunError
 
 
 def runs_root(root: Path | str | None = None) -> Path:
@@ -97,3 +97,30 @@ def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) 
         names = ", ".join(p.name for p in matches[:5]) + (", ..." if len(matches) > 5 else "")
         raise RunError(f"run id prefix '{key}' is ambiguous under {base}: {names}")
     raise RunError(f"no run '{key}' under {base}")
+
+
+def prepare_output(path: Path | str, *, directory: bool, what: str = "--out") -> Path:
+    """Check an output path before any work starts, so nothing computed is lost at the end: not
+    a dangling or looping symlink, of the right kind (a folder, or a file that is not a folder),
+    and its folder creatable and writable (a probe file is written and removed). Returns the
+    path; a problem is a one-line ConfigError naming `what`."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ConfigError(f"{what} {path} is a symlink to nothing (dangling or looping)") from None
+    if directory and path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a folder")
+    if not directory and path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file name")
+    folder = path if directory else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".poisonlab-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {path}: cannot write there ({reason})") from None
+    return path
