@@ -10,6 +10,7 @@ from __future__ import annotations
 from poisonlab.models import (  # noqa: F401
     cnn4,
     convnet_bn,  # noqa: F401
+    encoders,
     resnet_cifar,
     small_cnn,
 )
