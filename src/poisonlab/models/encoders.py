@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.models.registry import build_model, register_model
-from poisonlab.models.resnet_cifar import BasicBlock
+from poisonlab.models.resnet_cifar import BasicBlock, init_weights
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -65,12 +65,7 @@ class ResNet18Cifar(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.feature_dim = in_planes
         self.head = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Activations after global average pooling: [N, feature_dim]."""
