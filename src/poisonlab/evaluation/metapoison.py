@@ -48,9 +48,11 @@ from poisonlab.progress import progress_bar
 from poisonlab.runs import Run
 from poisonlab.training.supervised import (
     RunCheckpoint,
-    evaluate as clean_accuracy,
     predict_logits,
     train_classifier,
+)
+from poisonlab.training.supervised import (
+    evaluate as clean_accuracy,
 )
 
 EXAMPLES = 6  # poisons shown beside their originals in the report
