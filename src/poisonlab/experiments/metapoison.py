@@ -55,8 +55,7 @@ PRESETS: dict[str, dict] = {
     },
     # The reference quick start's data and threat model (5,000-image CIFAR-10 subset, 50 dog
     # poisons, bird targets, ε = 8/255 + colour 0.04) with M, craft steps and victim epochs cut
-    # so the whole run fits about 3 hours on 2 CPU cores (estimated from one measured craft step
-    # and one victim epoch).
+    # towards a 3-hour run on 2 CPU cores. PROVISIONAL: not yet sized from a measured craft step.
     "cpu": {
         "threads": 2,
         "data": {"dataset": "cifar10", "train_per_class": 500, "test_size": 2000},
