@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from poisonlab.attacks.metapoison import MetaPoison, Poisons, poison_images
+from poisonlab.attacks.metapoison import MetaPoison
+from poisonlab.attacks.poisons import Poisons, poison_images
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.attacks.unrolled_ensemble import SurrogateEnsemble, cw_margin
 from poisonlab.data.types import ImageSet

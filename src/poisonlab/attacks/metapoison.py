@@ -60,6 +60,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from torch.func import functional_call
 
+from poisonlab.attacks.poisons import Poisons, poison_images, select_poisons
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.attacks.unrolled_ensemble import ModelFactory, SurrogateEnsemble
 from poisonlab.config import Settings, make_settings
@@ -67,48 +68,6 @@ from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.progress import StatusFn
-
-
-def poison_images(x: Tensor, delta: Tensor, grid: Tensor, recolor: Recolor | None) -> Tensor:
-    """clip(R(x; grid) + δ, 0, 1), or clip(x + δ, 0, 1) without a colour transform."""
-    base = recolor.apply(x, grid) if recolor is not None else x
-    return (base + delta).clamp(0.0, 1.0)
-
-
-@dataclass
-class Poisons:
-    """Crafted poisons: indices [n] into the training set, δ [n, C, H, W] (in [0, 1] pixel
-    units), the colour grid [n, G, G, G, 3] of `color_space`, and the craft history: the
-    adversarial loss of each surrogate at each craft step [steps, M] (NaN where a surrogate met
-    no poison in that step), measured before that step's update."""
-
-    indices: Tensor
-    delta: Tensor
-    grid: Tensor
-    history: Tensor
-    color_space: Literal["yuv", "luv"] = "yuv"
-    use_color: bool = True
-
-    def recolor(self) -> Recolor | None:
-        if not self.use_color:
-            return None
-        return Recolor(grid_size=int(self.grid.shape[1]), space=self.color_space)
-
-    def images(self, x: Tensor) -> Tensor:
-        """The poisoned versions of the clean originals x [n, C, H, W]."""
-        if x.shape != self.delta.shape:
-            raise ShapeError(f"poison originals must be {tuple(self.delta.shape)}, got {tuple(x.shape)}")
-        return poison_images(x, self.delta.to(x), self.grid.to(x), self.recolor())
-
-    def apply(self, train: ImageSet) -> ImageSet:
-        """The training set with the poisons in place: labels unchanged, other images untouched."""
-        idx = self.indices.to(train.x.device)
-        if len(idx) and (int(idx.max()) >= len(train) or int(idx.min()) < 0):
-            raise ShapeError(f"poison indices reach {int(idx.max())}, but the set holds {len(train)}")
-        x = train.x.clone()
-        with torch.no_grad():
-            x[idx] = self.images(train.x[idx])
-        return ImageSet(x, train.y.clone())
 
 
 @dataclass
@@ -220,15 +179,10 @@ class MetaPoison:
     # ---- poisons ---------------------------------------------------------------------------
     def choose_poisons(self, train: ImageSet, poison_class: int) -> Tensor:
         """`budget` indices of training images of `poison_class` (first ones, or seeded random)."""
-        pool = torch.nonzero(train.y == poison_class).flatten()
-        if self.config.budget > len(pool):
-            raise ConfigError(f"budget {self.config.budget} is larger than the poison class "
-                              f"{poison_class} ({len(pool)} training images)")
         if self.config.poison_choice == "first":
-            return pool[: self.config.budget].clone()
+            return select_poisons(train, poison_class, self.config.budget)
         g = torch.Generator().manual_seed(self.seed)
-        pick = torch.randperm(len(pool), generator=g)[: self.config.budget]
-        return pool[pick.to(pool.device)].sort().values
+        return select_poisons(train, poison_class, self.config.budget, g).sort().values
 
     def craft(self, train: ImageSet, poison_idx: Tensor, target_x: Tensor, adv_label: int, *,
               target_label: int | None = None, progress: StatusFn | None = None,
@@ -325,9 +279,9 @@ class _Crafter:
                          f"adversarial loss {float(self.history[-1].nanmean()):.3f}")
             if checkpoint is not None:
                 checkpoint(self.state())
-        return Poisons(indices=self.task.idx.clone(), delta=self.delta.detach().cpu(),
-                       grid=self.grid.detach().cpu(), history=torch.stack(self.history),
-                       color_space=self.c.color_space, use_color=self.recolor is not None)
+        grid = self.grid.detach().cpu() if self.recolor is not None else None
+        return Poisons(indices=self.task.idx.clone(), delta=self.delta.detach().cpu(), grid=grid,
+                       history=torch.stack(self.history), color_space=self.c.color_space)
 
     def _fresh(self) -> None:
         c, base = self.c, self.task.base

@@ -1,0 +1,207 @@
+"""`poisonlab craft metapoison|gradient-matching`: clean-label poisons for your own image folder.
+
+craft ATTACK --data DIR --target IMAGE --adv-class C --budget 0.01 --out DIR
+    DIR holds one sub-folder of images per class (poisonlab.data.image_folder). The poisons are
+    `budget` images (a fraction of the training set when < 1, else a count) of the poison class
+    (default: the adversarial class, as the MetaPoison reference), the first ones in file order
+    (--random-poisons: a seeded choice); labels never change. MetaPoison crafts on an ensemble of
+    --surrogate networks trained from scratch as it goes; gradient matching on one --surrogate
+    trained first on DIR. Written losslessly to --out:
+      poisoned/<class>/<name>.png   the whole poisoned training set, 8-bit PNG (every image,
+                                    poisons in place), ready for any training pipeline;
+      poisons.safetensors           indices, δ, colour grid and the settings (attacks.Poisons);
+      manifest.json                 which files are poisons, the target, the classes.
+    The PNG pixels are round(255 · Poisons.apply(x)): the crafted images quantised to 8 bits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import typer
+from PIL import Image
+
+from poisonlab.attacks.gradient_matching import GradientMatching
+from poisonlab.attacks.metapoison import MetaPoison
+from poisonlab.attacks.poisons import Poisons, select_poisons
+from poisonlab.config import parse_override, replace
+from poisonlab.data.image_folder import load_image_folder, open_image, scan_image_folder
+from poisonlab.data.types import ImageSet
+from poisonlab.errors import ConfigError, DataError, ShapeError
+from poisonlab.models import build_model
+from poisonlab.progress import progress_bar
+from poisonlab.runs.layout import atomic_write_text
+from poisonlab.training.supervised import TrainConfig, train_classifier
+
+Attack = Literal["metapoison", "gradient-matching"]
+
+
+def budget_count(budget: float, n_train: int) -> int:
+    """`budget` as a number of poisons: a fraction of the set when < 1, else a count."""
+    if budget <= 0:
+        raise ConfigError(f"--budget must be positive, got {budget}")
+    if budget < 1:
+        return max(1, round(budget * n_train))
+    if budget != int(budget):
+        raise ConfigError(f"--budget {budget}: give a fraction below 1 or a whole count")
+    return int(budget)
+
+
+def load_target(path: Path, like: ImageSet) -> torch.Tensor:
+    """The target image [C, H, W] in [0, 1], of the training images' channels and size."""
+    if not path.is_file():
+        raise DataError(f"target image {path} does not exist")
+    image = open_image(str(path), path)
+    channels = int(like.x.shape[1])
+    image = image.convert("L" if channels == 1 else "RGB")
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div(255)
+    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+    if tuple(x.shape[1:]) != tuple(like.x.shape[2:]):
+        raise ShapeError(f"target image {path} is {x.shape[2]}x{x.shape[1]}, the training "
+                         f"images are {like.x.shape[3]}x{like.x.shape[2]}")
+    return x.contiguous()
+
+
+def target_class(path: Path, data_dir: Path, classes: list[str], given: int | None) -> int | None:
+    """The target's true class: given, else its class folder when it lies inside DIR."""
+    if given is not None:
+        return given
+    try:
+        rel = path.resolve().relative_to(data_dir.resolve())
+    except ValueError:
+        return None
+    return classes.index(rel.parts[0]) if len(rel.parts) > 1 and rel.parts[0] in classes else None
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[C, H, W] in [0, 1] → [H, W] or [H, W, 3] uint8, rounded to the nearest level."""
+    a = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (a[0] if a.shape[0] == 1 else a.permute(1, 2, 0)).numpy()
+
+
+def write_png_folder(out: Path, data: ImageSet, files: list[tuple[Path, int]],
+                     classes: list[str], progress: bool) -> list[str]:
+    """Every image as out/<class>/<stem>.png (lossless); returns the relative paths."""
+    names = []
+    with progress_bar(len(files), "writing PNGs", enabled=progress) as bar:
+        for i, (path, label) in enumerate(files):
+            rel = Path(classes[label]) / f"{path.stem}.png"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(data.x[i])).save(out / rel, format="PNG")
+            names.append(rel.as_posix())
+            bar.advance()
+    if len(set(names)) != len(names):
+        raise DataError("two images of one class share a file name stem; rename them")
+    return names
+
+
+def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: float,
+          out: Path, *, poison_class: int | None = None, target_label: int | None = None,
+          surrogate: str = "convnet_bn", settings: dict | None = None, surrogate_epochs: int = 20,
+          random_poisons: bool = False, seed: int = 0, progress: bool = True) -> Poisons:
+    """Craft the poisons for the folder and write the poisoned set (see the module docstring)."""
+    settings = dict(settings or {})
+    config = (MetaPoison.Config(**settings) if attack == "metapoison"
+              else GradientMatching.Config(**settings))  # bad settings before any work
+    classes, files = scan_image_folder(data_dir)
+    train, _ = load_image_folder(data_dir)
+    if not 0 <= adv_class < len(classes):
+        raise ConfigError(f"--adv-class {adv_class} is out of range: {data_dir} has "
+                          f"{len(classes)} classes")
+    pc = adv_class if poison_class is None else poison_class
+    if not 0 <= pc < len(classes):
+        raise ConfigError(f"--poison-class {pc} is out of range: {data_dir} has "
+                          f"{len(classes)} classes")
+    label = target_class(target, data_dir, classes, target_label)
+    if label is not None and label == pc:
+        raise ConfigError(f"the target is of the poison class {pc} ({classes[pc]}): pick a "
+                          "target of another class")
+    x_target = load_target(target, train)
+    n = budget_count(budget, len(train))
+    gen = torch.Generator().manual_seed(seed) if random_poisons else None
+    idx = select_poisons(train, pc, n, gen)
+    idx = idx.sort().values if gen is not None else idx
+    build = lambda: build_model(surrogate, len(classes), int(train.x.shape[1]))  # noqa: E731
+    _fits(build(), train)
+    if attack == "metapoison":
+        if "batch_size" not in settings and config.batch_size > len(train):
+            config = replace(config, batch_size=len(train))  # a folder smaller than one batch
+        mp = MetaPoison(build, config=config, seed=seed)
+        with progress_bar(mp.config.craft_steps, "MetaPoison", enabled=progress) as bar:
+            poisons = mp.craft(train, idx, x_target, adv_class, target_label=label,
+                               progress=lambda s: bar.advance(status=s))
+    else:
+        torch.manual_seed(seed)
+        model = build()
+        train_classifier(model, train, TrainConfig(epochs=surrogate_epochs), progress=progress,
+                         seed=seed)
+        gm = GradientMatching(model, config=config, seed=seed)
+        c = gm.config
+        with progress_bar(c.restarts * c.iterations, "gradient matching", enabled=progress) as bar:
+            poisons = gm.craft(train, idx, x_target, adv_class, target_label=label,
+                               progress=lambda s: bar.advance(status=s))
+    out.mkdir(parents=True, exist_ok=True)
+    names = write_png_folder(out / "poisoned", poisons.apply(train), files, classes, progress)
+    meta = {"attack": attack, "target": str(target), "adv_class": adv_class,
+            "poison_class": pc, "classes": classes, "surrogate": surrogate,
+            "settings": config.model_dump(mode="json")}
+    poisons.save(out / "poisons.safetensors", meta)
+    manifest = meta | {"poisons": [names[i] for i in poisons.indices.tolist()],
+                       "images": len(names)}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return poisons
+
+
+def _fits(model: torch.nn.Module, train: ImageSet) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(train.x[:2])
+    except RuntimeError as exc:
+        raise ShapeError(f"images of size {list(train.x.shape[1:])} do not fit the surrogate: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("craft")
+    def craft_cmd(
+        attack: str = typer.Argument(..., help="metapoison or gradient-matching."),
+        data: Path = typer.Option(..., "--data", help="Image folder, one sub-folder per class."),
+        target: Path = typer.Option(..., "--target", help="The target image file."),
+        adv_class: int = typer.Option(..., "--adv-class", help="Class the target should get."),
+        budget: float = typer.Option(0.01, "--budget", help="Poisons: fraction (<1) or count."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+        poison_class: int = typer.Option(None, "--poison-class", help="Default: --adv-class."),
+        target_label: int = typer.Option(None, "--target-class", help="The target's true class."),
+        epsilon: float = typer.Option(8 / 255, "--epsilon", help="L-inf bound of δ in [0, 1]."),
+        steps: int = typer.Option(None, "--steps", help="Craft steps / iterations."),
+        ensemble: int = typer.Option(None, "--ensemble", help="MetaPoison: surrogates M."),
+        surrogate: str = typer.Option("convnet_bn", "--surrogate", help="Surrogate architecture."),
+        surrogate_epochs: int = typer.Option(20, "--surrogate-epochs", help="Gradient matching."),
+        random_poisons: bool = typer.Option(False, "--random-poisons", help="Seeded choice."),
+        seed: int = typer.Option(0, "--seed"),
+        sets: list[str] = typer.Option(None, "--set", "-s",
+                                       help="Attack setting key=value (its Config's fields)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """Craft clean-label poisons for an image folder; write the poisoned set as PNGs."""
+        if attack not in ("metapoison", "gradient-matching"):
+            raise ConfigError(f"unknown attack '{attack}' (metapoison or gradient-matching)")
+        settings: dict = {"epsilon": epsilon}
+        if steps is not None:
+            settings["craft_steps" if attack == "metapoison" else "iterations"] = steps
+        if ensemble is not None:
+            if attack != "metapoison":
+                raise ConfigError("--ensemble is a MetaPoison option")
+            settings["ensemble"] = ensemble
+        settings.update(parse_override(item) for item in sets or [])
+        poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
+                        target_label=target_label, surrogate=surrogate, settings=settings,
+                        surrogate_epochs=surrogate_epochs, random_poisons=random_poisons,
+                        seed=seed, progress=not quiet)
+        print(f"{len(poisons)} poisons crafted; poisoned training set: {out / 'poisoned'}, "
+              f"poisons: {out / 'poisons.safetensors'}")

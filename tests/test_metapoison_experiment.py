@@ -1,0 +1,147 @@
+"""The metapoison experiment end to end (smoke preset through the CLI, --resume) and
+`poisonlab craft` (lossless PNG folder, safetensors poisons, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from poisonlab.attacks.poisons import Poisons
+from poisonlab.cli import main
+from poisonlab.data.image_folder import load_image_folder
+from poisonlab.runs import Run
+
+KEYS = {"success_rate", "ci95", "baseline_success_rate", "victim_clean_accuracy", "per_target",
+        "transfer", "gradient_matching"}
+
+
+def _strip(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["run", "metapoison", "-p", "smoke", "--out", str(root), "-q"]) == 0
+    (path,) = [p for p in root.iterdir() if p.is_dir()]
+    return root, path
+
+
+def test_smoke_writes_metrics_and_report(smoke_run):
+    _, path = smoke_run
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert KEYS <= metrics.keys()
+    assert {"success_rate", "ci95", "baseline_success_rate", "victim_clean_accuracy",
+            "per_target", "transfer"} <= metrics["gradient_matching"].keys()
+    assert set(metrics["per_target"]) == {"0", "1"}
+    assert metrics["transfer"]["victims"] == ["convnet_bn", "tiny_cnn"]
+    assert (path / "report.html").exists() and (path / "figures" / "craft_loss.png").exists()
+    loaded = Poisons.load(path / "checkpoints" / "poisons-metapoison-convnet_bn-t0.safetensors")
+    assert len(loaded) == 4 and loaded.grid is not None
+
+
+def test_resume_of_an_interrupted_smoke_run_gives_the_same_metrics(smoke_run, tmp_path,
+                                                                    monkeypatch):
+    root, done = smoke_run
+    calls = {"n": 0}
+    save_state = Run.save_state
+
+    def interrupt(self, name, state):
+        out = save_state(self, name, state)
+        if name.startswith("craft-metapoison"):
+            calls["n"] += 1
+            if calls["n"] == 1:  # after the first craft step of the first target
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Run, "save_state", interrupt)
+    # click turns the interrupt into "Aborted!" and exit code 130
+    assert main(["run", "metapoison", "-p", "smoke", "--out", str(tmp_path), "-q"]) == 130
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((path / "run.json").read_text())["status"] == "interrupted"
+    assert (path / "checkpoints" / "craft-metapoison-convnet_bn-t0.safetensors").exists()
+    assert main(["run", "metapoison", "--resume", path.name, "--out", str(tmp_path), "-q"]) == 0
+    resumed = json.loads((path / "metrics.json").read_text())
+    assert _strip(resumed) == _strip(json.loads((done / "metrics.json").read_text()))
+
+
+# ---- poisonlab craft ---------------------------------------------------------------------------
+def _folder(root: Path, size: int = 32, per_class: int = 8, classes: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            base = np.full((size, size, 3), 60 * c + 40, dtype=np.int16)
+            img = (base + rng.integers(-40, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"img{i:02d}.png")
+    return root
+
+
+FAST = {"metapoison": ["--surrogate", "tiny_cnn", "--set", "ensemble=1", "--set",
+                       "craft_steps=1", "--set", "batch_size=8", "--set", "grid_size=4"],
+        "gradient-matching": ["--surrogate", "tiny_cnn", "--surrogate-epochs", "1", "--set",
+                              "iterations=2", "--set", "restarts=1"]}
+
+
+@pytest.mark.parametrize("attack", ["metapoison", "gradient-matching"])
+def test_craft_writes_a_lossless_png_folder_and_a_poisons_file(attack, tmp_path):
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["craft", attack, "--data", str(data), "--target",
+                 str(data / "class0" / "img00.png"), "--adv-class", "1", "--budget", "3",
+                 "--out", str(out), "-q", *FAST[attack]])
+    assert code == 0
+    poisons = Poisons.load(out / "poisons.safetensors")
+    train, classes = load_image_folder(data)
+    assert len(poisons) == 3 and (train.y[poisons.indices] == 1).all()
+    expected = (poisons.apply(train).x * 255).round().to(torch.uint8)
+    back, back_classes = load_image_folder(out / "poisoned")
+    assert back_classes == classes
+    assert torch.equal((back.x * 255).round().to(torch.uint8), expected)  # PNG is lossless
+    assert torch.equal(back.y, train.y)
+    changed = (expected != (train.x * 255).round().to(torch.uint8)).flatten(1).any(1)
+    assert set(changed.nonzero().flatten().tolist()) <= set(poisons.indices.tolist())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["poisons"]) == 3 and manifest["images"] == len(train)
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    data = _folder(tmp / "data")
+    small = _folder(tmp / "small", size=20)
+    (tmp / "empty").mkdir()
+    broken = _folder(tmp / "broken", classes=2)
+    (broken / "class1" / "img00.png").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp / "tiny_target.png")
+    target = str(data / "class0" / "img00.png")
+    base = ["--target", target, "--adv-class", "1", "--out", str(tmp / "out"), "-q"]
+    return {
+        "budget": (["--data", str(data), *base, "--budget", "9"], "budget 9 is larger"),
+        "epsilon<0": (["--data", str(data), *base, "--epsilon", "-0.1"], "epsilon"),
+        "epsilon>1": (["--data", str(data), *base, "--epsilon", "1.5"], "epsilon"),
+        "target in poison class": (["--data", str(data), "--target",
+                                    str(data / "class1" / "img00.png"), "--adv-class", "1",
+                                    "--out", str(tmp / "out")], "poison class"),
+        "adv class": (["--data", str(data), *base[:2], "--adv-class", "7", "--out",
+                       str(tmp / "out")], "out of range"),
+        "target size": (["--data", str(data), "--target", str(tmp / "tiny_target.png"),
+                         "--adv-class", "1", "--out", str(tmp / "out")], "16x16"),
+        "surrogate size": (["--data", str(small), "--target", str(small / "class0" / "img00.png"),
+                            "--adv-class", "1", "--budget", "2", "--out", str(tmp / "out")],
+                           "do not fit the surrogate"),
+        "empty folder": (["--data", str(tmp / "empty"), *base], "no class sub-folders"),
+        "unreadable": (["--data", str(broken), *base], "cannot decode image"),
+    }
+
+
+def test_craft_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    for name, (args, match) in _bad_cases(tmp_path).items():
+        code = main(["craft", "metapoison", *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, err)
+        assert err.startswith("error: ") and "\n" not in err, (name, err)
+        assert match in err, (name, err)
