@@ -34,7 +34,7 @@ from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
 from poisonlab.models import build_model
 from poisonlab.progress import progress_bar
-from poisonlab.runs.layout import atomic_write_text
+from poisonlab.runs.layout import atomic_write_text, prepare_output
 from poisonlab.training.supervised import TrainConfig, train_classifier
 
 Attack = Literal["metapoison", "gradient-matching"]
@@ -199,6 +199,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--ensemble is a MetaPoison option")
             settings["ensemble"] = ensemble
         settings.update(parse_override(item) for item in sets or [])
+        prepare_output(out, directory=True)
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,
                         surrogate_epochs=surrogate_epochs, random_poisons=random_poisons,
