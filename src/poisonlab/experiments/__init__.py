@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, str] = {
     "fewshot-backdoor": "poisonlab.experiments.fewshot_backdoor",
     "backdoor-defense": "poisonlab.experiments.backdoor_defense",
     "membership": "poisonlab.experiments.membership",
+    "badencoder": "poisonlab.experiments.badencoder",
 }
 
 
