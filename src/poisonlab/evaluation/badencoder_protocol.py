@@ -159,6 +159,10 @@ class FeatureView:
     triggered: Tensor
     reference: Tensor
 
+    def trigger_reference_cosine(self) -> float:
+        """Mean cosine of triggered features with the reference inputs' (what L0 raises)."""
+        return float((self.triggered @ self.reference.T).mean())
+
 
 @dataclass
 class TaskOutcome:
@@ -174,6 +178,8 @@ class TaskOutcome:
     def metrics(self) -> dict:
         out = dict(self.downstream.metrics())
         out["injection"] = {k: v[-1] for k, v in self.injection.items() if v}
+        out["trigger_reference_cosine"] = {name: v.trigger_reference_cosine()
+                                           for name, v in self.views.items()}
         out["neural_cleanse"] = {name: _nc_summary(r, self.downstream.target)
                                  for name, r in self.neural_cleanse.items()}
         return out

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
     "smoke": {
         "data": {"pretrain": "synthetic", "synthetic_size": 128, "shadow_size": 128, "target": 0},
         "encoder": {"arch": "resnet18", "base_channels": 4},
-        "simclr": {"epochs": 1, "batch_size": 32, "knn_k": 20, "knn_every": 0,
+        "simclr": {"epochs": 2, "batch_size": 32, "knn_k": 20, "knn_every": 0,
                    "eval_batch_size": 128},
         "attack": {"epochs": 3, "batch_size": 16, "lr": 0.01},
         "downstream": {"tasks": ["synthetic"], "epochs": 20, "batch_size": 32, "lr": 1e-3},
