@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.attacks.badencoder import BadEncoder, badencoder_losses
-from poisonlab.attacks.badencoder_augment import hsv_to_rgb, reference_augment, rgb_to_hsv
 from poisonlab.attacks.triggers import badencoder_patch
 from poisonlab.data.types import ImageSet, SupervisedData
 from poisonlab.errors import ConfigError, DataError, ShapeError
@@ -22,6 +21,7 @@ from poisonlab.evaluation.badencoder import (
     evaluate_downstream,
     to_rgb,
 )
+from poisonlab.training.augment import Augmentation, hsv_to_rgb, rgb_to_hsv
 
 SHAPE = (3, 32, 32)
 
@@ -210,8 +210,10 @@ def test_checkpoint_resume_continues_the_same_run():
 def test_augmentation_and_rgb_conversion():
     x = torch.rand(6, *SHAPE)
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
-    a = reference_augment(x, torch.Generator().manual_seed(0))
-    b = reference_augment(x, torch.Generator().manual_seed(0))
+    augment = BadEncoder().augment  # the reference's: no crop
+    assert isinstance(augment, Augmentation) and not augment.config.crop
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
     mnist = torch.rand(2, 1, 28, 28)
     padded = to_rgb(mnist, mode="pad")

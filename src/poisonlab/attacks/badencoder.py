@@ -21,7 +21,10 @@ What the reference code (jinyuan-jia/BadEncoder, badencoder.py) does, and what t
   f' an augmented copy of x_k (flip, colour jitter, grayscale; no crop), one fresh copy per shadow
   image of the batch, and compares it with the clean encoder's features of the plain x_k. This
   module does the same (`reference_augment=False` gives the equation as printed: f'(x_k) itself).
-  The augmentation is `attacks.badencoder_augment.reference_augment`.
+  The augmentation is SimCLR's (poisonlab.training.augment) without the crop: `augment`, default
+  `AugmentConfig(crop=False)`, the reference's flip p 0.5, jitter 0.4/0.4/0.4/0.1 with p 0.8 and
+  grayscale p 0.2. Like SimCLR's, it is defined for RGB images only: with `reference_augment`
+  the shadow and reference images must have three channels.
 - Signs and averaging as in the code: each term is minus a mean cosine, the mean over the batch
   first and then over the reference inputs; the epoch's logged values are the batch-size-weighted
   means of the per-batch terms.
@@ -59,13 +62,13 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from poisonlab.attacks.badencoder_augment import reference_augment as augment_references
 from poisonlab.attacks.triggers import Trigger
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.progress import StatusFn
+from poisonlab.training.augment import Augmentation, AugmentConfig
 from poisonlab.training.supervised import CheckpointStore
 
 LOSS_KEYS = ("loss", "loss0", "loss1", "loss2")
@@ -133,6 +136,7 @@ class BadEncoder:
         lambda2: weight of L2, the shadow images' utility term (1).
         reference_augment: L1 on augmented copies of the reference inputs, as the reference code
             (False: the plain reference inputs, the paper's equation as printed).
+        augment: the augmentation of those copies (SimCLR's without the crop, as the reference).
         drop_last: drop the last incomplete batch of each epoch (the reference's DataLoader does).
         """
 
@@ -144,6 +148,7 @@ class BadEncoder:
         lambda1: float = Field(1.0, ge=0)
         lambda2: float = Field(1.0, ge=0)
         reference_augment: bool = True
+        augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(crop=False))
         drop_last: bool = True
 
     def __init__(self, *, config: Config | None = None, seed: int = 0,
@@ -151,6 +156,7 @@ class BadEncoder:
         self.config = make_settings(self.Config, config, **settings)
         self.seed = seed
         self.device = torch.device(device) if device is not None else default_device()
+        self.augment = Augmentation(config=self.config.augment)
 
     def inject(self, encoder: nn.Module, shadow: Tensor | ImageSet, references: Tensor,
                trigger: Trigger, *, head: nn.Module | None = None,
@@ -167,6 +173,9 @@ class BadEncoder:
         `encoder` and `head` are never modified.
         """
         x, refs = _check_inputs(shadow, references, trigger)
+        if self.config.reference_augment and x.shape[1] != 3:
+            raise ShapeError(f"the reference augmentation needs RGB images, got {x.shape[1]} "
+                             "channel(s) (reference_augment=False uses the plain references)")
         cfg, device = self.config, self.device
         if cfg.drop_last and cfg.epochs > 0 and len(x) < cfg.batch_size:
             raise ConfigError(f"invalid BadEncoder.Config: batch_size: {cfg.batch_size} is larger "
@@ -231,7 +240,7 @@ class BadEncoder:
         triggered = backdoored(trigger.apply(batch))
         reference = backdoored(refs)
         if self.config.reference_augment:
-            copies = [augment_references(r.expand(len(batch), *r.shape), generator) for r in refs]
+            copies = [self.augment(r.expand(len(batch), *r.shape), generator) for r in refs]
             reference_aug = torch.stack([backdoored(c) for c in copies])
         else:
             reference_aug = reference[:, None]

@@ -302,6 +302,21 @@ def predict(net: nn.Module, features: Tensor) -> Tensor:
         return net(features.to(device)).argmax(1).cpu()
 
 
+class DownstreamClassifier(nn.Module):
+    """The downstream user's whole classifier, image → logits: `features` the frozen encoder's
+    L2-normalised output, `head` the MLP trained on it (what Neural Cleanse inspects)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def features(self, x: Tensor) -> Tensor:
+        return F.normalize(self.encoder(x), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 def evaluate_downstream(clean: nn.Module, backdoored: nn.Module, task: DownstreamTask,
                         trigger: Trigger, cfg: DownstreamConfig | None = None, *, seed: int = 0,
                         device: torch.device | str | None = None,
@@ -310,6 +325,20 @@ def evaluate_downstream(clean: nn.Module, backdoored: nn.Module, task: Downstrea
                         backdoored_features: EncoderFeatures | None = None) -> DownstreamResult:
     """CA, BA, ASR and ASR-B of one task: features cached once per encoder and split (or given),
     one classifier per encoder on `device`, the same seed for both. The encoders are only read."""
+    return downstream_classifiers(clean, backdoored, task, trigger, cfg, seed=seed, device=device,
+                                  progress=progress, clean_features=clean_features,
+                                  backdoored_features=backdoored_features)[0]
+
+
+def downstream_classifiers(clean: nn.Module, backdoored: nn.Module, task: DownstreamTask,
+                           trigger: Trigger, cfg: DownstreamConfig | None = None, *,
+                           seed: int = 0, device: torch.device | str | None = None,
+                           progress: StatusFn | None = None,
+                           clean_features: EncoderFeatures | None = None,
+                           backdoored_features: EncoderFeatures | None = None,
+                           ) -> tuple[DownstreamResult, dict[str, DownstreamClassifier]]:
+    """`evaluate_downstream`, plus both trained classifiers ("clean", "backdoored") as whole
+    image → logits models on their encoders."""
     cfg = cfg or DownstreamConfig()
     num_classes = check_task(task)
     dev = torch.device(device) if device is not None else default_device()
@@ -324,14 +353,16 @@ def evaluate_downstream(clean: nn.Module, backdoored: nn.Module, task: Downstrea
             progress(f"{task.name}: {name} encoder features cached")
     y_train, y_test = task.data.train.y, task.data.test.y
     out: dict[str, tuple[float, float, float, list[float]]] = {}
-    for name, f in feats.items():
+    nets: dict[str, DownstreamClassifier] = {}
+    for (name, f), encoder in zip(feats.items(), (clean, backdoored), strict=True):
         net, losses = train_downstream(f.train, y_train, num_classes, cfg, seed=seed, device=dev)
+        nets[name] = DownstreamClassifier(encoder, net)
         acc = float((predict(net, f.test) == y_test).float().mean())
         asr, asr_all = attack_success_rates(predict(net, f.triggered), y_test, task.target)
         out[name] = (acc, asr, asr_all, losses)
         if progress is not None:
             progress(f"{task.name}: {name} encoder accuracy {acc:.4f} ASR {asr:.4f}")
-    return DownstreamResult(
+    result = DownstreamResult(
         task=task.name, target=task.target, num_classes=num_classes,
         train_size=len(task.data.train), test_size=len(task.data.test),
         non_target_test_size=int((y_test != task.target).sum()),
@@ -342,3 +373,4 @@ def evaluate_downstream(clean: nn.Module, backdoored: nn.Module, task: Downstrea
         clean_encoder_attack_success_rate_all_inputs=out["clean"][2],
         clean_train_loss=out["clean"][3], backdoor_train_loss=out["backdoored"][3],
     )
+    return result, nets

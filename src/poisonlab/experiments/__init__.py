@@ -23,6 +23,7 @@ EXPERIMENTS: dict[str, str] = {
     "backdoor-defense": "poisonlab.experiments.backdoor_defense",
     "membership": "poisonlab.experiments.membership",
     "metapoison": "poisonlab.experiments.metapoison",
+    "badencoder": "poisonlab.experiments.badencoder",
 }
 
 
