@@ -38,7 +38,7 @@ from poisonlab.evaluation.backdoor_results import (
     BackdoorResults,
     CleanControl,
 )
-from poisonlab.models import build_model
+from poisonlab.models import Arch, build_model
 from poisonlab.progress import progress_bar
 from poisonlab.runs import Run
 from poisonlab.training.supervised import (
@@ -92,7 +92,7 @@ class DefenseConfig(MCL.Config):
 class ProtocolConfig(BaseConfig):
     """What the protocol measures with: the architecture and the settings of each stage."""
 
-    arch: str = "resnet20"
+    arch: Arch = "resnet20"
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",

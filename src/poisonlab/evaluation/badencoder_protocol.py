@@ -57,6 +57,7 @@ from poisonlab.evaluation.badencoder_data import (
     references,
     shadow_set,
 )
+from poisonlab.models import Arch
 from poisonlab.models.encoders import build_encoder
 from poisonlab.runs import Run
 from poisonlab.runs.checkpoints import load_into, load_weights
@@ -91,7 +92,7 @@ class EncoderConfig(Settings):
     ResNet-18; resnet20, ...). base_channels: resnet18's width (64 in the paper); width: the
     width multiplier of the other ResNets."""
 
-    arch: str = "resnet18"
+    arch: Arch = "resnet18"
     base_channels: int = Field(64, ge=1)
     width: int = Field(1, ge=1)
 

@@ -8,15 +8,15 @@ the section extends the technique's Config by those fields, so every setting is 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from poisonlab.attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from poisonlab.config import Settings
 from poisonlab.defenses.dp_sgd import DPSGD
 from poisonlab.defenses.membership_outputs import Rounding, TopK
-from poisonlab.models import available_models
+from poisonlab.models import Arch
 from poisonlab.training.supervised import TrainConfig
 
 ATTACKS = ("shadow", "lira_online", "lira_offline", "label_only", "threshold")
@@ -26,15 +26,6 @@ RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 AttackName = Literal["shadow", "lira_online", "lira_offline", "label_only", "threshold"]
 DefenseName = Literal["none", "dropout", "early_stopping", "dp_sgd", "labels_only", "rounding",
                       "top_k"]
-
-
-def _known_arch(name: str) -> str:
-    if name not in available_models():
-        raise ValueError(f"unknown architecture '{name}' (known: {', '.join(available_models())})")
-    return name
-
-
-Arch = Annotated[str, AfterValidator(_known_arch)]
 
 
 class DataConfig(Settings):

@@ -10,24 +10,15 @@ trials of 200 epochs with the surrogates' plain-SGD recipe.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
 from poisonlab.config import Settings
-from poisonlab.models import available_models
+from poisonlab.models import Arch
 from poisonlab.training.supervised import TrainConfig
-
-
-def _known_arch(name: str) -> str:
-    if name not in available_models():
-        raise ValueError(f"unknown architecture '{name}' (known: {', '.join(available_models())})")
-    return name
-
-
-Arch = Annotated[str, AfterValidator(_known_arch)]
 
 
 class DataConfig(Settings):

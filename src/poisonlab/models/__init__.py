@@ -14,6 +14,13 @@ from poisonlab.models import (  # noqa: F401
     resnet_cifar,
     small_cnn,
 )
-from poisonlab.models.registry import Builder, available_models, build_model, register_model
+from poisonlab.models.registry import (
+    Arch,
+    Builder,
+    available_models,
+    build_model,
+    known_arch,
+    register_model,
+)
 
-__all__ = ["Builder", "available_models", "build_model", "register_model"]
+__all__ = ["Arch", "Builder", "available_models", "build_model", "known_arch", "register_model"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
+from pydantic import AfterValidator
 from torch import nn
 
 from poisonlab.errors import ConfigError
@@ -35,3 +37,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def known_arch(name: str) -> str:
+    """`name` itself if it is a registered architecture (a settings validator)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture '{name}' (known: {', '.join(available_models())})")
+    return name
+
+
+# A settings field naming an architecture: validated against the registry when the config is built.
+Arch = Annotated[str, AfterValidator(known_arch)]
