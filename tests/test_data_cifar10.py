@@ -283,3 +283,20 @@ def test_restricted_unpickler_reads_plain_data():
     data = {b"k": [1, 2.5, "s", b"b", (True, None)], b"a": np.arange(6, dtype=np.uint8).reshape(2, 3)}
     loaded = safe_loads(pickle.dumps(data, protocol=2))
     assert loaded[b"k"] == data[b"k"] and np.array_equal(loaded[b"a"], data[b"a"])
+
+
+def _die_in_a_worker(chunk):
+    import multiprocessing
+    import os
+
+    if multiprocessing.parent_process() is not None:  # only in a forked worker
+        os._exit(1)
+    return [2 * v for v in chunk]
+
+
+def test_a_worker_that_dies_does_not_hang_decoding():
+    """A decode worker killed mid-way (out of memory, a signal) costs only speed: the chunks are
+    decoded in the calling process instead of waiting for the lost one for ever."""
+    from poisonlab.data.image_folder import run_chunks
+
+    assert run_chunks(_die_in_a_worker, [[1, 2], [3], [4, 5]], workers=2) == [[2, 4], [6], [8, 10]]

@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,8 +54,14 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     if workers <= 1 or len(chunks) <= 1 or not can_fork:
         return [fn(c) for c in chunks]
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(min(workers, len(chunks)), initializer=_default_sigterm) as pool:
-        return list(pool.imap(fn, chunks))
+    try:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
+                                 initializer=_default_sigterm) as pool:
+            return list(pool.map(fn, chunks))
+    except BrokenProcessPool:
+        # A worker died (killed, out of memory): decode here instead. multiprocessing.Pool
+        # waited for the lost chunk for ever in that case; the executor notices.
+        return [fn(c) for c in chunks]
 
 
 def _default_sigterm() -> None:
