@@ -46,7 +46,7 @@ def _run(backend, dtype, **kw):
 
 def test_default_backend():
     assert default_backend(build_model("convnet_bn", 10)) == "grouped"
-    assert default_backend(torch.nn.Linear(3, 2)) == "vmap"
+    assert default_backend(torch.nn.Linear(3, 2)) == "loop"
     assert SurrogateEnsemble(factory(torch.float32), 2).backend == "grouped"
     with pytest.raises(ConfigError, match="backend"):
         SurrogateEnsemble(factory(torch.float32), 2, backend="threads")

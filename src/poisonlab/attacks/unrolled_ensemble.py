@@ -1,5 +1,5 @@
-"""M surrogate networks of one architecture run as one batched computation, and the unrolled
-adversarial loss MetaPoison differentiates through.
+"""M surrogate networks of one architecture run together (one grouped computation, a vmap, or a
+loop), and the unrolled adversarial loss MetaPoison differentiates through.
 
 Huang, Geiping, Fowl, Taylor, Goldstein, "MetaPoison: Practical General-purpose Clean-label Data
 Poisoning", NeurIPS 2020, Algorithm 1. For one surrogate with weights θ₀, the batches
@@ -14,19 +14,39 @@ statistics over both (as the reference code does; the training loss excludes the
 The meta-gradient ∂L_adv/∂(poisons) flows through every unrolled step (second order, no
 first-order approximation), as in the reference's tf.gradients through its unrolled graph.
 
-The M weight sets are stacked (torch.func.stack_module_state) and one forward (and its gradient)
-runs for all of them through torch.func.vmap over torch.func.functional_call; the per-surrogate
-inner gradients come from torch.func.grad inside that vmap. Batch normalisation always uses batch
-statistics here (running statistics play no part in crafting, where every forward of the
-reference is in training mode), so every BatchNorm layer of the functional copy is replaced by
-`BatchStatsNorm`, the same normalisation written in elementary operations with the same
-parameters: running buffers cannot be updated inside vmap, and torch's fused batch-norm backward
-has a wrong batching rule for its input gradient (pytorch/functorch#534), which makes the
-second-order meta-gradient through it under vmap wrong (tests/test_metapoison.py checks the
-batched meta-gradient against a loop and against finite differences). The functional copy is in
+The M weight sets are stacked (params[name] is [M, ...]) and one of three backends computes
+the M surrogates' forwards, inner gradients and unrolled losses:
+
+- "grouped" (ConvNetBN only; models/convnet_bn.py `grouped_logits`): the M surrogates are one
+  network whose convolutions have groups = M over the M inputs side by side in the channels
+  ([N, M·C, H, W]), batch normalisation per channel (so per surrogate) with batch statistics, the
+  M heads one batched matrix product. The training loss is the sum over surrogates of each one's
+  mean cross-entropy, so its gradient in the stacked weights is, block by block, each surrogate's
+  own gradient, and the unrolled SGD steps (each surrogate its own learning rate) and their
+  second-order meta-gradient are exact, with plain autograd and no vmap.
+- "vmap": torch.func.vmap over torch.func.functional_call of any architecture, the inner
+  gradients from torch.func.grad inside the vmap. Every BatchNorm layer of the functional copy is
+  replaced by `BatchStatsNorm`, the same normalisation written in elementary operations with the
+  same parameters: running buffers cannot be updated inside vmap, and torch's fused batch-norm
+  backward has a wrong batching rule for its input gradient (pytorch/functorch#534), which makes
+  the second-order meta-gradient through it under vmap wrong.
+- "loop": the same per-surrogate function as vmap, called surrogate after surrogate; the
+  reference the others are tested against (tests/test_unrolled_ensemble.py) and benchmarked
+  against (benchmarks/bench_metapoison.py). `adversarial_losses(..., batched=False)` is the loop
+  whatever the backend.
+
+The default is "grouped" for ConvNetBN and "loop" for any other architecture. On a CPU the
+meta-gradient is bound by the convolutions and by memory-bound elementwise work on the first
+blocks' large activations, not by Python overhead, so no backend does much less work than the
+loop. The grouped form runs each layer of all M surrogates as one large operation, so it keeps
+the intra-op threads busy and suffers far less than the loop's many small operations when other
+processes compete for the cores; it is the fastest with torch's default thread count and the
+most robust under load. vmap's batching rules for the double backward of convolution and of the
+elementary batch normalisation add work the loop does not do, so where no grouped form exists
+the loop is the default and vmap an option.
+Batch normalisation always uses batch statistics here (running statistics play no part in
+crafting, where every forward of the reference is in training mode). The functional copy is in
 eval mode, so dropout, if the architecture has any, is off.
-`batched=False` runs the same per-surrogate function in a Python loop: the reference for the
-equality test and the benchmark.
 """
 
 from __future__ import annotations
@@ -165,12 +185,13 @@ def grouped_adversarial_losses(model: ConvNetBN, params: Params, xs: Tensor, ys:
 
 def default_backend(model: nn.Module) -> str:
     """The backend SurrogateEnsemble uses for `model` unless told: see the module docstring."""
-    return "grouped" if isinstance(model, ConvNetBN) else "vmap"
+    return "grouped" if isinstance(model, ConvNetBN) else "loop"
 
 
 class SurrogateEnsemble:
     """M weight sets of the architecture `model_factory()` builds, stacked: params[name] [M, ...].
-    `backend`: "grouped" (ConvNetBN only), "vmap" or "loop"; None picks `default_backend`."""
+    `backend`: "grouped" (ConvNetBN only), "vmap" or "loop"; None picks `default_backend`.
+    Every backend computes the same numbers (up to float rounding) from the same params."""
 
     def __init__(self, model_factory: ModelFactory, size: int,
                  device: torch.device | str = "cpu", backend: Backend | None = None) -> None:
@@ -199,6 +220,10 @@ class SurrogateEnsemble:
             for n in self.params:
                 self.params[n][m] = fresh[n].detach().to(self.params[n])
 
+    def member(self, m: int) -> Params:
+        """Surrogate m's weights (views into the stack)."""
+        return {n: p[m] for n, p in self.params.items()}
+
     def select(self, members: Tensor) -> Params:
         return {n: p[members] for n, p in self.params.items()}
 
@@ -207,8 +232,8 @@ class SurrogateEnsemble:
         if self.backend == "grouped":
             return grouped_logits(self.template, self.params, x.expand(self.size, *x.shape))
         if self.backend == "loop":
-            return torch.stack([functional_call(self.fmodel, {n: p[m] for n, p in self.params.items()},
-                                                (x,)) for m in range(self.size)])
+            return torch.stack([functional_call(self.fmodel, self.member(m), (x,))
+                                for m in range(self.size)])
         return vmap(lambda p: functional_call(self.fmodel, p, (x,)))(self.params)
 
     def train_grads(self, members: Tensor, x: Tensor, y: Tensor, target: Tensor) -> Params:

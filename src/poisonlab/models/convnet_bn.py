@@ -109,7 +109,7 @@ def convnet_bn(num_classes: int, in_channels: int = 3, **kwargs) -> ConvNetBN:
 
 def _batch_stats_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """Batch normalisation with batch statistics (biased variance) in elementary operations,
-    written as one affine map per channel: y = h·a + (bias − mean·a), a = weight / √(var + ε)."""
+    as one affine map per channel: y = h·a + (bias − mean·a), a = weight / √(var + ε)."""
     var, mean = torch.var_mean(h, (0, 2, 3), keepdim=True, correction=0)
     a = weight.view(1, -1, 1, 1) * torch.rsqrt(var + eps)
     return h * a + (bias.view(1, -1, 1, 1) - mean * a)
