@@ -15,12 +15,23 @@ Deviations: the standardisation applies only to 3-channel inputs (its statistics
 other channel counts pass through unchanged), and widths, their number and the image size are
 keyword options, so tests can use tiny networks (the linear layer expects widths[-1] ·
 (image_size / 2^blocks)² inputs, so images of another size fail at the first forward).
+
+`grouped_logits` runs M ConvNetBN surrogates (their weights stacked, [M, ...] per parameter) as
+one network: the M inputs side by side in the channel dimension ([N, M·C, H, W]), every
+convolution a grouped convolution with groups = M (group m holds surrogate m's filters, so no
+weight crosses between surrogates), batch normalisation over the M·C channels with batch
+statistics (per channel, hence per surrogate), and the M linear heads as one batched matrix
+product. It is the same function as M separate forwards in training-mode batch normalisation
+(without running statistics), for the attacks that differentiate through M surrogates at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from poisonlab.errors import ConfigError
 from poisonlab.models.registry import register_model
@@ -94,3 +105,36 @@ class ConvNetBN(nn.Module):
 def convnet_bn(num_classes: int, in_channels: int = 3, **kwargs) -> ConvNetBN:
     """MetaPoison's ConvNetBN (widths 16-32-32-64-64 for 32×32 images unless given)."""
     return ConvNetBN(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def _batch_stats_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Batch normalisation with batch statistics (biased variance) in elementary operations,
+    as one affine map per channel: y = h·a + (bias − mean·a), a = weight / √(var + ε)."""
+    var, mean = torch.var_mean(h, (0, 2, 3), keepdim=True, correction=0)
+    a = weight.view(1, -1, 1, 1) * torch.rsqrt(var + eps)
+    return h * a + (bias.view(1, -1, 1, 1) - mean * a)
+
+
+def grouped_logits(model: ConvNetBN, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Logits [M, N, classes] of M surrogates of `model`'s architecture, weights `params`
+    (each named as in `model.named_parameters()`, stacked: [M, ...]), each on its own images
+    x [M, N, C, H, W], as one grouped computation (see the module docstring)."""
+    if not isinstance(model, ConvNetBN):
+        raise ConfigError(f"grouped_logits needs a ConvNetBN, got {type(model).__name__}")
+    members, n = x.shape[:2]
+    h = ((x - model.input_mean) / model.input_std).transpose(0, 1).reshape(n, -1, *x.shape[3:])
+    for i, layer in enumerate(model.blocks):
+        if isinstance(layer, nn.Conv2d):
+            h = F.conv2d(h, params[f"blocks.{i}.weight"].flatten(0, 1), padding=1, groups=members)
+        elif isinstance(layer, nn.BatchNorm2d):
+            h = _batch_stats_norm(h, params[f"blocks.{i}.weight"].flatten(),
+                                  params[f"blocks.{i}.bias"].flatten(), layer.eps)
+        elif isinstance(layer, nn.ReLU):
+            h = F.relu(h)
+        elif isinstance(layer, nn.MaxPool2d):
+            h = F.max_pool2d(h, 2)
+        else:
+            raise ConfigError(f"grouped_logits does not know the layer {type(layer).__name__}")
+    features = h.reshape(n, members, -1).transpose(0, 1)  # [M, N, F], each surrogate's flatten
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), features,
+                         params["head.weight"].transpose(1, 2))
