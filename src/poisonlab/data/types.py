@@ -68,3 +68,14 @@ class SupervisedData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def subsampled(self, train_size: int | None, test_size: int | None,
+                   generator: torch.Generator) -> SupervisedData:
+        """Seeded random subsets of `train_size` and `test_size` images (None, or a size not
+        below the split's: all of it), drawn from `generator` in that order."""
+        train, test = self.train, self.test
+        if train_size is not None and train_size < len(train):
+            train = train.subset(torch.randperm(len(train), generator=generator)[:train_size])
+        if test_size is not None and test_size < len(test):
+            test = test.subset(torch.randperm(len(test), generator=generator)[:test_size])
+        return SupervisedData(train, test, self.classes)

@@ -109,12 +109,9 @@ def load_data(cfg: ProtocolConfig, data_dir: Path | None) -> SupervisedData:
     """The supervised set named by cfg.data, subsampled and downsampled as configured."""
     name = cfg.data.dataset
     data = load_supervised(name, data_dir, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train, test = data.train, data.test
-    if cfg.data.train_size is not None and cfg.data.train_size < len(train):
-        train = train.subset(torch.randperm(len(train), generator=gen)[: cfg.data.train_size])
-    if cfg.data.test_size is not None and cfg.data.test_size < len(test):
-        test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.data.test_size])
+    part = data.subsampled(cfg.data.train_size, cfg.data.test_size,
+                           torch.Generator().manual_seed(cfg.seed))
+    train, test = part.train, part.test
     train, test = train.downsampled(cfg.data.downsample), test.downsampled(cfg.data.downsample)
     if cfg.attack.target >= data.num_classes:
         raise ConfigError(f"attack.target={cfg.attack.target} is not a label of {name} "

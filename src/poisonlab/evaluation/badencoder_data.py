@@ -48,13 +48,9 @@ def load_pretraining(cfg: Any, data_dir: Path | None) -> tuple[SupervisedData, s
         name = "cifar10" if data_dir is not None else "synthetic"
     data = (_synthetic(cfg.data.synthetic_size, cfg.seed) if name == "synthetic"
             else load_supervised("cifar10", data_dir))
-    g = torch.Generator().manual_seed(cfg.seed)
-    train, test = data.train, data.test
-    if cfg.data.pretrain_size is not None and cfg.data.pretrain_size < len(train):
-        train = train.subset(torch.randperm(len(train), generator=g)[: cfg.data.pretrain_size])
-    if cfg.data.test_size is not None and cfg.data.test_size < len(test):
-        test = test.subset(torch.randperm(len(test), generator=g)[: cfg.data.test_size])
-    return SupervisedData(train, test, data.classes), name
+    part = data.subsampled(cfg.data.pretrain_size, cfg.data.test_size,
+                           torch.Generator().manual_seed(cfg.seed))
+    return part, name
 
 
 def shadow_set(train: ImageSet, size: int | None, seed: int) -> Tensor:
