@@ -232,10 +232,13 @@ def test_simclr_steps_lower_the_loss():
 
 def test_simclr_knn_history_and_head_shape():
     data = _structured(32)
+    lines: list[str] = []
     result = SimCLR(epochs=3, batch_size=16, knn_every=2, knn_k=8, projection_dim=16, hidden_dim=32,
                     device="cpu").train(_tiny_encoder(), data, test=data.subset(torch.arange(8)),
-                                        progress=False)
+                                        progress=False, log=lines.append)
     assert result.history["knn_epoch"] == [2, 3]
+    assert len(lines) == 3 and "epoch 1/3" in lines[0] and "kNN" not in lines[0]
+    assert f"kNN {result.history['knn_accuracy'][0]:.4f}" in lines[1]
     assert 0 <= result.knn_accuracy <= 1
     assert result.head(torch.rand(4, result.encoder.feature_dim)).shape == (4, 16)
 

@@ -244,7 +244,7 @@ def pretrain(cfg: ProtocolConfig, run: Run, data: SupervisedData, model: str | N
     t0 = time.perf_counter()
     result = SimCLR(config=s, seed=cfg.seed).train(
         encoder, data.train, test=data.test, progress=progress,
-        checkpoint=RunCheckpoint(run, "simclr"))
+        checkpoint=RunCheckpoint(run, "simclr"), log=run.log)
     run.save_checkpoint("encoder", encoder.state_dict(), {
         "arch": cfg.encoder.arch, "base_channels": cfg.encoder.base_channels,
         "width": cfg.encoder.width, "knn_accuracy": result.knn_accuracy})

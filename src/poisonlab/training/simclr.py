@@ -33,6 +33,7 @@ Deviations:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class SimCLR:
         head: nn.Module | None = None,
         progress: bool = True,
         checkpoint: CheckpointStore | str | Path | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> SimCLRResult:
         """Pre-train `encoder` (images [N, 3, H, W] in [0, 1] → features [N, feature_dim]) in
         place on `images` (labels, if any, are not used for training).
@@ -156,6 +158,7 @@ class SimCLR:
         when it is an ImageSet). head: a projection head to continue (default a new one).
         checkpoint: a CheckpointStore or file; the state (encoder, head, optimiser, generator,
         history, epoch) is saved after every epoch and, when present at start, resumed.
+        log: called with one line per epoch (loss, kNN accuracy when measured, seconds).
         """
         cfg = self.config
         x = self._check(encoder, images)
@@ -193,6 +196,11 @@ class SimCLR:
                 history["epoch_seconds"].append(time.perf_counter() - t0)
                 if store is not None:
                     store.save(_state(encoder, head, opt, gen, history, epoch + 1, cfg))
+                if log is not None:
+                    knn = (f", kNN {history['knn_accuracy'][-1]:.4f}"
+                           if history["knn_epoch"] and history["knn_epoch"][-1] == epoch + 1 else "")
+                    log(f"SimCLR {status}: loss {loss:.4f}{knn} "
+                        f"({history['epoch_seconds'][-1]:.0f} s)")
         encoder.eval()
         head.eval()
         return SimCLRResult(encoder, head, history)
