@@ -31,49 +31,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.models.registry import build_model, register_model
-from poisonlab.models.resnet_cifar import BasicBlock, init_weights
+from poisonlab.models.resnet_cifar import CifarResNet
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-class ResNet18Cifar(nn.Module):
+class ResNet18Cifar(CifarResNet):
     """CIFAR-stem ResNet-18 (3×3 stride-1 stem, no max-pool); `features` gives the pooled
     8·base_channels activations, `forward` a linear head on them."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, base_channels: int = 64) -> None:
-        super().__init__()
         if base_channels < 1:
             raise ConfigError(f"base_channels must be at least 1, got {base_channels}")
-        planes = [base_channels * m for m in (1, 2, 4, 8)]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(planes[0]),
-            nn.ReLU(inplace=True),
-        )
-        blocks: list[nn.Module] = []
-        in_planes = planes[0]
-        for stage, p in enumerate(planes):
-            for i in range(2):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(BasicBlock(in_planes, p, stride))
-                in_planes = p
-        self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = in_planes
-        self.head = nn.Linear(in_planes, num_classes)
-        init_weights(self)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Activations after global average pooling: [N, feature_dim]."""
-        out = self.blocks(self.stem(x))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__([base_channels * m for m in (1, 2, 4, 8)], 2, num_classes, in_channels)
 
 
 @register_model("resnet18")

@@ -39,24 +39,16 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNetCifar(nn.Module):
-    """ResNet of depth 6n+2 for small images; `features` gives the pooled 64·width activations."""
+class CifarResNet(nn.Module):
+    """The CIFAR-stem ResNet body shared by ResNet-(6n+2) and the CIFAR ResNet-18: a 3×3 stride-1
+    stem (no max-pool), `per_stage` basic blocks per entry of `planes` (stride 2 entering every
+    stage but the first), global average pooling (`features`), optional dropout, a linear head."""
 
-    def __init__(
-        self,
-        depth: int = 20,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        width: int = 1,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, planes: list[int], per_stage: int, num_classes: int, in_channels: int,
+                 dropout: float = 0.0) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ConfigError(f"ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
-        n = (depth - 2) // 6
-        planes = [16 * width, 32 * width, 64 * width]
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, planes[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(planes[0]),
@@ -65,7 +57,7 @@ class ResNetCifar(nn.Module):
         blocks: list[nn.Module] = []
         in_planes = planes[0]
         for stage, p in enumerate(planes):
-            for i in range(n):
+            for i in range(per_stage):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 blocks.append(BasicBlock(in_planes, p, stride))
                 in_planes = p
@@ -82,6 +74,17 @@ class ResNetCifar(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
+
+
+class ResNetCifar(CifarResNet):
+    """ResNet of depth 6n+2 for small images; `features` gives the pooled 64·width activations."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3,
+                 width: int = 1, dropout: float = 0.0) -> None:
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ConfigError(f"ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        super().__init__([16 * width, 32 * width, 64 * width], (depth - 2) // 6, num_classes,
+                         in_channels, dropout)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from poisonlab.evaluation.membership import (
 from poisonlab.evaluation.membership_config import StudyConfig
 from poisonlab.metrics import roc_points
 from poisonlab.report.html import Section, Table, rich_table, write_html_report
-from poisonlab.report.style import new_figure, save_figure
+from poisonlab.report.style import annotated_heatmap, new_figure, save_figure
 
 METRIC_COLUMNS = ["attack acc", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "test acc"]
 
@@ -97,15 +97,10 @@ def matrix_figure(path: Path, block: MatrixBlock, title: str) -> Path:
     """Heatmap of attack accuracy, rows = target architectures, columns = shadow architectures."""
     values = np.asarray(block.attack_accuracy, dtype=float)
     fig, ax = new_figure(1.2 + 1.0 * values.shape[1], 1.0 + 0.6 * values.shape[0])
-    image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=max(0.8, float(values.max())))
-    ax.set_xticks(range(values.shape[1]), block.shadows, rotation=30, ha="right")
-    ax.set_yticks(range(values.shape[0]), block.targets)
+    annotated_heatmap(ax, values, block.shadows, block.targets, decimals=3, dark_below=0.65,
+                      label="attack accuracy", cmap="viridis", vmin=0.5,
+                      vmax=max(0.8, float(values.max())))
     ax.set(xlabel="shadow model", ylabel="target model", title=title)
-    ax.grid(False)
-    for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
-                color="white" if v < 0.65 else "black")
-    fig.colorbar(image, ax=ax, label="attack accuracy")
     return save_figure(fig, path)
 
 

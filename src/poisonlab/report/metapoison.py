@@ -17,7 +17,7 @@ from rich.console import Group
 from poisonlab.evaluation.metapoison_config import StudyConfig
 from poisonlab.evaluation.metapoison_results import AttackResult, CraftRecord, StudyResult
 from poisonlab.report.html import Section, Table, rich_table, write_html_report
-from poisonlab.report.style import new_figure, save_figure
+from poisonlab.report.style import annotated_heatmap, new_figure, save_figure
 
 TITLES = {"metapoison": "MetaPoison", "gradient_matching": "gradient matching"}
 
@@ -134,15 +134,9 @@ def transfer_figure(path: Path, attack: AttackResult) -> Path:
     t = attack.metrics()["transfer"]
     values = np.asarray(t["success_rate"], dtype=float)
     fig, ax = new_figure(1.5 + 1.1 * values.shape[1], 1.2 + 0.6 * values.shape[0])
-    image = ax.imshow(values, cmap="magma", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(values.shape[1]), t["victims"], rotation=30, ha="right")
-    ax.set_yticks(range(values.shape[0]), t["surrogates"])
+    annotated_heatmap(ax, values, t["victims"], t["surrogates"], decimals=2, dark_below=0.5,
+                      label="success rate", cmap="magma", vmin=0.0, vmax=1.0)
     ax.set(xlabel="victim", ylabel="surrogate", title=f"{TITLES.get(attack.name)}: transfer")
-    ax.grid(False)
-    for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if v < 0.5 else "black")
-    fig.colorbar(image, ax=ax, label="success rate")
     return save_figure(fig, path)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 from cycler import cycler
 from matplotlib.figure import Figure
 
@@ -47,3 +48,17 @@ def save_figure(fig: Figure, path: Path | str, dpi: int = 150) -> Path:
     with matplotlib.rc_context(STYLE):
         fig.savefig(path, dpi=dpi)
     return path
+
+
+def annotated_heatmap(ax: Any, values: Any, columns: list[str], rows: list[str], *,
+                      decimals: int, dark_below: float, label: str, **imshow: Any) -> None:
+    """`values` [rows, columns] as an image with every cell's value written on it (white on cells
+    below `dark_below`), the column labels rotated, and a colour bar named `label`."""
+    image = ax.imshow(values, **imshow)
+    ax.set_xticks(range(values.shape[1]), columns, rotation=30, ha="right")
+    ax.set_yticks(range(values.shape[0]), rows)
+    ax.grid(False)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.{decimals}f}", ha="center", va="center", fontsize=8,
+                color="white" if v < dark_below else "black")
+    ax.figure.colorbar(image, ax=ax, label=label)
