@@ -117,7 +117,7 @@ class Study:
         out = {}
         for arch in self.cfg.victims.archs:
             runs = [self.victim(f"victim-clean-{arch}-{k}", arch, self.data.train, k, x)
-                    for k in range(self.cfg.victims.trials)]
+                    for k in range(self.cfg.victims.trials_of(arch))]
             out[arch] = Outcomes(
                 [[bool(pred[i] == self.adv) for pred, _ in runs] for i in range(len(x))],
                 [[acc for _, acc in runs] for _ in range(len(x))])
@@ -201,7 +201,7 @@ class Study:
                 for v in self.cfg.victims.archs:
                     runs = [self.victim(f"victim-{name}-{arch}-t{target.id}-{v}-{k}", v, poisoned,
                                         k, target.x.unsqueeze(0))
-                            for k in range(self.cfg.victims.trials)]
+                            for k in range(self.cfg.victims.trials_of(v))]
                     row[v].success.append([bool(pred[0] == self.adv) for pred, _ in runs])
                     row[v].accuracy.append([acc for _, acc in runs])
             cells[arch] = row

@@ -65,14 +65,24 @@ class TargetConfig(Settings):
 class VictimConfig(Settings):
     """archs: the victim architectures (the first is the headline victim); trials: victims per
     (attack, target, architecture), trial k trained with seed + k for every attack, so the
-    unperturbed baseline and the poisoned victims are paired; train: the from-scratch recipe
-    (also the recipe of gradient matching's surrogate on the clean subset)."""
+    unperturbed baseline and the poisoned victims are paired; transfer_trials: the trials of the
+    architectures after the first (None: `trials`; fewer keeps the transfer victims affordable);
+    train: the from-scratch recipe (also the recipe of gradient matching's surrogate on the clean
+    subset)."""
 
     archs: tuple[Arch, ...] = ("convnet_bn", "resnet20", "small_cnn")
     trials: int = Field(8, ge=1)
+    transfer_trials: int | None = Field(None, ge=1)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         epochs=200, batch_size=125, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="step",
         milestones=(100, 150), augment=False))
+
+
+    def trials_of(self, arch: str) -> int:
+        """Victim trials of architecture `arch`."""
+        if arch == self.archs[0] or self.transfer_trials is None:
+            return self.trials
+        return self.transfer_trials
 
 
 class StudyConfig(Settings):

@@ -54,18 +54,21 @@ PRESETS: dict[str, dict] = {
         "victims": {"archs": ["convnet_bn", "tiny_cnn"], "trials": 2, "train": _SMOKE_VICTIM},
     },
     # The reference quick start's data and threat model (5,000-image CIFAR-10 subset, 50 dog
-    # poisons, bird targets, ε = 8/255 + colour 0.04) with M, craft steps and victim epochs cut
-    # towards a 3-hour run on 2 CPU cores. PROVISIONAL: not yet sized from a measured craft step.
+    # poisons, bird targets, ε = 8/255 + colour 0.04) with M, craft steps and victim epochs cut to
+    # fit about 2.2 hours on 2 idle CPU cores, sized from measured costs: one surrogate's craft
+    # step (a clean epoch with the meta-gradient on its ~29 poison batches) 17.5 s, a victim epoch
+    # 4.3 s (ConvNetBN) and 19.2 s (ResNet-20): crafting 5 × 4 × 12 × 17.5 s ≈ 70 min, 33 ConvNetBN
+    # victims ≈ 24 min, 11 ResNet-20 transfer victims (one trial each) ≈ 35 min.
     "cpu": {
         "threads": 2,
         "data": {"dataset": "cifar10", "train_per_class": 500, "test_size": 2000},
-        "targets": {"poison_class": 5, "target_class": 2, "ids": [0, 1, 2, 3, 4, 5, 6, 7]},
+        "targets": {"poison_class": 5, "target_class": 2, "ids": [0, 1, 2, 3, 4]},
         "surrogates": ["convnet_bn"],
         "metapoison": {"budget": 50, "ensemble": 4, "craft_steps": 12, "craft_milestones": [6, 9],
                        "warmup_epochs": 2},
         "gradient_matching": {"restarts": 2, "iterations": 100},
-        "victims": {"archs": ["convnet_bn", "resnet20"], "trials": 3,
-                    "train": {"epochs": 20, "milestones": [12, 16]}},
+        "victims": {"archs": ["convnet_bn", "resnet20"], "trials": 3, "transfer_trials": 1,
+                    "train": {"epochs": 10, "milestones": [6, 8]}},
     },
     # The reference quick start: M = 24, 61 craft steps, 8 trials of 200-epoch victims (a GPU job).
     "paper": {},

@@ -171,7 +171,7 @@ def _settings(cfg: StudyConfig, result: StudyResult) -> str:
             f"{mp.craft_steps} craft steps on {', '.join(cfg.surrogates)}. Gradient matching: "
             f"ε = {gm.epsilon * 255:.1f}/255, {gm.restarts} restart(s) × {gm.iterations} "
             f"iterations on a surrogate trained on the clean subset. Victims "
-            f"{', '.join(v.archs)}: {v.trials} trial(s) each, trained from scratch for "
+            f"{', '.join(f'{a} ({v.trials_of(a)} trial(s))' for a in v.archs)}, trained from scratch for "
             f"{v.train.epochs} epochs (lr {v.train.lr}, batch {v.train.batch_size}). Success = "
             "the unmodified target classified as the adversarial class; the baseline is the "
             "same poison images unperturbed (victims on the clean subset), same trials.")
