@@ -16,13 +16,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "poisonlab"
 # Bottom to top: a module may import from its own layer and the layers below it.
 LAYERS: list[set[str]] = [
     {"", "errors", "device", "progress", "config"},
+    {"executors"},
     {"data", "models"},
     {"metrics"},
     {"runs"},
     {"training"},
     {"attacks", "defenses"},
     {"evaluation"},
-    {"executors"},
     {"report"},
     {"audit", "experiments"},
     {"cli"},
