@@ -285,6 +285,79 @@ def test_restricted_unpickler_reads_plain_data():
     assert loaded[b"k"] == data[b"k"] and np.array_equal(loaded[b"a"], data[b"a"])
 
 
+@pytest.mark.parametrize("tamper", ["shape", "dtype", "labels", "classes"])
+def test_a_tampered_cache_entry_is_dropped_and_rebuilt(tmp_path, tamper):
+    """A cache entry that is not what the loader builds is never trusted: deleted, rebuilt."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from poisonlab.data.cache import cache_dir
+
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = _write_python_batches(folder)
+    first = load_cifar10(folder)
+    entry = max(cache_dir().glob("cifar10-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    tensors, sidecar = load_file(entry), entry.with_suffix(".json")
+    if tamper == "shape":
+        tensors["x_train"] = tensors["x_train"][:, :, :16]
+    elif tamper == "dtype":
+        tensors["x_train"] = tensors["x_train"].float() / 255
+    elif tamper == "labels":
+        tensors["y_test"] = tensors["y_test"] + 10
+    else:
+        sidecar.write_text(json.dumps({"classes": ["a", "b"]}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, entry)
+    again = load_cifar10(folder)
+    _check_against(again, batches)
+    assert torch.equal(again.train.x, first.train.x) and again.classes == first.classes
+
+
+class _ZeroStrides:
+    """A view of 10,000 CIFAR records over a one-byte buffer (zero strides)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((10000, 3072), np.dtype("u1"), b"x", 0, (0, 0)))
+
+
+class _HugeEmpty:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (10**10,), b"b"))
+
+
+class _HugeBytes:
+    def __reduce__(self):
+        return (bytes, (10**10,))
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_ZeroStrides(), "constructing numpy.ndarray directly is not allowed"),
+    (_HugeEmpty(), r"an array of shape \(10000000000,\) asks for 10000000000 bytes, more than"),
+    (_HugeBytes(), r"bytes\(10000000000\) asks for 10000000000 bytes, more than"),
+], ids=["zero-strides", "huge-array", "huge-bytes"])
+def test_a_tiny_batch_cannot_ask_for_gigabytes(tmp_path, payload, message):
+    """A few hundred bytes must not make the loader allocate gigabytes: refused, one line."""
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_python_batches(folder)
+    evil = pickle.dumps({b"data": payload, b"labels": [0] * 10}, protocol=2)
+    assert len(evil) < 300
+    (folder / "data_batch_1").write_bytes(evil)
+    with pytest.raises(DataError, match=message) as info:
+        load_cifar10(folder)
+    assert "data_batch_1" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_arrays_must_fit_in_the_file():
+    """Arrays whose bytes exceed the pickle that holds them cannot come from that pickle."""
+    data = pickle.dumps({b"a": np.zeros(4096, dtype=np.uint8)}, protocol=2)
+    assert safe_loads(data)[b"a"].shape == (4096,)
+    obj_dtype = b"\x80\x02cnumpy\ndtype\nq\x00X\x02\x00\x00\x00O8q\x01\x85q\x02Rq\x03."
+    with pytest.raises(DataError, match="object arrays are not allowed"):
+        safe_loads(obj_dtype)
+
+
 def _die_in_a_worker(chunk):
     import multiprocessing
     import os

@@ -5,6 +5,10 @@ checksums of its source files). It holds named tensors (`<key>.safetensors`) and
 such as class names (`<key>.json`). Both files are written atomically (temporary file, then
 `os.replace`), the sidecar last, so a reader sees either a whole entry or none. An unreadable
 entry counts as a miss and is rebuilt by the caller.
+
+A cache folder is not trusted either: each loader declares what it would build (`Expected`:
+every tensor's dtype and shape, with named sizes that must agree across tensors and metadata
+lists, label ranges), and an entry that does not match is deleted and counts as a miss.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +90,53 @@ def save_cached(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def load_cached(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The tensors and metadata stored under `key`, or None when absent or unreadable."""
+Size = int | str  # a fixed size, or a name whose value must agree wherever it appears
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a loader would build. tensors: name → (dtype, shape), a shape entry an int or a size
+    name; lists: metadata key → length (a list of strings); labels: tensor → size name K, its
+    values in [0, K)."""
+
+    tensors: Mapping[str, tuple[torch.dtype, tuple[Size, ...]]]
+    lists: Mapping[str, Size] = field(default_factory=dict)
+    labels: Mapping[str, Size] = field(default_factory=dict)
+
+    def problem(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> str | None:
+        """Why the entry is not what the loader builds, or None."""
+        sizes: dict[str, int] = {}
+
+        def agree(size: Size, actual: int, where: str) -> str | None:
+            expected = sizes.setdefault(size, actual) if isinstance(size, str) else size
+            return None if expected == actual else f"{where} is {actual}, expected {expected}"
+
+        if set(tensors) != set(self.tensors):
+            return f"tensors {sorted(tensors)}, expected {sorted(self.tensors)}"
+        for name, (dtype, shape) in self.tensors.items():
+            t = tensors[name]
+            if t.dtype != dtype or t.dim() != len(shape):
+                return f"{name} is {t.dtype} {list(t.shape)}, expected {dtype} of {len(shape)} dims"
+            for i, size in enumerate(shape):
+                if (bad := agree(size, int(t.shape[i]), f"{name} dim {i}")) is not None:
+                    return bad
+        for key, size in self.lists.items():
+            values = meta.get(key)
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                return f"metadata {key} is not a list of names"
+            if (bad := agree(size, len(values), f"len({key})")) is not None:
+                return bad
+        for name, size in self.labels.items():
+            t, k = tensors[name], sizes.get(size) if isinstance(size, str) else size
+            if t.numel() and (k is None or int(t.min()) < 0 or int(t.max()) >= k):
+                return f"{name} holds labels outside [0, {k})"
+        return None
+
+
+def load_cached(key: str, expected: Expected | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and metadata stored under `key`, or None when absent, unreadable or not
+    what `expected` declares (such an entry is deleted, so the caller rebuilds it)."""
     tensor_path, meta_path = _paths(key)
     if not (tensor_path.is_file() and meta_path.is_file()):
         return None
@@ -94,6 +144,11 @@ def load_cached(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | No
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         tensors = load_file(tensor_path)
     except (OSError, ValueError, SafetensorError):
+        return None
+    if expected is not None and (not isinstance(meta, dict)
+                                 or expected.problem(tensors, meta) is not None):
+        for path in (meta_path, tensor_path):
+            path.unlink(missing_ok=True)
         return None
     return tensors, meta
 
@@ -103,12 +158,24 @@ def load_cached(key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | No
 RawSupervised = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 
 
-def cached_supervised(key: str, build: Callable[[], RawSupervised]) -> SupervisedData:
+def supervised_layout(channels: int, size: Size, classes: Size = "K") -> Expected:
+    """A supervised entry: uint8 images [N, channels, size, size] and [M, ...] (train, test),
+    int64 labels in [0, classes), `classes` class names."""
+    image = (channels, size, size)
+    return Expected(
+        tensors={"x_train": (torch.uint8, ("N", *image)), "y_train": (torch.int64, ("N",)),
+                 "x_test": (torch.uint8, ("M", *image)), "y_test": (torch.int64, ("M",))},
+        lists={"classes": classes}, labels={"y_train": classes, "y_test": classes})
+
+
+def cached_supervised(key: str, build: Callable[[], RawSupervised],
+                      expected: Expected | None = None) -> SupervisedData:
     """Load a supervised set from the cache, or `build()` it (uint8 images) and cache it.
 
     Images are stored as uint8 (a quarter of float32's size) and returned as float32 in [0, 1].
+    `expected` (see `supervised_layout`) checks a cached entry before it is used.
     """
-    cached = load_cached(key)
+    cached = load_cached(key, expected)
     if cached is None:
         x_train, y_train, x_test, y_test, classes = build()
         tensors = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poisonlab.data.cache import cached_supervised, file_digest, make_key
+from poisonlab.data.cache import cached_supervised, file_digest, make_key, supervised_layout
 from poisonlab.data.image_folder import IMAGE_EXTENSIONS, decode_images
 from poisonlab.data.safe_pickle import safe_loads
 from poisonlab.data.types import SupervisedData
@@ -51,7 +51,8 @@ def load_cifar10(root: str | Path, workers: int | None = None) -> SupervisedData
     kind, source = _detect(root)
     fingerprint = _fingerprint(source)
     key = make_key("cifar10", _FORMAT, kind, fingerprint)
-    return cached_supervised(key, lambda: _BUILDERS[kind](source, workers))
+    return cached_supervised(key, lambda: _BUILDERS[kind](source, workers),
+                             supervised_layout(3, 32, len(CLASSES)))
 
 
 def _detect(root: Path) -> tuple[str, Path]:

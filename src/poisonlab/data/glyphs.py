@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poisonlab.data.cache import load_cached, make_key, save_cached
+from poisonlab.data.cache import Expected, load_cached, make_key, save_cached
 from poisonlab.data.types import FewShotData, ImageSet, SupervisedData
 from poisonlab.errors import ConfigError, DataError
 
@@ -288,8 +288,9 @@ def load_glyphs(
     _check("size", size, 8, 128)
     _check("num_classes", num_classes, 1)
     key = _cache_key("glyphs", num_classes, samples, seed, size)
-    hit = load_cached(key)
-    if hit is not None and "images" in hit[0]:
+    hit = load_cached(key, Expected({"images": (torch.uint8, (num_classes, samples, 1, size, size))},
+                                    lists={"class_names": num_classes, "groups": num_classes}))
+    if hit is not None:
         tensors, meta = hit
         images = tensors["images"].float().div_(255)
         return FewShotData(images, list(meta["class_names"]), list(meta["groups"]))
@@ -319,8 +320,12 @@ def load_glyph_supervised(
     _check("train_per_class", train_per_class, 1)
     _check("test_per_class", test_per_class, 1)
     key = _cache_key("glyphs-supervised", num_classes, train_per_class, test_per_class, seed)
-    hit = load_cached(key)
-    if hit is not None and {"train_x", "train_y", "test_x", "test_y"} <= hit[0].keys():
+    n_train, n_test = num_classes * train_per_class, num_classes * test_per_class
+    hit = load_cached(key, Expected(
+        {"train_x": (torch.uint8, (n_train, 1, 28, 28)), "train_y": (torch.int64, (n_train,)),
+         "test_x": (torch.uint8, (n_test, 1, 28, 28)), "test_y": (torch.int64, (n_test,))},
+        lists={"classes": num_classes}, labels={"train_y": num_classes, "test_y": num_classes}))
+    if hit is not None:
         t, meta = hit
         return SupervisedData(
             ImageSet(t["train_x"].float().div_(255), t["train_y"].long()),

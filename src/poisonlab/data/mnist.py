@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poisonlab.data.cache import cached_supervised, file_digest, make_key
+from poisonlab.data.cache import cached_supervised, file_digest, make_key, supervised_layout
 from poisonlab.data.types import SupervisedData
 from poisonlab.errors import DataError
 
@@ -96,4 +96,4 @@ def load_mnist(root: str | Path) -> SupervisedData:
         x_test, y_test = _read_split(root, "test")
         return x_train, y_train, x_test, y_test, list(CLASSES)
 
-    return cached_supervised(key, build)
+    return cached_supervised(key, build, supervised_layout(1, 28, len(CLASSES)))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from poisonlab.data.cache import file_digest, load_cached, make_key, save_cached
+from poisonlab.data.cache import Expected, file_digest, load_cached, make_key, save_cached
 from poisonlab.data.image_folder import default_workers, open_image, run_chunks, split_chunks
 from poisonlab.data.types import FewShotData
 from poisonlab.errors import ConfigError, DataError
@@ -168,7 +168,8 @@ def load_omniglot(root: str | Path, workers: int | None = None) -> FewShotData:
     """
     sources = _find_sources(Path(root))
     key = make_key("omniglot", _FORMAT, *(_fingerprint(s) for s in sources))
-    cached = load_cached(key)
+    cached = load_cached(key, Expected({"images": (torch.uint8, ("K", 20, 1, 28, 28))},
+                                       lists={"class_names": "K", "groups": "K"}))
     if cached is None:
         images, names, groups = _build(sources, workers)
         save_cached(key, {"images": images}, {"class_names": names, "groups": groups})

@@ -8,6 +8,17 @@ The official CIFAR-10 batches are Python 2 protocol-2 pickles of dicts with byte
 lists of ints or byte strings, and uint8 arrays; the arrays reference
 `numpy.core.multiarray._reconstruct`, `numpy.ndarray` and `numpy.dtype`. The same data pickled by
 Python 3 at protocol 2 also references `_codecs.encode` (how bytes are written below protocol 3).
+
+Allowed globals are also bounded, so that a few hundred bytes cannot ask for gigabytes: a real
+pickle rebuilds an array with `_reconstruct(ndarray, (0,), b"b")` and then fills it from raw
+bytes inside the file, so
+- calling `numpy.ndarray` itself is refused (it would make a view with any shape and strides,
+  e.g. zero strides, over a tiny buffer), and `_reconstruct` accepts only the ndarray class;
+- every size an allowed callable is asked to allocate (`_reconstruct`'s shape, `bytes(n)`,
+  `bytearray(n)`) and every dtype's item size is at most the file's own length, object dtypes
+  are refused;
+- after loading, the arrays' bytes together are at most the file's length (their data must have
+  been in the file).
 """
 
 from __future__ import annotations
@@ -30,24 +41,72 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
+def _ndarray(*_args, **_kwargs):
+    """Stands for numpy.ndarray in a pickle: passed to `_reconstruct`, never called."""
+    raise DataError("constructing numpy.ndarray directly is not allowed in a data file "
+                    "(arrays are rebuilt from their own bytes)")
+
+
+def _allowed(limit: int) -> dict[tuple[str, str], Any]:
+    """The allow-listed globals, each bounded by `limit` (the pickle's length in bytes)."""
     import _codecs
 
     reconstruct = _numpy_reconstruct()
+
+    def too_big(what: str, n: int) -> DataError:
+        return DataError(f"{what} asks for {n} bytes, more than the {limit}-byte file holds")
+
+    def dtype(*args, **kwargs) -> np.dtype:
+        dt = np.dtype(*args, **kwargs)
+        if dt.hasobject:
+            raise DataError("object arrays are not allowed in a data file")
+        if dt.itemsize > limit:
+            raise too_big(f"dtype {dt}", dt.itemsize)
+        return dt
+
+    def rebuild(subtype, shape, dt):
+        if subtype is not _ndarray:
+            raise DataError("numpy _reconstruct of anything but numpy.ndarray is not allowed")
+        dt = np.dtype(dt) if not isinstance(dt, np.dtype) else dt
+        count = int(np.prod(shape, dtype=object)) if len(shape) else 1
+        if count * dt.itemsize > limit:
+            raise too_big(f"an array of shape {tuple(shape)}", count * dt.itemsize)
+        return reconstruct(np.ndarray, shape, dt)
+
+    def sized(kind):
+        def make(*args):
+            if args and isinstance(args[0], int) and not isinstance(args[0], bool) \
+                    and args[0] > limit:
+                raise too_big(f"{kind.__name__}({args[0]})", args[0])
+            return kind(*args)
+        return make
+
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy", "ndarray"): _ndarray,
+        ("numpy", "dtype"): dtype,
+        ("numpy.core.multiarray", "_reconstruct"): rebuild,
+        ("numpy._core.multiarray", "_reconstruct"): rebuild,
         ("_codecs", "encode"): _codecs.encode,
     }
     for module in ("builtins", "__builtin__"):  # Python 3 and Python 2 spellings
-        for kind in (dict, list, tuple, bytes, bytearray, str, int, float, bool):
+        for kind in (dict, list, tuple, str, int, float, bool):
             allowed[(module, kind.__name__)] = kind
+        for kind in (bytes, bytearray):
+            allowed[(module, kind.__name__)] = sized(kind)
     return allowed
 
 
-_ALLOWED = _allowed()
+def _array_bytes(obj: Any, depth: int = 0) -> int:
+    """Bytes held by the NumPy arrays inside `obj` (dicts, lists, tuples), views counted whole."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if depth > 64:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v, depth + 1) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_array_bytes(v, depth + 1) for v in obj)
+    return 0
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -57,13 +116,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     expect (`batch[b"data"]`).
     """
 
-    def __init__(self, file, source: str = "<data>") -> None:
+    def __init__(self, file, source: str = "<data>", limit: int = 2**31) -> None:
         super().__init__(file, encoding="bytes")
         self.source = source
+        self.allowed = _allowed(limit)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise DataError(
                 f"refusing to unpickle {module}.{name} from {self.source}: "
@@ -74,11 +134,18 @@ class RestrictedUnpickler(pickle.Unpickler):
 def safe_loads(data: bytes, source: str = "<data>") -> Any:
     """Unpickle `data` with the restricted unpickler; `source` names it in errors."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), source).load()
-    except DataError:
-        raise
+        obj = RestrictedUnpickler(io.BytesIO(data), source, limit=len(data)).load()
+    except DataError as exc:
+        if source in str(exc):
+            raise
+        raise DataError(f"{source}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of a malformed pickle is bad data
         raise DataError(f"cannot unpickle {source}: {type(exc).__name__}: {exc}") from exc
+    held = _array_bytes(obj)
+    if held > len(data):
+        raise DataError(f"{source}: its arrays hold {held} bytes, more than the "
+                        f"{len(data)}-byte file")
+    return obj
 
 
 def safe_load_file(path: str | Path) -> Any:
