@@ -153,6 +153,20 @@ def test_shape_mismatch_names_keys_and_shapes(tmp_path):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_integer_or_bool_weights_are_refused(tmp_path, dtype):
+    """Right shapes but int8/bool values: load_state_dict would cast them into a broken model."""
+    state = {k: v.to(dtype) for k, v in mlp().state_dict().items()}
+    path = save_weights(tmp_path / "m.safetensors", state)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ModelFileError, match=rf"0\.weight has dtype {name}, expected "
+                                             "floating-point weights"):
+        load_into(mlp(), path)
+    half = save_weights(tmp_path / "h.safetensors",
+                        {k: v.half() for k, v in mlp().state_dict().items()})
+    load_into(mlp(), half)  # other float precisions are ordinary weights
+
+
 def test_missing_and_unexpected_keys(tmp_path):
     state = mlp().state_dict()
     state["extra.weight"] = torch.zeros(1)

@@ -117,7 +117,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if any(not part for part in key.split(".")):
         raise ConfigError(f"bad override '{item}': empty part in key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
         raise ConfigError(f"bad override '{item}': cannot parse value ({problem})") from None
@@ -144,6 +144,23 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+class _TreeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a config is a tree, and an alias can make it a cycle (which
+    validation cannot print) or an exponential "billion laughs" expansion."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a config",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_TreeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_text(text: str, suffix: str) -> Any:
     if suffix == ".json":
         return json.loads(text)
@@ -151,7 +168,7 @@ def _parse_text(text: str, suffix: str) -> Any:
         import tomllib
 
         return tomllib.loads(text)
-    return yaml.safe_load(text)
+    return _yaml(text)
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -1,10 +1,33 @@
-"""The `poisonlab` command. Each command group lives in its own module and registers itself."""
+"""The `poisonlab` command. Each command group lives in its own module and registers itself.
+
+`main` is the one error boundary of every command (docs/design.md, "Errors"): a problem with the
+user's input or environment is ONE line on stderr, `error: ...`, naming the file, key or value,
+and exit code 2 — poisonlab's own errors, usage errors (an unknown option, a bad value), OSError
+(naming the path), the run index's sqlite3 errors, MemoryError, YAML and safetensors errors.
+Ctrl-C is one line and 130. Anything else is a bug in poisonlab: one line naming it and the path
+of the saved traceback, exit code 1 — never a traceback on the terminal, never silence. The work
+already done is kept by the code that did it (runs are marked interrupted or failed and resume).
+"""
 
 from __future__ import annotations
 
+import datetime
+import os
+import sqlite3
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import typer
+import yaml
+from safetensors import SafetensorError
+from typer import Abort, Exit
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - typer on the click package
+    from click.exceptions import ClickException, UsageError
 
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs
@@ -38,16 +61,78 @@ def _register_all() -> None:
 _register_all()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code: user errors are one line on stderr and code 2."""
+def one_line(text: str) -> str:
+    """A message as one line: its lines joined with '; ', blank ones dropped."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _os_message(exc: OSError) -> str:
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or one_line(str(exc)) or type(exc).__name__
+    return f"{where}: {reason}" if where else reason
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an input or environment problem, or None for a bug."""
+    if isinstance(exc, PoisonlabError):
+        return one_line(str(exc))
+    if isinstance(exc, UsageError):
+        text = one_line(exc.format_message())  # empty when the help was printed instead
+        where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        return text + where if text else ""
+    if isinstance(exc, ClickException):
+        return one_line(exc.format_message())
+    if isinstance(exc, OSError):
+        return _os_message(exc)
+    if isinstance(exc, sqlite3.Error):
+        return f"run index: {type(exc).__name__}: {one_line(str(exc))}"
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {one_line(str(exc))}" if str(exc) else "") + \
+            " (use a smaller preset, batch or data subset)"
+    if isinstance(exc, yaml.YAMLError):
+        return f"invalid YAML: {one_line(str(exc))}"
+    if isinstance(exc, SafetensorError):
+        return f"invalid safetensors file: {one_line(str(exc))}"
+    return None
+
+
+def _save_traceback(exc: BaseException) -> Path | None:
+    """The traceback of an unexpected exception, written to a file; its path (None if not)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = "".join(traceback.format_exception(exc))
     try:
-        app(args=argv, prog_name="poisonlab")
-    except PoisonlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # typer's standalone mode ends every command with SystemExit
+        fd, name = tempfile.mkstemp(prefix=f"poisonlab-traceback-{stamp}-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"poisonlab {__version__}\nargv: {sys.argv}\n\n{text}")
+    except OSError:
+        return None
+    return Path(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (see the module docstring)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
+    except Exit as exc:  # --help, --version and the like
+        return exc.exit_code
+    except (KeyboardInterrupt, Abort):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as exc:  # noqa: BLE001 - the one boundary: nothing escapes as a traceback
+        message = user_error(exc)
+        if message is not None:
+            if message:
+                print(f"error: {message}", file=sys.stderr)
+            return 2
+        saved = _save_traceback(exc)
+        where = f"; traceback saved to {saved}" if saved else ""
+        print(f"error: internal error, {type(exc).__name__}: {one_line(str(exc))}{where} "
+              "(please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,7 +20,7 @@ data_app = typer.Typer(name="data", help="Inspect and download data sets.", no_a
 
 DirOption = Annotated[
     Path | None,
-    typer.Option("--dir", help="Data set folder (default: $POISONLAB_DATA/NAME or ./data/NAME)."),
+    typer.Option("--data-dir", "--dir", help="Data set folder (default: $POISONLAB_DATA/NAME or ./data/NAME)."),
 ]
 
 

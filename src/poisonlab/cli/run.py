@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from poisonlab.config import replace, resolve_config, validate_config
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, DataError
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.progress import terminal
 from poisonlab.runs import Run
@@ -27,9 +27,17 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
             progress: bool = True) -> tuple[Run, dict, object]:
     """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module)."""
     exp = get_experiment(name)
+    if data_dir is not None and not data_dir.exists():  # even a preset that needs no data
+        raise DataError(f"--data-dir {data_dir} does not exist")
     if out is not None and resume is None:
         prepare_output(out, directory=True)
     if resume is not None:
+        changes = [flag for flag, value in (("--preset", preset), ("--config", config),
+                                            ("--set", sets), ("--seed", seed))
+                   if value is not None and value != []]
+        if changes:  # a resumed run continues its recorded config; new settings = a new run
+            raise ConfigError(f"--resume continues run {resume} with its recorded config: "
+                              f"{', '.join(changes)} cannot change it (start a new run instead)")
         run = Run.open(resume, root=out)
         if run.experiment != name:
             raise ConfigError(f"run {run.id} is a '{run.experiment}' run, not '{name}'")

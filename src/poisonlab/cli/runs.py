@@ -17,6 +17,7 @@ from rich.text import Text
 from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
+from poisonlab.runs.record import mark_stale
 
 runs_app = typer.Typer(
     name="runs", help="List, show and compare recorded runs.", no_args_is_help=True
@@ -48,6 +49,7 @@ def list_command(
 ) -> None:
     """List runs, oldest first, with their status and headline metrics."""
     root = runs_root(out)
+    mark_stale(root)
     rows = list_runs(root, experiment=experiment)
     if as_json:
         _emit_json({"root": str(root), "runs": rows})

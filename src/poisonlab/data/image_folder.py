@@ -66,8 +66,11 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
 
 def _default_sigterm() -> None:
     """Forked workers must not inherit a run's SIGTERM→KeyboardInterrupt handler: the pool
-    stops them with SIGTERM, and the inherited handler printed a traceback for each."""
+    stops them with SIGTERM, and the inherited handler printed a traceback for each. A Ctrl-C
+    reaches the whole process group: the parent handles it and stops the pool, so the workers
+    ignore SIGINT (each printed a KeyboardInterrupt traceback)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:

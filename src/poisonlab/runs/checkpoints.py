@@ -193,6 +193,10 @@ def _fit_problems(
                 problems.append(f"{key} is missing (expected shape {_shape(want)})")
         elif tuple(state[key].shape) != tuple(want.shape):
             problems.append(f"{key} has shape {_shape(state[key])}, expected {_shape(want)}")
+        elif want.is_floating_point() and not state[key].is_floating_point():
+            # load_state_dict would cast int8 or bool weights silently into a broken model
+            problems.append(f"{key} has dtype {str(state[key].dtype).removeprefix('torch.')}, "
+                            "expected floating-point weights")
     if strict:
         problems += [f"{key} is not part of the model" for key in state if key not in expected]
     return problems

@@ -11,10 +11,17 @@ Layout of `<root>/<experiment>-<YYYYmmdd-HHMMSS>-<4 hex>/`:
 
 The root is an argument, else $POISONLAB_RUNS, else ./runs. Use a run as a context manager:
 the status becomes "running", then "completed", "interrupted" (Ctrl-C or SIGTERM) or "failed".
+
+While a process works in a run it holds an exclusive lock on the run's `.lock` file (flock): a
+second process that enters the same run (a parallel `--resume`) is refused with one line naming
+the pid; the operating system drops the lock when the process dies, however it dies, so a run
+that says "running" but whose lock is free was killed (SIGKILL, power loss): `mark_stale` records
+it as interrupted (`runs list` does this), and `--resume` continues it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -74,6 +81,7 @@ class Run:
         self.seed: int = int(info.get("seed", 0))
         self._prev_sigterm: Any = None
         self._sigterm_installed = False
+        self._lock: Any = None
 
     def __repr__(self) -> str:
         return f"Run({self.id!r}, status={self.status!r}, path='{self.path}')"
@@ -190,6 +198,10 @@ class Run:
         self._save_info()
 
     def __enter__(self) -> Run:
+        self._lock = _acquire(self.path)
+        if self._lock is None:
+            raise RunError(f"run {self.id} is in use by another process (pid "
+                           f"{self.info.get('pid', '?')}): wait for it to end or stop it")
         if self.resumed:
             self.info.setdefault("resumed_at", []).append(_now())
         self.info.update(status="running", ended=None, pid=os.getpid())
@@ -201,18 +213,30 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore_sigterm()
-        if exc_type is None:
-            self.finish("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.log(f"interrupted{': ' + str(exc) if str(exc) else ''}")
-            self.finish("interrupted")
-        else:
-            text = str(exc).strip().splitlines()
-            error = f"{exc_type.__name__}: {text[0] if text else ''}".rstrip(": ")
-            self.info["error"] = error
-            self.log(f"failed: {error}")
-            self.finish("failed")
+        try:
+            if exc_type is None:
+                self.finish("completed")
+            elif issubclass(exc_type, KeyboardInterrupt):
+                self.log(f"interrupted{': ' + str(exc) if str(exc) else ''}")
+                self.finish("interrupted")
+            else:
+                text = str(exc).strip().splitlines()
+                error = f"{exc_type.__name__}: {text[0] if text else ''}".rstrip(": ")
+                self.info["error"] = error
+                self.log(f"failed: {error}")
+                self.finish("failed")
+        finally:
+            _release(self._lock)
+            self._lock = None
         return False
+
+    def in_use(self) -> bool:
+        """Whether a live process (this one included) holds the run's lock."""
+        if self._lock is not None:
+            return True
+        lock = _acquire(self.path)
+        _release(lock)
+        return lock is None
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -241,6 +265,44 @@ class Run:
         except RunError as exc:
             self.log(f"warning: {exc}")
             warnings.warn(str(exc), stacklevel=3)
+
+
+def _acquire(path: Path) -> Any:
+    """An exclusive, non-blocking lock on `path/.lock` (an open file), or None if held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): runs are not locked
+        return contextlib.nullcontext()
+    f = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _release(lock: Any) -> None:
+    if lock is not None and hasattr(lock, "close"):
+        lock.close()  # closing the file drops the flock
+
+
+def mark_stale(root: Path | str | None = None) -> list[str]:
+    """Runs under `root` that say "running" but whose process is gone: marked interrupted
+    (run.json, log, index). Returns their ids."""
+    stale = []
+    for row in index.list_runs(root):
+        if row["status"] != "running":
+            continue
+        try:
+            run = Run.open(row["path"])
+        except RunError:
+            continue
+        if run.status == "running" and not run.in_use():
+            run.log(f"interrupted: its process (pid {run.info.get('pid', '?')}) is gone")
+            run.finish("interrupted")
+            stale.append(run.id)
+    return stale
 
 
 def _sigterm_to_interrupt(signum, frame) -> None:

@@ -1,0 +1,5 @@
+"""`python -m poisonlab.cli`: the poisonlab command."""
+
+from poisonlab.cli import entry
+
+entry()

@@ -1,0 +1,213 @@
+"""Bad inputs and faults, each through the real command in a subprocess (one case per row).
+
+Every row is a hostile or careless input of one class of failure; the command must end with
+exit 2 and exactly one line on stderr, `error: ...`, naming the problem — no traceback, no work
+done. Faults in the middle of a run (a killed process, a parallel resume) must keep what was
+computed and let `--resume` finish it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poisonlab.models import build_model
+from poisonlab.runs.checkpoints import save_weights
+
+SMOKE = ["run", "membership", "--preset", "smoke", "-q"]
+
+
+def poisonlab(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POISONLAB_RUNS": str(cwd / "runs")}
+    return subprocess.run([sys.executable, "-m", "poisonlab.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    err = result.stderr
+    assert result.returncode == 2, (result.returncode, err[-2000:])
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _evil_cifar(folder: Path) -> Path:
+    """A CIFAR-10 python folder whose first batch is a 10,000-image view of one byte."""
+
+    class ZeroStrides:
+        def __reduce__(self):
+            return (np.ndarray, ((10000, 3072), np.dtype("u1"), b"x", 0, (0, 0)))
+
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": ZeroStrides(), b"labels": [0]}, 2))
+    return root
+
+
+def _model_file(tmp: Path, dtype: torch.dtype = torch.float32) -> Path:
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in build_model("tiny_cnn", 10, 1).state_dict().items()}
+    return save_weights(tmp / f"model-{str(dtype)[6:]}.safetensors", state)
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    (tmp / "file").write_text("x")
+    (tmp / "dangling").symlink_to(tmp / "nowhere")
+    (tmp / "alias.yaml").write_text("train: &x {lr: *x}\n")
+    (tmp / "bad.yaml").write_text("train: {lr: [unclosed\n")
+    glyph_scan = ["--arch", "tiny_cnn", "--dataset", "glyphs"]
+    return {
+        # 1. values that are not finite or not in range
+        "threshold nan": (["scan", str(_model_file(tmp)), *glyph_scan, "--threshold", "nan"],
+                          ("--threshold",)),
+        "lr inf": ([*SMOKE, "--set", "train.lr=.inf"], ("train.lr",)),
+        "seed 10^22": ([*SMOKE, "--seed", "10000000000000000000000"], ("seed",)),
+        "unknown key": ([*SMOKE, "--set", "train.nope=1"], ("train.nope",)),
+        # 2. unusable outputs, refused before any work
+        "out under /proc": ([*SMOKE, "--out", "/proc/poisonlab/x"], ("--out",)),
+        "out is a file": ([*SMOKE, "--out", str(tmp / "file")], ("--out",)),
+        "out dangling": ([*SMOKE, "--out", str(tmp / "dangling")], ("--out",)),
+        # 4. untrusted data cannot ask for unbounded resources
+        "zero-stride batch": (["data", "info", "cifar10", "--data-dir", str(_evil_cifar(tmp))],
+                              ("data_batch_1", "numpy.ndarray")),
+        # 6. one line for every kind of failure
+        "circular yaml": ([*SMOKE, "--config", str(tmp / "alias.yaml")], ("alias.yaml",)),
+        "malformed yaml": ([*SMOKE, "--config", str(tmp / "bad.yaml")], ("bad.yaml",)),
+        "unknown option": ([*SMOKE, "--frobnicate"], ("--frobnicate",)),
+        "seed not a number": ([*SMOKE, "--seed", "abc"], ("--seed",)),
+        "unknown experiment": (["run", "nope"], ("nope",)),
+        # 8. quiet acceptance
+        "int8 weights": (["scan", str(_model_file(tmp, torch.int8)), *glyph_scan],
+                         ("dtype int8",)),
+        "missing data dir": ([*SMOKE, "--data-dir", str(tmp / "absent")], ("absent",)),
+    }
+
+
+CASES = ["threshold nan", "lr inf", "seed 10^22", "unknown key", "out under /proc",
+         "out is a file", "out dangling", "zero-stride batch", "circular yaml", "malformed yaml",
+         "unknown option", "seed not a number", "unknown experiment", "int8 weights",
+         "missing data dir"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    args, needles = _cases(tmp_path)[case]
+    one_line_error(poisonlab(*args, cwd=tmp_path), *needles)
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p.is_dir() for p in runs.iterdir()), "work was started"
+
+
+def _first_run(cwd: Path) -> Path:
+    return next(p for p in (cwd / "runs").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict]:
+    """One finished smoke run (the reference for the fault cases)."""
+    cwd = tmp_path_factory.mktemp("finished")
+    result = poisonlab(*SMOKE, "--json", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return cwd, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_resume_refuses_new_settings(finished):
+    cwd, _ = finished
+    run_id = _first_run(cwd).name
+    for extra in (["--seed", "3"], ["--set", "train.lr=0.1"], ["--preset", "cpu"]):
+        one_line_error(poisonlab("run", "membership", "--resume", run_id, *extra, cwd=cwd),
+                       "--resume", extra[0])
+
+
+def test_a_run_in_use_cannot_be_resumed_twice(finished):
+    cwd, _ = finished
+    run = _first_run(cwd)
+    with open(run / ".lock", "a+") as held:  # what a live process working in the run holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        one_line_error(poisonlab("run", "membership", "--resume", run.name, "-q", cwd=cwd),
+                       run.name, "in use by another process")
+
+
+def _strip_seconds(value):
+    if isinstance(value, dict):
+        return {k: _strip_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_strip_seconds(v) for v in value]
+    return value
+
+
+def test_a_sigkilled_run_is_marked_interrupted_and_resumes(tmp_path, finished):
+    """SIGKILL mid-run: `runs list` says interrupted (not running for ever); what was computed
+    is kept; --resume finishes with the metrics of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POISONLAB_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.Popen([sys.executable, "-m", "poisonlab.cli", *SMOKE], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the first model is saved
+        runs = list((tmp_path / "runs").glob("*/checkpoints/model-*.safetensors"))
+        if runs:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert runs, "the run saved nothing within the deadline"
+    run = _first_run(tmp_path)
+    listed = poisonlab("runs", "list", "--json", cwd=tmp_path)
+    status = {r["run_id"]: r["status"] for r in json.loads(listed.stdout)["runs"]}
+    assert status[run.name] == "interrupted"
+    assert all(p.exists() for p in runs)
+    resumed = poisonlab("run", "membership", "--resume", run.name, "-q", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert _strip_seconds(metrics) == _strip_seconds(finished[1])
+
+
+def test_an_unexpected_exception_is_one_line_with_a_saved_traceback(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A genuine bug is not silenced: one line naming it and where its traceback is, exit 1."""
+    from poisonlab import cli
+    from poisonlab.cli import run as run_cli
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(run_cli, "execute", boom)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert cli.main([*SMOKE]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error, RuntimeError: a bug" in err
+    saved = Path(err.split("traceback saved to ")[1].split(" ")[0])
+    assert saved.exists() and "RuntimeError: a bug" in saved.read_text()
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (OSError(28, "No space left on device", "/runs/x/checkpoints/m.safetensors"),
+     "/runs/x/checkpoints/m.safetensors: No space left on device"),
+    (MemoryError(), "out of memory"),
+], ids=["disk full", "memory"])
+def test_environment_failures_are_one_line(monkeypatch, capsys, exc, needle):
+    from poisonlab import cli
+    from poisonlab.cli import run as run_cli
+
+    def fail(*_args, **_kwargs):
+        raise exc
+
+    monkeypatch.setattr(run_cli, "execute", fail)
+    assert cli.main([*SMOKE]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
