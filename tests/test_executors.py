@@ -7,6 +7,7 @@ piece functions live at module level here so Ray's workers can import them.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from poisonlab.cli import main
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, RunError
 from poisonlab.executors import LocalExecutor, get_executor, run_missing
 
 # The membership smoke preset cut down: shadow models of two architectures (the second through
@@ -88,6 +89,19 @@ def test_ray_missing_is_one_line_naming_the_extra(monkeypatch):
         get_executor("ray")
 
 
+def test_only_the_ray_backend_imports_ray():
+    """The core imports and works without Ray: no other module imports it, anywhere in it."""
+    src = Path(__file__).resolve().parents[1] / "src" / "poisonlab"
+    importers = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "ray" for n in names):
+                importers.add(path.relative_to(src).as_posix())
+    assert importers == {"executors/ray_backend.py"}
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["--backend", "nope"], ["unknown backend 'nope'", "local, ray"]),
     (["--ray-address", "127.0.0.1:6379"], ["--ray-address needs --backend ray"]),
@@ -147,6 +161,14 @@ def test_a_killed_worker_costs_only_its_piece(ray_local, tmp_path):
     attempts = [p.name.split("-")[1] for p in tmp_path.glob("attempt-*")]
     assert (tmp_path / "killed").exists()
     assert sorted(attempts) == ["a", "b", "b", "c", "d"]  # only the victim ran again
+
+
+def test_a_piece_lost_more_often_than_retried_is_one_line_naming_it(ray_local, tmp_path):
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    with pytest.raises(RunError, match=r"^piece b: its Ray worker was lost \(\w+\) on each of 1 attempt"):
+        list(RayExecutor(max_retries=0).map(die_once, {"b": ("b", str(tmp_path))},
+                                            shared={"victim": "b"}))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ call and every task receives the same reference (Ray hands a worker the stored o
 sent again per piece); each item is one task reserving `c` CPUs, whose torch runs `c` intra-op
 threads; results are yielded in completion order (`ray.wait`). A task whose worker process dies
 (killed, out of memory) is re-run by Ray up to `max_retries` times, so a lost worker costs only
-its piece; an exception raised by `fn` is not retried. A poisonlab error raised in a piece is
+its piece (lost more often: a one-line RunError naming it); an exception raised by `fn` is not
+retried. A poisonlab error raised in a piece is
 raised again on the driver as itself (not wrapped), so the CLI prints its one line. Leaving the
 iteration early cancels the pieces not yet finished.
 
@@ -31,7 +32,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from poisonlab.errors import ConfigError, PoisonlabError
+from poisonlab.errors import ConfigError, PoisonlabError, RunError
 from poisonlab.progress import progress_bar
 
 R = TypeVar("R")
@@ -133,20 +134,25 @@ class RayExecutor:
                 while pending:
                     (ready,), _ = ray.wait(list(pending), num_returns=1)
                     key = pending.pop(ready)
-                    yield key, self._result(ready)
+                    yield key, self._result(ready, key)
                     bar.advance(status=key)
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
 
-    def _result(self, ref: Any) -> Any:
+    def _result(self, ref: Any, key: str) -> Any:
+        errors = self._ray.exceptions
         try:
             return self._ray.get(ref)
-        except self._ray.exceptions.RayTaskError as exc:
+        except errors.RayTaskError as exc:  # raised by the piece itself
             cause = getattr(exc, "cause", None)
             if isinstance(cause, PoisonlabError):
                 raise cause from None
             raise
+        except errors.RayError as exc:  # its worker or node died more often than retried
+            raise RunError(f"piece {key}: its Ray worker was lost ({type(exc).__name__}) on "
+                           f"each of {self.max_retries + 1} attempt(s); the pieces recorded so "
+                           "far are kept") from None
 
     def close(self) -> None:
         """Shut down the instance this executor started, or disconnect from the cluster it
