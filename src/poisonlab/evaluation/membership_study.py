@@ -220,9 +220,13 @@ class Study:
         if arch not in self.shadows:
             self.shadows[arch] = [
                 self.train_model(f"shadow-{arch}-{i}", arch, self.pool.subset(mask),
-                                 self.seed + 100 + i)
+                                 self.model_seed("shadow", i))
                 for i, mask in enumerate(self.pool_masks)]
         return self.shadows[arch]
+
+    def model_seed(self, kind: str, i: int) -> int:
+        """The seed of shadow model i or LiRA reference model i (init weights, batch order)."""
+        return self.seed + (100 if kind == "shadow" else 1000) + i
 
     def pieces(self) -> dict[str, ModelPiece]:
         """The shadow and LiRA reference models the configured stages will train, as
@@ -234,12 +238,12 @@ class Study:
             archs += cfg.matrix.shadows
         common = {"recipe": cfg.train, "num_classes": self.data.num_classes,
                   "channels": int(self.data.train.x.shape[1])}
-        out = {f"shadow-{a}-{i}": ModelPiece(f"shadow-{a}-{i}", a, self.seed + 100 + i, "pool",
-                                             mask, **common)
+        out = {f"shadow-{a}-{i}": ModelPiece(f"shadow-{a}-{i}", a, self.model_seed("shadow", i),
+                                             "pool", mask, **common)
                for a in dict.fromkeys(archs) for i, mask in enumerate(self.pool_masks)}
         for k, mask in enumerate(self.lira_masks() if lira else []):
-            out[f"lira-{k:02d}"] = ModelPiece(f"lira-{k:02d}", cfg.arch, self.seed + 1000 + k,
-                                              "eval", mask, **common)
+            out[f"lira-{k:02d}"] = ModelPiece(f"lira-{k:02d}", cfg.arch,
+                                              self.model_seed("lira", k), "eval", mask, **common)
         return out
 
     def train_pieces(self, executor: Executor | None, cpus: int = 1) -> bool:
@@ -324,7 +328,7 @@ class Study:
         refs = []
         for k, mask in enumerate(self.lira_masks()):
             model = self.train_model(f"lira-{k:02d}", arch, self.eval.subset(mask),
-                                     self.seed + 1000 + k)
+                                     self.model_seed("lira", k))
             refs.append(Reference(self.views(f"lira-{k:02d}", model, self.eval), mask))
         if lira.reuse_shadow:  # trained on disjoint data: OUT models for every record
             for i, model in enumerate(self.shadow_models(arch)):
