@@ -151,6 +151,13 @@ def test_a_pieces_config_error_arrives_as_config_error(ray_local):
     assert type(info.value) is ConfigError and str(info.value) == "piece 2 has a bad setting"
 
 
+def test_a_piece_larger_than_the_local_instance_is_refused_not_left_waiting(ray_local):
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    with pytest.raises(ConfigError, match="a piece needs 3 CPUs, the local Ray instance has 2"):
+        list(RayExecutor().map(scale, {"a": 1}, shared={"factor": torch.ones(1)}, cpus=3))
+
+
 def test_a_killed_worker_costs_only_its_piece(ray_local, tmp_path):
     from poisonlab.executors.ray_backend import RayExecutor
 

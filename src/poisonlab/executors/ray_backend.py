@@ -103,7 +103,8 @@ class RayExecutor:
 
     def _connect(self, address: str | None, num_cpus: int | None) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "include_dashboard": False}
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING,
+                 "include_dashboard": False}
         try:
             if address is None:
                 self._ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
@@ -124,6 +125,9 @@ class RayExecutor:
         if not items:
             return
         ray = self._ray
+        if self.address is None and ray.cluster_resources().get("CPU", 0) < cpus:
+            raise ConfigError(f"a piece needs {cpus} CPUs, the local Ray instance has "
+                              f"{ray.cluster_resources().get('CPU', 0):g} (--ray-cpus)")
         names = tuple(shared or {})
         refs = [ray.put(shared[k]) for k in names] if shared else []  # once per call
         task = self._remote.options(num_cpus=cpus, max_retries=self.max_retries,
