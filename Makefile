@@ -8,7 +8,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# The CPU wheel of torch first: a bare `torch` requirement would pull multi-GB CUDA builds.
 	$(VENV)/bin/pip install --quiet "torch==2.13.0"
-	$(VENV)/bin/pip install --quiet -e ".[dev,dp]"
+	# The ray extra too: the suite checks that `--backend ray` gives the local numbers.
+	$(VENV)/bin/pip install --quiet -e ".[dev,dp,ray]"
 	touch $(STAMP)
 
 .PHONY: install demo test test-slow lint bench bench-membership

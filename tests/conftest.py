@@ -33,3 +33,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) for the whole session: starting one costs ~10 s. Every
+    RayExecutor the tests build joins it (and leaves it open); it shuts down at the end. Its
+    workers import poisonlab and the test modules (their piece functions) from this checkout."""
+    pytest.importorskip("ray")
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    before = os.environ.get("PYTHONPATH")
+    paths = [str(ROOT / "src"), str(ROOT / "tests"), before or ""]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    try:  # the instance's processes inherit the environment as it is now
+        executor = RayExecutor(num_cpus=2)
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before
+    try:
+        yield
+    finally:
+        executor.close()

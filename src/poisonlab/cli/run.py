@@ -10,6 +10,7 @@ import typer
 
 from poisonlab.config import replace, resolve_config, validate_config
 from poisonlab.errors import ConfigError, DataError
+from poisonlab.executors import BACKENDS, Executor, get_executor
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.progress import terminal
 from poisonlab.runs import Run
@@ -19,13 +20,26 @@ OutOpt = typer.Option(None, "--out", "-o", help="Root folder of run directories 
 SeedOpt = typer.Option(None, "--seed", help="Random seed (overrides the config's).")
 JsonOpt = typer.Option(False, "--json", help="Print the metrics as one JSON object on the last line.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+BackendOpt = typer.Option("local", "--backend", "-b",
+                          help=f"Where independent pieces run: {', '.join(BACKENDS)}.")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port, "
+                             "ray://host:port or auto) instead of starting one here.")
+RayCpusOpt = typer.Option(None, "--ray-cpus", help="CPUs of the Ray instance started here "
+                          "(default: all).")
 
 
 def execute(name: str, preset: str | None = None, config: Path | None = None,
             sets: list[str] | None = None, data_dir: Path | None = None, out: Path | None = None,
             seed: int | None = None, resume: str | None = None, model: str | None = None,
-            progress: bool = True) -> tuple[Run, dict, object]:
-    """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module)."""
+            progress: bool = True, *, backend: str = "local", ray_address: str | None = None,
+            ray_cpus: int | None = None,
+            executor: Executor | None = None) -> tuple[Run, dict, object]:
+    """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module).
+
+    The pieces run on `executor` when given (the caller closes it), else on the one named by
+    `backend` (with `ray_address`, `ray_cpus`), built before the run opens and closed after it;
+    an experiment whose `run` takes no executor runs locally (asking it for another backend is
+    a ConfigError)."""
     exp = get_experiment(name)
     if data_dir is not None and not data_dir.exists():  # even a preset that needs no data
         raise DataError(f"--data-dir {data_dir} does not exist")
@@ -52,11 +66,33 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         if "model" not in accepted:
             raise ConfigError(f"--model is not supported by experiment '{name}'")
         extra["model"] = model
-    if resume is None:
-        run = Run.create(name, cfg, root=out)
-    with run:
-        metrics = exp.run(cfg, run, data_dir, **extra)
+    own = executor is None
+    if own:
+        executor = choose_executor(name, backend, ray_address, ray_cpus, "executor" in accepted)
+    try:
+        if "executor" in accepted:
+            extra["executor"] = executor
+        if resume is None:
+            run = Run.create(name, cfg, root=out)
+        with run:
+            metrics = exp.run(cfg, run, data_dir, **extra)
+    finally:
+        if own and executor is not None:
+            executor.close()
     return run, metrics, exp
+
+
+def choose_executor(name: str, backend: str, address: str | None, cpus: int | None,
+                    supported: bool) -> Executor:
+    """The executor of --backend/--ray-address/--ray-cpus: bad combinations and an experiment
+    that cannot use a Ray backend fail (ConfigError) before a Ray instance starts."""
+    if backend != "ray":
+        if cpus is not None:
+            raise ConfigError("--ray-cpus needs --backend ray")
+        return get_executor(backend, address=address)  # unknown names, a stray --ray-address
+    if not supported:
+        raise ConfigError(f"--backend ray is not supported by experiment '{name}'")
+    return get_executor(backend, address=address, num_cpus=cpus)
 
 
 def show(run: Run, metrics: dict, exp, as_json: bool) -> None:
@@ -79,11 +115,13 @@ def register(app: typer.Typer) -> None:
         out: Path = OutOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
         resume: str = typer.Option(None, "--resume", help="Continue an interrupted run (id)."),
         model: str = typer.Option(None, "--model", "-m", help="Attack an existing model (run id or weights file)."),
-        quiet: bool = QuietOpt,
+        quiet: bool = QuietOpt, backend: str = BackendOpt, ray_address: str = RayAddressOpt,
+        ray_cpus: int = RayCpusOpt,
     ) -> None:
         """Run a reproducible experiment into its own run directory."""
         run, metrics, exp = execute(experiment, preset, config, sets, data_dir, out, seed, resume,
-                                    model, progress=not quiet)
+                                    model, progress=not quiet, backend=backend,
+                                    ray_address=ray_address, ray_cpus=ray_cpus)
         show(run, metrics, exp, as_json)
 
     @app.command("demo")

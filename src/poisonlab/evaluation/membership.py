@@ -25,6 +25,7 @@ from poisonlab.defenses.membership_outputs import OUTPUT_DEFENSES
 from poisonlab.device import default_device
 from poisonlab.evaluation.membership_config import StudyConfig
 from poisonlab.evaluation.membership_study import PLANS, Study, accuracy
+from poisonlab.executors import Executor
 from poisonlab.metrics import membership_metrics
 from poisonlab.runs import Run
 
@@ -253,14 +254,19 @@ def run_matrix(study: Study) -> tuple[MatrixBlock | None, MatrixBlock | None]:
 
 
 def evaluate(cfg: StudyConfig, run: Run, data: SupervisedData, dataset: str, *, seed: int = 0,
-             progress: bool = True) -> MembershipResult:
+             progress: bool = True, executor: Executor | None = None,
+             cpus: int = 1) -> MembershipResult:
     """The whole study on `data` (named `dataset`): target, attacks, shadow-attack forms,
-    defences, matrix. Every model, query and label-only score is kept in `run`."""
+    defences, matrix. Every model, query and label-only score is kept in `run`. With a
+    distributing `executor` the shadow and LiRA reference models first train on it as pieces of
+    `cpus` cores each (Study.train_pieces); the numbers are those of the sequential study."""
     study = Study(cfg, run, data, seed=seed, progress=progress)
     run.log(f"data: {dataset}, four parts of {cfg.data.part_size}, test {len(data.test)}, "
             f"device {default_device()}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    if study.train_pieces(executor, cpus):
+        seconds["pieces"] = time.perf_counter() - t0
     key = f"target-{cfg.arch}"
     target = study.target(cfg.arch)
     test_accuracy = accuracy(study.test_logits(key, target), data.test.y)

@@ -31,6 +31,8 @@ from poisonlab.defenses.membership_outputs import OUTPUT_DEFENSES, OutputDefense
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError
 from poisonlab.evaluation.membership_config import StudyConfig
+from poisonlab.evaluation.membership_pieces import ModelPiece, train_pieces
+from poisonlab.executors import Executor
 from poisonlab.models import build_model
 from poisonlab.runs import Run
 from poisonlab.training.supervised import RunCheckpoint, place, predict_logits, train_classifier
@@ -218,9 +220,41 @@ class Study:
         if arch not in self.shadows:
             self.shadows[arch] = [
                 self.train_model(f"shadow-{arch}-{i}", arch, self.pool.subset(mask),
-                                 self.seed + 100 + i)
+                                 self.model_seed("shadow", i))
                 for i, mask in enumerate(self.pool_masks)]
         return self.shadows[arch]
+
+    def model_seed(self, kind: str, i: int) -> int:
+        """The seed of shadow model i or LiRA reference model i (init weights, batch order)."""
+        return self.seed + (100 if kind == "shadow" else 1000) + i
+
+    def pieces(self) -> dict[str, ModelPiece]:
+        """The shadow and LiRA reference models the configured stages will train, as
+        independent pieces (same names, seeds and records as shadow_models/_lira_references)."""
+        cfg, lira = self.cfg, any(a.startswith("lira") for a in self.cfg.attacks)
+        archs = [cfg.arch] if ("shadow" in cfg.attacks or cfg.defense.attack == "shadow"
+                               or (lira and cfg.lira.reuse_shadow)) else []
+        if cfg.matrix.targets and cfg.matrix.shadows:
+            archs += cfg.matrix.shadows
+        common = {"recipe": cfg.train, "num_classes": self.data.num_classes,
+                  "channels": int(self.data.train.x.shape[1])}
+        out = {f"shadow-{a}-{i}": ModelPiece(f"shadow-{a}-{i}", a, self.model_seed("shadow", i),
+                                             "pool", mask, **common)
+               for a in dict.fromkeys(archs) for i, mask in enumerate(self.pool_masks)}
+        for k, mask in enumerate(self.lira_masks() if lira else []):
+            out[f"lira-{k:02d}"] = ModelPiece(f"lira-{k:02d}", cfg.arch,
+                                              self.model_seed("lira", k), "eval", mask, **common)
+        return out
+
+    def train_pieces(self, executor: Executor | None, cpus: int = 1) -> bool:
+        """Train the missing shadow and reference models on `executor` and record them, so the
+        stages load them; False (nothing done) without an executor or on `local`, where the
+        stages train them one after the other as they come, with per-epoch checkpoints."""
+        if executor is None or executor.name == "local":
+            return False
+        train_pieces(self.run, self.pieces(), {"pool": self.pool, "eval": self.eval}, executor,
+                     cpus=cpus, progress=self.progress)
+        return True
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -284,13 +318,17 @@ class Study:
                 for (i, m), mask in zip(enumerate(self.shadow_models(arch)), self.pool_masks,
                                         strict=True)]
 
+    def lira_masks(self) -> torch.Tensor:
+        """Bool [lira.shadows, 2·part_size]: the evaluation records each LiRA model trains on."""
+        return random_halves(self.cfg.lira.shadows, len(self.eval),
+                             torch.Generator().manual_seed(self.seed + 11))
+
     def _lira_references(self, arch: str, output: str) -> list[Reference]:  # noqa: ARG002
         lira, n = self.cfg.lira, len(self.eval)
-        masks = random_halves(lira.shadows, n, torch.Generator().manual_seed(self.seed + 11))
         refs = []
-        for k, mask in enumerate(masks):
+        for k, mask in enumerate(self.lira_masks()):
             model = self.train_model(f"lira-{k:02d}", arch, self.eval.subset(mask),
-                                     self.seed + 1000 + k)
+                                     self.model_seed("lira", k))
             refs.append(Reference(self.views(f"lira-{k:02d}", model, self.eval), mask))
         if lira.reuse_shadow:  # trained on disjoint data: OUT models for every record
             for i, model in enumerate(self.shadow_models(arch)):

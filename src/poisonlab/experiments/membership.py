@@ -25,6 +25,7 @@ from poisonlab.device import seed_everything
 from poisonlab.evaluation.membership import MembershipResult, evaluate
 from poisonlab.evaluation.membership_config import StudyConfig
 from poisonlab.evaluation.membership_study import check_feasible, load_data
+from poisonlab.executors import Executor
 from poisonlab.report.membership import terminal, write_report
 from poisonlab.runs import Run
 
@@ -71,14 +72,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True) -> dict:
-    """One trial: train target, shadows and defended targets; attack; write metrics and report."""
+def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True,
+        executor: Executor | None = None) -> dict:
+    """One trial: train target, shadows and defended targets; attack; write metrics and report.
+    On a distributing `executor` the shadow and LiRA reference models train as its pieces first,
+    each with `threads` cores (1 when 0)."""
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, dataset = load_data(cfg, data_dir, cfg.seed)
     check_feasible(cfg, data)
-    result = evaluate(cfg, run, data, dataset, seed=cfg.seed, progress=progress)
+    result = evaluate(cfg, run, data, dataset, seed=cfg.seed, progress=progress,
+                      executor=executor, cpus=cfg.threads or 1)
     metrics = result.metrics()
     run.write_metrics(metrics)
     write_report(run, cfg, result)

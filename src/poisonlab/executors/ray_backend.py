@@ -1,0 +1,173 @@
+"""The `ray` executor: every piece a Ray task, the shared inputs in the object store once.
+
+`RayExecutor()` starts a Ray instance on this machine sized for it (`num_cpus` cores, default all;
+no dashboard; an object store of at most 1 GiB or a tenth of the memory; the loopback address;
+no usage statistics; workers' output not copied to this terminal) and shuts it down on `close()`,
+on leaving its `with` block or at interpreter exit. `RayExecutor(address=...)` joins a running
+cluster (`host:port` of its head, `ray://host:port` for Ray Client, or `auto`) and on close only
+disconnects: the cluster stays up. A head that cannot be reached is a one-line ConfigError after a
+bounded wait. When this process is already connected to Ray (a test session's instance), the
+executor uses that connection and leaves it open.
+
+`map(fn, items, shared=..., cpus=c)`: each value of `shared` is put into the object store once per
+call and every task receives the same reference (Ray hands a worker the stored object, it is not
+sent again per piece); each item is one task reserving `c` CPUs, whose torch runs `c` intra-op
+threads; results are yielded in completion order (`ray.wait`). A task whose worker process dies
+(killed, out of memory) is re-run by Ray up to `max_retries` times, so a lost worker costs only
+its piece (lost more often: a one-line RunError naming it); an exception raised by `fn` is not
+retried. A poisonlab error raised in a piece is
+raised again on the driver as itself (not wrapped), so the CLI prints its one line. Leaving the
+iteration early cancels the pieces not yet finished.
+
+The cluster's workers must be able to import poisonlab (and `fn`'s module): installed there, or
+on the PYTHONPATH the local instance inherits from this process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from poisonlab.errors import ConfigError, PoisonlabError, RunError
+from poisonlab.progress import progress_bar
+
+R = TypeVar("R")
+GiB = 1 << 30
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's head before giving up
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install poisonlab[ray]") from None
+    return ray
+
+
+def object_store_bytes() -> int:
+    """The local instance's object store: 1 GiB or a tenth of the physical memory, the smaller."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return GiB
+    return max(100 << 20, min(GiB, memory // 10))
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """ConfigError unless a TCP connection to `address` (host:port, optionally ray://) opens
+    within `timeout` seconds; `auto` and addresses without a port are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot reach a Ray cluster at --ray-address {address}: "
+                          f"{reason}") from None
+
+
+def _run_piece(fn: Callable[..., R], item: Any, cpus: int, names: tuple[str, ...],
+               *values: Any) -> R:
+    """Body of every task: the task's CPUs as torch threads, then the piece."""
+    import torch
+
+    torch.set_num_threads(max(1, cpus))
+    return fn(item, **dict(zip(names, values, strict=True)))
+
+
+class RayExecutor:
+    """Pieces as Ray tasks; see the module docstring."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, *,
+                 max_retries: int = 3) -> None:
+        if num_cpus is not None and num_cpus < 1:
+            raise ConfigError(f"--ray-cpus must be at least 1, got {num_cpus}")
+        self._ray = _import_ray()
+        self.address, self.max_retries = address, max_retries
+        self._owned = False  # this executor called ray.init (and so calls ray.shutdown)
+        if address is not None:
+            check_reachable(address)
+        if not self._ray.is_initialized():
+            self._connect(address, num_cpus)
+            self._owned = True
+            atexit.register(self.close)
+        self._remote = self._ray.remote(_run_piece)
+
+    def _connect(self, address: str | None, num_cpus: int | None) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING,
+                 "include_dashboard": False}
+        try:
+            if address is None:
+                self._ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
+                               object_store_memory=object_store_bytes(),
+                               _node_ip_address="127.0.0.1", **quiet)
+            else:
+                quiet.pop("include_dashboard")
+                self._ray.init(address=address, **quiet)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            where = f"at --ray-address {address}" if address else "on this machine"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"cannot start or join a Ray cluster {where}: {first}") from None
+
+    def map(self, fn: Callable[..., R], items: Mapping[str, Any], *,
+            shared: Mapping[str, Any] | None = None, cpus: int = 1,
+            description: str = "") -> Iterator[tuple[str, R]]:
+        """See poisonlab.executors.Executor.map; a progress bar when `description` is given."""
+        if not items:
+            return
+        ray = self._ray
+        if self.address is None and ray.cluster_resources().get("CPU", 0) < cpus:
+            raise ConfigError(f"a piece needs {cpus} CPUs, the local Ray instance has "
+                              f"{ray.cluster_resources().get('CPU', 0):g} (--ray-cpus)")
+        names = tuple(shared or {})
+        refs = [ray.put(shared[k]) for k in names] if shared else []  # once per call
+        task = self._remote.options(num_cpus=cpus, max_retries=self.max_retries,
+                                    retry_exceptions=False)
+        pending = {task.remote(fn, item, cpus, names, *refs): key for key, item in items.items()}
+        try:
+            with progress_bar(len(pending), description, enabled=bool(description)) as bar:
+                while pending:
+                    (ready,), _ = ray.wait(list(pending), num_returns=1)
+                    key = pending.pop(ready)
+                    yield key, self._result(ready, key)
+                    bar.advance(status=key)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def _result(self, ref: Any, key: str) -> Any:
+        errors = self._ray.exceptions
+        try:
+            return self._ray.get(ref)
+        except errors.RayTaskError as exc:  # raised by the piece itself
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, PoisonlabError):
+                raise cause from None
+            raise
+        except errors.RayError as exc:  # its worker or node died more often than retried
+            raise RunError(f"piece {key}: its Ray worker was lost ({type(exc).__name__}) on "
+                           f"each of {self.max_retries + 1} attempt(s); the pieces recorded so "
+                           "far are kept") from None
+
+    def close(self) -> None:
+        """Shut down the instance this executor started, or disconnect from the cluster it
+        joined; a connection it found already open stays open."""
+        if self._owned:
+            self._owned = False
+            atexit.unregister(self.close)
+            self._ray.shutdown()
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
