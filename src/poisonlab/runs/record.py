@@ -3,7 +3,8 @@
 Layout of `<root>/<experiment>-<YYYYmmdd-HHMMSS>-<4 hex>/`:
 
     config.yaml    the resolved config
-    run.json       id, experiment, seed, status, start/end, config hash, versions, git revision
+    run.json       id, experiment, seed, status, start/end, config hash, versions, git revision,
+                   and the sweep and point the run belongs to, if any
     log.txt        timestamped log lines
     metrics.json   the experiment's results
     checkpoints/   safetensors files (weights, or packed training state for --resume)
@@ -87,8 +88,11 @@ class Run:
         return self.info.get("status", "created")
 
     @classmethod
-    def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None) -> Run:
-        """Make a new run directory for `experiment` with the resolved `config`."""
+    def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None, *,
+               sweep: Mapping[str, Any] | None = None) -> Run:
+        """Make a new run directory for `experiment` with the resolved `config`. `sweep`: the
+        sweep this run is a point of (`{"id": ..., "point": ...}` and what else describes the
+        point), kept in run.json so the index can be rebuilt with its sweep grouping."""
         if not _SAFE_NAME.match(experiment):
             raise RunError(
                 f"bad experiment name '{experiment}': use letters, digits, '_', '-', '.'"
@@ -112,6 +116,8 @@ class Run:
             **environment(),
             "resumed_at": [],
         }
+        if sweep is not None:
+            info["sweep"] = to_jsonable(dict(sweep))
         run = cls(path, info, cfg, resumed=False)
         run._save_info()
         return run
