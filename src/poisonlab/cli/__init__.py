@@ -7,7 +7,7 @@ import sys
 import typer
 
 from poisonlab import __version__
-from poisonlab.cli import audit, craft, data, run, runs
+from poisonlab.cli import audit, craft, data, run, runs, sweep
 from poisonlab.errors import PoisonlabError
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ def version() -> None:
 
 
 def _register_all() -> None:
-    for module in (run, data, runs, audit, craft):
+    for module in (run, data, runs, audit, craft, sweep):
         module.register(app)
 
 

@@ -124,11 +124,12 @@ class Run:
 
     @classmethod
     def open(cls, run_id_or_path: str | Path, root: Path | str | None = None) -> Run:
-        """Reopen an existing run (by path, id or unique id prefix) with resumed=True."""
+        """Reopen an existing run (by path, id or unique id prefix); resumed=True unless it
+        never started (status created: a sweep's driver makes the run before its piece runs)."""
         path = resolve_run_dir(run_id_or_path, root)
         info, _ = read_run_dir(path)
         config = read_yaml(path / "config.yaml")
-        return cls(path, info, config, resumed=True)
+        return cls(path, info, config, resumed=info.get("status", "created") != "created")
 
     # --- records -------------------------------------------------------------------------
     def log(self, message: str) -> None:
