@@ -27,7 +27,8 @@ from poisonlab.cli import main
 from poisonlab.experiments import fewshot_backdoor
 from poisonlab.runs import list_runs, rebuild_index
 from poisonlab.runs.index import headline_metrics, index_path
-from poisonlab.sweeps import Sweep, find_point_runs, run_sweep
+from poisonlab.sweeps import Sweep, find_point_runs, run_sweep, sweep_folder
+from poisonlab.sweeps.driver import driving
 
 EXPERIMENT = "fewshot-backdoor"
 FAST = ["meta.iterations=4", "meta.eval_every=2", "meta.val_tasks=4", "meta.meta_batch=4",
@@ -192,6 +193,15 @@ def test_the_identity_is_the_experiment_base_config_grid_and_seeds():
     assert other.id != plan().id
 
 
+def test_a_second_driver_of_the_same_sweep_stops_before_any_work(tmp_path):
+    folder = sweep_folder(tmp_path, plan().id)
+    folder.mkdir(parents=True)
+    with driving(folder):
+        code, _, err = cli(sweep_args(tmp_path))
+    assert code == 2 and f"error: sweep {plan().id} is being run by pid {os.getpid()}" in err
+    assert len(err.strip().splitlines()) == 1 and run_dirs(tmp_path) == []
+
+
 def _interrupt_second_attack(monkeypatch) -> None:
     """The second point's trial is interrupted after meta-training checkpointed (a Ctrl-C)."""
     real = fewshot_backdoor.evaluate_attacks
@@ -233,6 +243,38 @@ def test_an_interrupted_sweep_resumes_with_every_point_recorded_once(tmp_path, m
     for label in LABELS:  # nothing lost: the same numbers as the uninterrupted sweep
         expected = json.loads((plain_root / plain["points"][label] / "metrics.json").read_text())
         assert outcome.metrics[label]["headline"] == pytest.approx(expected["headline"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_driver_killed_half_way_loses_nothing_and_recomputes_nothing(tmp_path, monkeypatch):
+    sweep = plan()
+    pid = os.fork()
+    if pid == 0:  # the driver: kill -9 itself in the second point's attack
+        try:
+            real = fewshot_backdoor.evaluate_attacks
+            calls = []
+
+            def attack(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+
+            fewshot_backdoor.evaluate_attacks = attack
+            run_sweep(sweep, tmp_path)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    runs = find_point_runs(sweep, tmp_path)
+    assert [info(runs[label])["status"] for label in LABELS] == [
+        "completed", "running", "created", "created"]
+    done = (runs[LABELS[0]] / "metrics.json").stat().st_mtime_ns
+    outcome = run_sweep(sweep, tmp_path)  # the lock died with the driver
+    assert outcome.computed == LABELS[1:] and len(run_dirs(tmp_path)) == 4
+    assert (runs[LABELS[0]] / "metrics.json").stat().st_mtime_ns == done
+    assert all(info(runs[label])["status"] == "completed" for label in LABELS)
+    assert len(info(runs[LABELS[1]])["resumed_at"]) == 1
 
 
 class ForkExecutor:

@@ -7,15 +7,20 @@ re-run after its driver was killed, resumes that run from its checkpoints. Point
 completed are skipped (their metrics are read back); the others go to the executor as
 `run_point` pieces, in the plan's order (the local executor runs them one after the other in this
 process), and each is mirrored into the run index as its result arrives. The sweep's own folder,
-`<root>/sweeps/<sweep id>/`, holds sweep.json (the plan) and the summary written from the runs.
-Run directories must be on a file system the executor's workers share with the driver.
+`<root>/sweeps/<sweep id>/`, holds sweep.json (the plan) and the summary written from the runs;
+while a driver runs the sweep it holds an exclusive lock on the folder's `.lock` file (released
+by the kernel even when the driver is killed), so a second driver of the same sweep stops with a
+one-line error instead of creating a second run for a point. Run directories must be on a file
+system the executor's workers share with the driver.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +55,33 @@ class SweepOutcome:
     @property
     def skipped(self) -> list[str]:
         return [label for label in self.metrics if label not in self.computed]
+
+
+@contextmanager
+def driving(folder: Path) -> Iterator[None]:
+    """Hold the sweep folder's lock for as long as this driver runs; a RunError if another
+    process holds it (no lock where the platform has no `fcntl`)."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        yield
+        return
+    with open(folder / ".lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(f"sweep {folder.name} is being run by {holder}; wait for it or "
+                           "stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def find_point_runs(plan: Sweep, root: Path | str | None = None) -> dict[str, Path]:
@@ -98,7 +130,13 @@ def run_sweep(plan: Sweep, root: Path | str | None = None, *, executor: Executor
     root = prepare_output(runs_root(root), directory=True)
     folder = sweep_folder(root, plan.id)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "sweep.json", json.dumps(plan.record(), indent=2) + "\n")
+    with driving(folder):
+        atomic_write_text(folder / "sweep.json", json.dumps(plan.record(), indent=2) + "\n")
+        return _drive(plan, root, folder, executor, data_dir, on_point, cpus)
+
+
+def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
+           data_dir: Path | None, on_point: PointCallback | None, cpus: int) -> SweepOutcome:
     outcome = SweepOutcome(plan, root, folder, prepare_points(plan, root))
     todo: dict[str, dict] = {}
     for label, path in outcome.runs.items():
