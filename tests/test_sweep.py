@@ -100,6 +100,8 @@ def test_every_point_is_one_run_grouped_as_the_sweep(swept, capsys):
     assert main(["runs", "list", "--out", str(root), "--sweep", result["sweep"][:-3], "--json"]) == 0
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {r["run_id"] for r in listed["runs"]} == {d.name for d in dirs}
+    assert main(["runs", "list", "--out", str(root), "--sweep", "no-such-sweep"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no sweep 'no-such-sweep' under {root}"
     folder = Path(result["path"])
     assert (folder / "sweep.json").is_file() and Path(result["report"]).is_file()
     assert list((folder / "figures").glob("*.png"))

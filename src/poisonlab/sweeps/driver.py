@@ -144,7 +144,7 @@ def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
         if info.get("status") == "completed" and (path / "metrics.json").is_file():
             outcome.metrics[label] = metrics
         else:
-            todo[label] = {"path": str(path),
+            todo[label] = {"path": str(path), "label": label,
                            "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
 
     def record(label: str, metrics: dict) -> None:

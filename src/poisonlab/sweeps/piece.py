@@ -12,12 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from poisonlab.errors import PoisonlabError, RunError
 from poisonlab.experiments.trial import resume_trial
 from poisonlab.runs.layout import to_jsonable
 
 
 def run_point(item: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """`item`: {"path": the point's run directory, "data_dir": a folder or None}."""
+    """`item`: {"path": the point's run directory, "data_dir": a folder or None, "label": the
+    point's name}. A user-facing error (bad data, an infeasible setting) names the point."""
     data_dir = Path(item["data_dir"]) if item.get("data_dir") else None
-    _, metrics = resume_trial(Path(item["path"]), data_dir=data_dir, progress=progress)
+    path = Path(item["path"])
+    try:
+        _, metrics = resume_trial(path, data_dir=data_dir, progress=progress)
+    except PoisonlabError as exc:
+        raise RunError(f"sweep point {item.get('label', path.name)} (run {path.name}): "
+                       f"{exc}") from None
     return to_jsonable(metrics)
