@@ -169,6 +169,8 @@ def test_a_chosen_metric_is_summarised_and_an_unknown_one_named(swept):
     (["--grid", GRID, "--seeds", "3-1"], "--seeds"),
     (["--grid", GRID, "--set", "meta.iterations=-1"], "meta.iterations"),
     (["--grid", GRID, "--backend", "spark"], "backend"),
+    (["--grid", GRID, "--ray-address", "127.0.0.1:1"], "--ray-address needs --backend ray"),
+    (["--grid", GRID, "--ray-cpus", "2"], "--ray-cpus needs --backend ray"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, args, needle):
     root = tmp_path / "runs"

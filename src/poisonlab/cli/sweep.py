@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from poisonlab.errors import ConfigError
 from poisonlab.executors import BACKENDS, get_executor
 from poisonlab.experiments import EXPERIMENTS
 from poisonlab.progress import terminal
@@ -24,7 +25,7 @@ from poisonlab.sweeps import Sweep, parse_grid, run_sweep, summarise, write_summ
 def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
           preset: str | None = None, config: Path | None = None, sets: list[str] | None = None,
           data_dir: Path | None = None, out: Path | None = None, backend: str = "local",
-          ray_address: str | None = None, num_cpus: int | None = None,
+          ray_address: str | None = None, ray_cpus: int | None = None,
           metrics: list[str] | None = None, quiet: bool = False) -> dict:
     """Validate, run the missing points, summarise; returns what --json prints."""
     plan = Sweep(experiment, parse_grid(grid or []), seeds, preset=preset, config=config,
@@ -35,7 +36,9 @@ def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
         if not quiet:
             status.print(f"point {done}/{total} {label}: run {info['id']} {info['status']}")
 
-    executor = get_executor(backend, address=ray_address, num_cpus=num_cpus)
+    if backend != "ray" and ray_cpus is not None:
+        raise ConfigError("--ray-cpus needs --backend ray")
+    executor = get_executor(backend, address=ray_address, num_cpus=ray_cpus)
     try:
         root = prepare_output(runs_root(out), directory=True)
         outcome = run_sweep(plan, root, executor=executor, data_dir=data_dir, on_point=said)
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", "-o", help="Root folder of run directories (default ./runs or $POISONLAB_RUNS)."),
         backend: str = typer.Option("local", "--backend", help=f"Where points run: {' or '.join(BACKENDS)}."),
         ray_address: str = typer.Option(None, "--ray-address", help="A running Ray cluster (default: start a local one)."),
-        num_cpus: int = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance started without --ray-address."),
+        ray_cpus: int = typer.Option(None, "--ray-cpus", help="CPUs of the Ray instance started here (default: all)."),
         metrics: list[str] = typer.Option(None, "--metric", "-m", help="Metric to summarise (repeatable; default: the headline metrics)."),
         as_json: bool = typer.Option(False, "--json", help="Print the sweep and its summary as one JSON object on the last line."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per point."),
@@ -74,6 +77,6 @@ def register(app: typer.Typer) -> None:
         """Run an experiment over a grid of settings × seeds, one run per point, and summarise it."""
         result = sweep(experiment, grid, seeds, preset=preset, config=config, sets=sets,
                        data_dir=data_dir, out=out, backend=backend, ray_address=ray_address,
-                       num_cpus=num_cpus, metrics=metrics, quiet=quiet)
+                       ray_cpus=ray_cpus, metrics=metrics, quiet=quiet)
         if as_json:
             print(json.dumps(result))
