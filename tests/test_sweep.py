@@ -357,48 +357,45 @@ def _ray_session(request):
         pytest.skip("the session's ray_local fixture is not defined")
 
 
-def test_ray_backend_gives_the_local_numbers(request, tmp_path, swept):
+def _kill_one_running_point(root: Path, stop: threading.Event, killed: list[int]) -> None:
+    """kill -9 the first worker seen running a point: the pid its run.json records."""
+    while not stop.is_set() and not killed:
+        for path in run_dirs(root):
+            try:
+                record = info(path)
+            except (OSError, ValueError):
+                continue  # being replaced right now
+            pid = record.get("pid")
+            if record.get("status") == "running" and pid and pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.05)
+
+
+def test_ray_gives_the_local_numbers_and_a_killed_worker_costs_only_its_piece(
+        request, tmp_path, swept):
     _ray_session(request)
     plain_root, plain = swept
-    code, out, err = cli(sweep_args(tmp_path, "--backend", "ray"))
-    assert code == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["sweep"] == plain["sweep"] and sorted(result["computed"]) == sorted(LABELS)
-    for label in LABELS:
-        ours = json.loads((tmp_path / result["points"][label] / "metrics.json").read_text())
-        local = json.loads((plain_root / plain["points"][label] / "metrics.json").read_text())
-        assert ours["headline"] == pytest.approx(local["headline"], abs=1e-6)
-
-
-def _kill_one_ray_point(stop: threading.Event, killed: list[int]) -> None:
-    """kill -9 the first Ray worker process seen running a sweep point."""
-    while not stop.is_set() and not killed:
-        for proc in Path("/proc").iterdir():
-            try:
-                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if proc.name.isdigit() and b"ray::" in title and b"run_point" in title:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
-                return
-        time.sleep(0.2)
-
-
-def test_a_killed_ray_worker_costs_only_its_piece(request, tmp_path):
-    _ray_session(request)
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_ray_point, args=(stop, killed), daemon=True)
+    killer = threading.Thread(target=_kill_one_running_point, args=(tmp_path, stop, killed),
+                              daemon=True)
     killer.start()
     try:
-        code, out, err = cli(sweep_args(tmp_path, "--backend", "ray"))
+        code, out, err = cli(sweep_args(tmp_path, "--backend", "ray", seeds="0"))
     finally:
         stop.set()
         killer.join()
     assert code == 0, err
     assert killed, "no Ray worker running a sweep point was seen"
     result = json.loads(out.strip().splitlines()[-1])
-    assert len(run_dirs(tmp_path)) == 4
-    assert all(info(d)["status"] == "completed" for d in run_dirs(tmp_path))
-    assert sorted(r["sweep_point"] for r in list_runs(tmp_path, sweep=result["sweep"])) == sorted(
-        LABELS)
+    labels = [label for label in LABELS if label.endswith("seed=0")]
+    assert sorted(result["points"]) == labels and len(run_dirs(tmp_path)) == 2
+    records = [info(d) for d in run_dirs(tmp_path)]
+    assert all(r["status"] == "completed" for r in records)
+    assert sorted(len(r["resumed_at"]) for r in records) == [0, 1]
+    assert sorted(r["sweep_point"] for r in list_runs(tmp_path, sweep=result["sweep"])) == labels
+    for label in labels:  # the same numbers as the local sweep's points
+        ours = json.loads((tmp_path / result["points"][label] / "metrics.json").read_text())
+        local = json.loads((plain_root / plain["points"][label] / "metrics.json").read_text())
+        assert ours["headline"] == pytest.approx(local["headline"], abs=1e-6)

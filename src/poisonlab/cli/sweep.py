@@ -41,7 +41,8 @@ def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
     executor = get_executor(backend, address=ray_address, num_cpus=ray_cpus)
     try:
         root = prepare_output(runs_root(out), directory=True)
-        outcome = run_sweep(plan, root, executor=executor, data_dir=data_dir, on_point=said)
+        outcome = run_sweep(plan, root, executor=executor, data_dir=data_dir, on_point=said,
+                            progress=not quiet)
     finally:
         executor.close()
     summary = summarise(outcome, metrics)

@@ -121,22 +121,24 @@ def prepare_points(plan: Sweep, root: Path | str | None = None) -> dict[str, Pat
 
 def run_sweep(plan: Sweep, root: Path | str | None = None, *, executor: Executor | None = None,
               data_dir: Path | None = None, on_point: PointCallback | None = None,
-              cpus: int = 1) -> SweepOutcome:
+              cpus: int = 1, progress: bool = False) -> SweepOutcome:
     """Run the points of `plan` that have not completed; see the module docstring.
 
     `executor`: where pieces run (None: this process, in order). `on_point(label, run_info,
-    done, total)` is called as each point is recorded. An interrupted or failed piece stops the
+    done, total)` is called as each point is recorded; `cpus`: the cores of one piece;
+    `progress`: the executor's progress bar, where it has one. An interrupted or failed piece stops the
     sweep; what completed stays recorded and the next call goes on from there."""
     root = prepare_output(runs_root(root), directory=True)
     folder = sweep_folder(root, plan.id)
     folder.mkdir(parents=True, exist_ok=True)
     with driving(folder):
         atomic_write_text(folder / "sweep.json", json.dumps(plan.record(), indent=2) + "\n")
-        return _drive(plan, root, folder, executor, data_dir, on_point, cpus)
+        return _drive(plan, root, folder, executor, data_dir, on_point, cpus, progress)
 
 
 def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
-           data_dir: Path | None, on_point: PointCallback | None, cpus: int) -> SweepOutcome:
+           data_dir: Path | None, on_point: PointCallback | None, cpus: int,
+           progress: bool) -> SweepOutcome:
     outcome = SweepOutcome(plan, root, folder, prepare_points(plan, root))
     todo: dict[str, dict] = {}
     for label, path in outcome.runs.items():
@@ -160,5 +162,5 @@ def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
             on_point(label, info, len(outcome.metrics), len(outcome.runs))
 
     run_missing(executor, run_point, todo, record, shared={"progress": False}, cpus=cpus,
-                description=f"sweep {plan.id}")
+                description=f"sweep {plan.id}" if progress else "")
     return outcome
