@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from scipy import stats
 
 from poisonlab.cli import main
 from poisonlab.experiments import fewshot_backdoor
-from poisonlab.runs import list_runs, rebuild_index
+from poisonlab.runs import Run, list_runs, rebuild_index
 from poisonlab.runs.index import headline_metrics, index_path
 from poisonlab.sweeps import Sweep, find_point_runs, run_sweep, sweep_folder
 from poisonlab.sweeps.driver import driving
@@ -113,6 +114,19 @@ def test_the_index_rebuilt_from_the_directories_keeps_the_sweep(swept):
     index_path(root).unlink()
     assert rebuild_index(root) == 4
     assert {r["run_id"]: r["sweep_point"] for r in list_runs(root, sweep=result["sweep"])} == before
+
+
+def test_an_index_from_before_sweeps_gains_the_sweep_columns(tmp_path):
+    with sqlite3.connect(index_path(tmp_path)) as conn:  # the schema before sweeps
+        conn.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, "
+                     "config_hash TEXT, status TEXT NOT NULL, started TEXT, ended TEXT, "
+                     "headline TEXT, path TEXT NOT NULL)")
+    sweep = plan()
+    run = Run.create(EXPERIMENT, sweep.point_config(sweep.points[0]), root=tmp_path,
+                     sweep={"id": sweep.id, "point": sweep.points[0].label})
+    assert [(r["run_id"], r["sweep_point"]) for r in list_runs(tmp_path, sweep=sweep.id)] == [
+        (run.id, sweep.points[0].label)]
+    assert not list(tmp_path.glob("index.sqlite.bad-*"))  # migrated, not set aside and rebuilt
 
 
 def test_a_rerun_finds_the_sweep_and_computes_nothing(swept, monkeypatch):
