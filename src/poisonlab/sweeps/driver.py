@@ -126,8 +126,8 @@ def run_sweep(plan: Sweep, root: Path | str | None = None, *, executor: Executor
 
     `executor`: where pieces run (None: this process, in order). `on_point(label, run_info,
     done, total)` is called as each point is recorded; `cpus`: the cores of one piece;
-    `progress`: the executor's progress bar, where it has one. An interrupted or failed piece stops the
-    sweep; what completed stays recorded and the next call goes on from there."""
+    `progress`: the executor's progress bar, where it has one. An interrupted or failed piece
+    stops the sweep; what completed stays recorded and the next call goes on from there."""
     root = prepare_output(runs_root(root), directory=True)
     folder = sweep_folder(root, plan.id)
     folder.mkdir(parents=True, exist_ok=True)
