@@ -17,24 +17,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from poisonlab.config import validate_config
-from poisonlab.errors import ConfigError
 from poisonlab.experiments import get_experiment
 from poisonlab.runs import Run, read_run_dir
 
 
 def run_trial(exp: ModuleType, cfg: BaseModel, run: Run, data_dir: Path | None = None, *,
-              progress: bool = True, **options: Any) -> dict:
-    """`exp.run(cfg, run, data_dir, ...)` inside the run's lifecycle (status running, then
-    completed, interrupted or failed); `progress` and `options` (e.g. `model`) are passed only
-    to an experiment whose `run` accepts them, and an option it does not take is a ConfigError."""
+              progress: bool = True) -> dict:
+    """`exp.run(cfg, run, data_dir)` inside the run's lifecycle (status running, then completed,
+    interrupted or failed); `progress` only to an experiment whose `run` accepts it."""
     accepted = inspect.signature(exp.run).parameters
     extra: dict[str, Any] = {"progress": progress} if "progress" in accepted else {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key not in accepted:
-            raise ConfigError(f"--{key} is not supported by experiment '{run.experiment}'")
-        extra[key] = value
     with run:
         return exp.run(cfg, run, data_dir, **extra)
 
