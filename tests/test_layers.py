@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"evaluation"},
     {"report"},
     {"audit", "experiments"},
+    {"sweeps"},
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

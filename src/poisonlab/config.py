@@ -96,7 +96,7 @@ def resolve_config(
         _deep_merge(data, load_config_file(Path(file)))
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return validate_config(cls, data)
 
 
@@ -238,7 +238,9 @@ def _deep_merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
             base[key] = value
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` (`attack.epsilon`) of nested dict `data` to `value`, creating
+    sections on the way; a part that is a value, not a section, is a one-line ConfigError."""
     parts = key.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - typer on the click package
     from click.exceptions import ClickException, UsageError
 
 from poisonlab import __version__
-from poisonlab.cli import audit, craft, data, run, runs
+from poisonlab.cli import audit, craft, data, run, runs, sweep
 from poisonlab.errors import PoisonlabError
 
 app = typer.Typer(
@@ -54,7 +54,7 @@ def version() -> None:
 
 
 def _register_all() -> None:
-    for module in (run, data, runs, audit, craft):
+    for module in (run, data, runs, audit, craft, sweep):
         module.register(app)
 
 

@@ -17,6 +17,7 @@ from rich.text import Text
 from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
+from poisonlab.runs.index import resolve_sweep
 from poisonlab.runs.record import mark_stale
 
 runs_app = typer.Typer(
@@ -45,26 +46,35 @@ def list_command(
     experiment: Annotated[
         str | None, typer.Option("--experiment", "-e", help="Only this experiment.")
     ] = None,
+    sweep: Annotated[
+        str | None, typer.Option("--sweep", help="Only the runs of this sweep (id or prefix).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List runs, oldest first, with their status and headline metrics."""
     root = runs_root(out)
     mark_stale(root)
-    rows = list_runs(root, experiment=experiment)
+    if sweep is not None:
+        sweep = resolve_sweep(root, sweep)
+    rows = list_runs(root, experiment=experiment, sweep=sweep)
     if as_json:
-        _emit_json({"root": str(root), "runs": rows})
+        _emit_json({"root": str(root), "runs": rows} | ({"sweep": sweep} if sweep else {}))
         return
     console = terminal()
     if not rows:
         console.print(f"no runs under {root}" + (f" for '{experiment}'" if experiment else ""))
         return
-    table = RichTable(title=f"runs under {root}")
-    for name in ("id", "status", "started", "headline"):
+    title = f"runs under {root}" + (f", sweep {sweep}" if sweep else "")
+    table = RichTable(title=title)
+    columns = ("id", "status", "started", *(("point",) if sweep else ()), "headline")
+    for name in columns:
         table.add_column(name, overflow="fold")
     for row in rows:
         headline = ", ".join(f"{k}={format_value(v)}" for k, v in row["headline"].items())
         started = (row["started"] or "")[:19].replace("T", " ")
-        table.add_row(Text(row["run_id"]), _status(row["status"]), started, Text(headline))
+        point = (Text(row["sweep_point"] or ""),) if sweep else ()
+        table.add_row(Text(row["run_id"]), _status(row["status"]), started, *point,
+                      Text(headline))
     console.print(table)
 
 

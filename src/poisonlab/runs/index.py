@@ -1,7 +1,9 @@
 """SQLite index of runs: one row per run directory, for fast listing and filtering.
 
 The run directories are the source of truth; the index only mirrors their run.json and headline
-metrics, and `rebuild_index` recreates it from them. Several processes may write it at once:
+metrics, and `rebuild_index` recreates it from them. A run that belongs to a sweep carries
+`"sweep": {"id": ..., "point": ...}` in its run.json, so the sweep grouping (columns `sweep_id`,
+`sweep_point`) is rebuilt with the rest. Several processes may write it at once:
 the database is in WAL mode with a busy timeout, every write is one short transaction, and a
 write that still meets "database is locked" is retried with a randomised back-off.
 """
@@ -22,7 +24,8 @@ from poisonlab.errors import RunError
 from poisonlab.runs.layout import read_run_dir, runs_root
 
 INDEX_NAME = "index.sqlite"
-COLUMNS = ("run_id", "experiment", "config_hash", "status", "started", "ended", "headline", "path")
+COLUMNS = ("run_id", "experiment", "config_hash", "status", "started", "ended", "headline", "path",
+           "sweep_id", "sweep_point")
 HEADLINE_LIMIT = 12
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -33,9 +36,13 @@ CREATE TABLE IF NOT EXISTS runs (
     started TEXT,
     ended TEXT,
     headline TEXT,
-    path TEXT NOT NULL
+    path TEXT NOT NULL,
+    sweep_id TEXT,
+    sweep_point TEXT
 )
 """
+# Columns added after the first schema: an older index gains them (NULL: not in a sweep).
+_ADDED = {"sweep_id": "TEXT", "sweep_point": "TEXT"}
 _ATTEMPTS = 40
 T = TypeVar("T")
 
@@ -54,7 +61,19 @@ def _connect(root: Path) -> Iterator[sqlite3.Connection]:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(_SCHEMA)
+        _add_missing_columns(conn)
         yield conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    for name, kind in _ADDED.items():
+        if name not in have:
+            try:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc).lower():
+                    raise
 
 
 def _with_retry(action: Callable[[sqlite3.Connection], T], root: Path) -> T:
@@ -147,6 +166,7 @@ def record_run(
 
 
 def _row(info: Mapping[str, Any], headline: Mapping[str, Any], path: Path) -> tuple:
+    sweep = info.get("sweep") if isinstance(info.get("sweep"), Mapping) else {}
     return (
         info["id"],
         info["experiment"],
@@ -156,11 +176,15 @@ def _row(info: Mapping[str, Any], headline: Mapping[str, Any], path: Path) -> tu
         info.get("ended"),
         json.dumps(dict(headline)),
         str(Path(path).resolve()),
+        sweep.get("id"),
+        sweep.get("point"),
     )
 
 
-def list_runs(root: Path | str | None = None, experiment: str | None = None) -> list[dict]:
-    """Indexed runs (oldest first) whose directory still exists; rebuilds a missing index."""
+def list_runs(root: Path | str | None = None, experiment: str | None = None,
+              sweep: str | None = None) -> list[dict]:
+    """Indexed runs (oldest first) whose directory still exists, of one experiment and/or one
+    sweep (its exact id); rebuilds a missing index."""
     root = runs_root(root)
     if not root.is_dir():
         return []
@@ -168,11 +192,12 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None) -> 
         rebuild_index(root)
 
     def read(conn: sqlite3.Connection) -> list[tuple]:
+        where = {"experiment": experiment, "sweep_id": sweep}
+        where = {column: value for column, value in where.items() if value is not None}
         sql = f"SELECT {', '.join(COLUMNS)} FROM runs"
-        args: tuple = ()
-        if experiment is not None:
-            sql, args = sql + " WHERE experiment = ?", (experiment,)
-        return conn.execute(sql + " ORDER BY started, rowid", args).fetchall()
+        if where:
+            sql += " WHERE " + " AND ".join(f"{column} = ?" for column in where)
+        return conn.execute(sql + " ORDER BY started, rowid", tuple(where.values())).fetchall()
 
     rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
     on_disk = {str(p.parent.resolve()) for p in root.glob("*/run.json")}
@@ -185,6 +210,34 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None) -> 
     for row in rows:
         row["headline"] = json.loads(row["headline"] or "{}")
     return [row for row in rows if Path(row["path"]).is_dir()]
+
+
+def sweep_ids(root: Path | str | None = None) -> list[str]:
+    """The ids of the sweeps that have runs in the index (sorted)."""
+    root = runs_root(root)
+    if not root.is_dir():
+        return []
+    list_runs(root)  # rebuilds a missing or stale index first
+
+    def read(conn: sqlite3.Connection) -> list[tuple]:
+        return conn.execute("SELECT DISTINCT sweep_id FROM runs WHERE sweep_id IS NOT NULL "
+                            "ORDER BY sweep_id").fetchall()
+
+    return [row[0] for row in _with_retry(read, root)]
+
+
+def resolve_sweep(root: Path | str | None, key: str) -> str:
+    """The sweep id given as an id or a unique prefix of one; else a one-line RunError."""
+    root = runs_root(root)
+    known = sweep_ids(root)
+    if key in known:
+        return key
+    matches = [s for s in known if key and s.startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise RunError(f"sweep id prefix '{key}' is ambiguous under {root}: {', '.join(matches[:5])}")
+    raise RunError(f"no sweep '{key}' under {root}")
 
 
 def rebuild_index(root: Path | str | None = None) -> int:

@@ -3,7 +3,8 @@
 Layout of `<root>/<experiment>-<YYYYmmdd-HHMMSS>-<4 hex>/`:
 
     config.yaml    the resolved config
-    run.json       id, experiment, seed, status, start/end, config hash, versions, git revision
+    run.json       id, experiment, seed, status, start/end, config hash, versions, git revision,
+                   and the sweep and point the run belongs to, if any
     log.txt        timestamped log lines
     metrics.json   the experiment's results
     checkpoints/   safetensors files (weights, or packed training state for --resume)
@@ -95,8 +96,11 @@ class Run:
         return self.info.get("status", "created")
 
     @classmethod
-    def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None) -> Run:
-        """Make a new run directory for `experiment` with the resolved `config`."""
+    def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None, *,
+               sweep: Mapping[str, Any] | None = None) -> Run:
+        """Make a new run directory for `experiment` with the resolved `config`. `sweep`: the
+        sweep this run is a point of (`{"id": ..., "point": ...}` and what else describes the
+        point), kept in run.json so the index can be rebuilt with its sweep grouping."""
         if not _SAFE_NAME.match(experiment):
             raise RunError(
                 f"bad experiment name '{experiment}': use letters, digits, '_', '-', '.'"
@@ -120,17 +124,20 @@ class Run:
             **environment(),
             "resumed_at": [],
         }
+        if sweep is not None:
+            info["sweep"] = to_jsonable(dict(sweep))
         run = cls(path, info, cfg, resumed=False)
         run._save_info()
         return run
 
     @classmethod
     def open(cls, run_id_or_path: str | Path, root: Path | str | None = None) -> Run:
-        """Reopen an existing run (by path, id or unique id prefix) with resumed=True."""
+        """Reopen an existing run (by path, id or unique id prefix); resumed=True unless it
+        never started (status created: a sweep's driver makes the run before its piece runs)."""
         path = resolve_run_dir(run_id_or_path, root)
         info, _ = read_run_dir(path)
         config = read_yaml(path / "config.yaml")
-        return cls(path, info, config, resumed=True)
+        return cls(path, info, config, resumed=info.get("status", "created") != "created")
 
     # --- records -------------------------------------------------------------------------
     def log(self, message: str) -> None:
