@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from poisonlab.config import replace, resolve_config, validate_config
 from poisonlab.errors import ConfigError, DataError
 from poisonlab.executors import BACKENDS, Executor, get_executor
 from poisonlab.experiments import EXPERIMENTS, get_experiment
+from poisonlab.experiments.trial import accepts, run_trial
 from poisonlab.progress import terminal
 from poisonlab.runs import Run
 from poisonlab.runs.layout import prepare_output, to_jsonable
@@ -60,22 +60,20 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])
         if seed is not None:
             cfg = replace(cfg, seed=seed)
-    accepted = inspect.signature(exp.run).parameters
-    extra = {"progress": progress} if "progress" in accepted else {}
+    extra = {}
     if model is not None:
-        if "model" not in accepted:
+        if not accepts(exp, "model"):
             raise ConfigError(f"--model is not supported by experiment '{name}'")
         extra["model"] = model
     own = executor is None
     if own:
-        executor = choose_executor(name, backend, ray_address, ray_cpus, "executor" in accepted)
+        executor = choose_executor(name, backend, ray_address, ray_cpus, accepts(exp, "executor"))
     try:
-        if "executor" in accepted:
+        if accepts(exp, "executor"):
             extra["executor"] = executor
         if resume is None:
             run = Run.create(name, cfg, root=out)
-        with run:
-            metrics = exp.run(cfg, run, data_dir, **extra)
+        metrics = run_trial(exp, cfg, run, data_dir, progress=progress, **extra)
     finally:
         if own and executor is not None:
             executor.close()

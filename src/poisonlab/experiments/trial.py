@@ -22,13 +22,18 @@ from poisonlab.runs import Run, read_run_dir
 
 
 def run_trial(exp: ModuleType, cfg: BaseModel, run: Run, data_dir: Path | None = None, *,
-              progress: bool = True) -> dict:
-    """`exp.run(cfg, run, data_dir)` inside the run's lifecycle (status running, then completed,
-    interrupted or failed); `progress` only to an experiment whose `run` accepts it."""
-    accepted = inspect.signature(exp.run).parameters
-    extra: dict[str, Any] = {"progress": progress} if "progress" in accepted else {}
+              progress: bool = True, **options: Any) -> dict:
+    """`exp.run(cfg, run, data_dir, **options)` inside the run's lifecycle (status running, then
+    completed, interrupted or failed); `progress` only to an experiment whose `run` accepts it
+    (the caller checks `options` against it, see `accepts`)."""
+    extra: dict[str, Any] = {"progress": progress} if accepts(exp, "progress") else {}
     with run:
-        return exp.run(cfg, run, data_dir, **extra)
+        return exp.run(cfg, run, data_dir, **extra, **options)
+
+
+def accepts(exp: ModuleType, option: str) -> bool:
+    """Whether the experiment's `run` takes keyword `option` (model, executor, progress)."""
+    return option in inspect.signature(exp.run).parameters
 
 
 def finished_metrics(run: Run) -> dict | None:
