@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
+        code = command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer turns Ctrl-C into exit code 130, returned
+            if code == 130:
+                print("error: interrupted", file=sys.stderr)
+            return code
     except Exit as exc:  # --help, --version and the like
         return exc.exit_code
     except (KeyboardInterrupt, Abort):
