@@ -14,7 +14,7 @@ from PIL import Image
 from poisonlab.attacks.poisons import Poisons
 from poisonlab.cli import main
 from poisonlab.data.image_folder import load_image_folder
-from poisonlab.runs import Run
+from poisonlab.runs import StateFile
 
 KEYS = {"success_rate", "ci95", "baseline_success_rate", "victim_clean_accuracy", "per_target",
         "transfer", "gradient_matching"}
@@ -49,17 +49,17 @@ def test_resume_of_an_interrupted_smoke_run_gives_the_same_metrics(smoke_run, tm
                                                                     monkeypatch):
     root, done = smoke_run
     calls = {"n": 0}
-    save_state = Run.save_state
+    save_state = StateFile.save  # a piece keeps its own state (the craft's steps) in the run
 
-    def interrupt(self, name, state):
-        out = save_state(self, name, state)
-        if name.startswith("craft-metapoison"):
+    def interrupt(self, state):
+        out = save_state(self, state)
+        if self.path.name.startswith("craft-metapoison"):
             calls["n"] += 1
             if calls["n"] == 1:  # after the first craft step of the first target
                 raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(Run, "save_state", interrupt)
+    monkeypatch.setattr(StateFile, "save", interrupt)
     # click turns the interrupt into "Aborted!" and exit code 130
     assert main(["run", "metapoison", "-p", "smoke", "--out", str(tmp_path), "-q"]) == 130
     (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -13,6 +13,7 @@ is trained and scanned too. Everything measured comes back as the dataclasses be
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +39,12 @@ from poisonlab.evaluation.backdoor_results import (
     BackdoorResults,
     CleanControl,
 )
+from poisonlab.evaluation.pieces import run_pieces
+from poisonlab.executors import Executor
 from poisonlab.models import Arch, build_model
 from poisonlab.progress import progress_bar
-from poisonlab.runs import Run
+from poisonlab.runs import Run, StateFile
 from poisonlab.training.supervised import (
-    RunCheckpoint,
     TrainConfig,
     evaluate,
     place,
@@ -184,26 +186,31 @@ def _same_keys(recorded: Any, current: Any) -> bool:
 # --- stages ------------------------------------------------------------------------------------
 
 
-def train_model(cfg: ProtocolConfig, run: Run, name: str, train: ImageSet, shape, classes: int,
-                progress: bool, sources: list[Run] = ()) -> nn.Module:
-    """Train model `name` on `train`, or reload it from this run or from a `sources` run."""
-    model = build_model(cfg.arch, num_classes=classes, in_channels=shape[0])
+def saved_model(run: Run, name: str, sources: list[Run] = ()) -> dict | None:
+    """The weights of model `name` kept in this run or in a `sources` run (copied into this
+    run, which stays self-contained and poolable in its turn), or None."""
     for origin in (run, *sources):
         saved = origin.load_checkpoint(f"model-{name}")
         if saved is not None:
-            model.load_state_dict(saved[0])
-            if origin is not run:  # keep this run self-contained, and poolable in its turn
+            if origin is not run:
                 run.save_checkpoint(f"model-{name}", *saved)
             run.log(f"{name}: model loaded from run {origin.id}")
-            return place(model, default_device(), cfg.train.channels_last).eval()
+            return saved[0]
+    return None
+
+
+def train_model(cfg: ProtocolConfig, job: ModelJob, train: ImageSet, shape, classes: int,
+                progress: bool) -> tuple[nn.Module, list[float] | None]:
+    """Model `job.name`: its given weights, or trained on `train` from the seed's initialisation
+    (the epoch state kept in `job.state`); with the epoch times when trained."""
     torch.manual_seed(cfg.seed)
-    history = train_classifier(model, train, cfg.train, progress=progress,
-                               checkpoint=RunCheckpoint(run, f"train-{name}"), seed=cfg.seed)
-    run.save_checkpoint(f"model-{name}", model.state_dict(), {"arch": cfg.arch, "model": name})
-    secs = sum(history["epoch_seconds"])
-    run.log(f"{name}: trained {cfg.train.epochs} epochs on {len(train)} images in {secs:.0f}s "
-            f"({secs / max(1, len(history['epoch_seconds'])):.1f}s/epoch this session)")
-    return model.eval()
+    model = build_model(cfg.arch, num_classes=classes, in_channels=shape[0])
+    if job.weights is not None:
+        model.load_state_dict(job.weights)
+        return place(model, default_device(), cfg.train.channels_last).eval(), None
+    history = train_classifier(model, train, cfg.train, progress=progress, checkpoint=job.state,
+                               seed=cfg.seed)
+    return model.eval(), history["epoch_seconds"]
 
 
 def scan(cfg: ProtocolConfig, model: nn.Module, clean: ImageSet, classes: int,
@@ -250,30 +257,46 @@ def defend(cfg: ProtocolConfig, model: nn.Module, trigger: Trigger, clean: Image
             "mcl_trigger": purified.inversion.trigger, "nc_trigger": nc_trigger}
 
 
-def run_attack(cfg: ProtocolConfig, run: Run, name: str, data: SupervisedData, clean: ImageSet,
-               progress: bool, sources: list[Run] = ()) -> AttackResult:
-    """Train (or reload) the model of one attack, scan it, defend it."""
-    shape = tuple(data.train.x.shape[1:])
-    trigger = build_trigger(cfg, name, shape)
-    injection = BackdoorInjection(trigger, config=cfg.attack, seed=cfg.seed)
-    poisoned = injection.poison(data.train).data
+@dataclass
+class ModelJob:
+    """One piece: the model `name` (an attack, or "clean" for the control) with its detection
+    and defences; `weights` when the run or a source run already trained it; `state` keeps the
+    training's epochs."""
+
+    name: str
+    weights: dict | None
+    state: StateFile
+
+
+@dataclass
+class ModelOutcome:
+    """What a piece returns: its result, and the weights and epoch times of a model it trained."""
+
+    result: AttackResult | CleanControl
+    weights: dict | None
+    epoch_seconds: list[float] | None
+
+
+def model_piece(job: ModelJob, *, cfg: ProtocolConfig, data: SupervisedData, clean: ImageSet,
+                progress: bool) -> ModelOutcome:
+    """Train (or take) the model of one attack or of the clean control, scan it and (an attack)
+    defend it; seeded by cfg.seed alone."""
+    shape, classes = tuple(data.train.x.shape[1:]), data.num_classes
+    if job.name == "clean":
+        model, secs = train_model(cfg, job, data.train, shape, classes, progress)
+        weights = _weights(model, secs)
+        detection = scan(cfg, model, clean, classes, progress)
+        return ModelOutcome(CleanControl(evaluate(model, data.test), detection.to_dict()),
+                            weights, secs)
+    trigger = build_trigger(cfg, job.name, shape)
+    poisoned = BackdoorInjection(trigger, config=cfg.attack, seed=cfg.seed).poison(data.train).data
     t0 = time.perf_counter()
-    model = train_model(cfg, run, name, poisoned, shape, data.num_classes, progress, sources)
+    model, secs = train_model(cfg, job, poisoned, shape, classes, progress)
+    weights = _weights(model, secs)  # as trained, before anything touches the model
     t1 = time.perf_counter()
-    for origin in (run, *(s for s in sources if same_defence(cfg, s))):
-        saved = origin.load_state(f"result-{name}")
-        if saved is not None:  # a resumed run, or a source run that defended this model alike
-            purified = origin.load_checkpoint(f"model-{name}-mcl")[0]
-            if origin is not run:  # keep this run self-contained
-                run.save_checkpoint(f"model-{name}-mcl", purified, {"arch": "purified", "model": name})
-                run.save_state(f"result-{name}", saved)
-            run.log(f"{name}: results loaded from run {origin.id}")
-            result = AttackResult.from_dict(saved["entry"])
-            result.models = _restore_models(cfg, saved, purified, model, trigger)
-            return result
     target = cfg.attack.target
     backdoored = BaAsr(**backdoor_metrics(model, trigger, data.test, target))
-    detection = scan(cfg, model, clean, data.num_classes, progress)
+    detection = scan(cfg, model, clean, classes, progress)
     t2 = time.perf_counter()
     d = defend(cfg, model, trigger, clean, data.test, detection, progress)
     result = AttackResult(backdoored, float(detection.anomaly_index[target]), detection.to_dict(),
@@ -281,12 +304,60 @@ def run_attack(cfg: ProtocolConfig, run: Run, name: str, data: SupervisedData, c
                           d["seconds"] | {"train": t1 - t0, "neural_cleanse": t2 - t1},
                           AttackModels(model, trigger, d["purified"], d["mcl_trigger"],
                                        d["nc_trigger"]))
-    _save_result(run, name, result)
-    run.log(f"{name}: BA {backdoored.benign_accuracy:.4f} ASR "
-            f"{backdoored.attack_success_rate:.4f} -> MCL ASR "
+    return ModelOutcome(result, weights, secs)
+
+
+def _weights(model: nn.Module, trained: list[float] | None) -> dict | None:
+    return None if trained is None else {k: v.detach().cpu().clone()
+                                         for k, v in model.state_dict().items()}
+
+
+def recorded(cfg: ProtocolConfig, run: Run, job: ModelJob, data: SupervisedData,
+             sources: list[Run] = ()) -> ModelOutcome | None:
+    """The result of piece `job` kept in this run, or in a source run that defended the same
+    model alike (then copied into this run); None if none holds it."""
+    if job.weights is None:
+        return None
+    if job.name == "clean":
+        saved = run.load_state("result-clean")
+        return None if saved is None else ModelOutcome(CleanControl(
+            saved["entry"]["benign_accuracy"], saved["entry"]["nc"]), None, None)
+    for origin in (run, *(s for s in sources if same_defence(cfg, s))):
+        saved = origin.load_state(f"result-{job.name}")
+        if saved is not None:  # a resumed run, or a source run that defended this model alike
+            purified = origin.load_checkpoint(f"model-{job.name}-mcl")[0]
+            if origin is not run:  # keep this run self-contained
+                run.save_checkpoint(f"model-{job.name}-mcl", purified,
+                                    {"arch": "purified", "model": job.name})
+                run.save_state(f"result-{job.name}", saved)
+            run.log(f"{job.name}: results loaded from run {origin.id}")
+            shape = tuple(data.train.x.shape[1:])
+            model, _ = train_model(cfg, job, data.train, shape, data.num_classes, False)
+            result = AttackResult.from_dict(saved["entry"])
+            result.models = _restore_models(cfg, saved, purified, model,
+                                            build_trigger(cfg, job.name, shape))
+            return ModelOutcome(result, None, None)
+    return None
+
+
+def record(cfg: ProtocolConfig, run: Run, job: ModelJob, outcome: ModelOutcome) -> None:
+    """Keep a piece's outcome in the run: the model it trained, its result; log it."""
+    if outcome.weights is not None:
+        run.save_checkpoint(f"model-{job.name}", outcome.weights,
+                            {"arch": cfg.arch, "model": job.name})
+        job.state.discard()
+        secs = outcome.epoch_seconds or []
+        run.log(f"{job.name}: trained {cfg.train.epochs} epochs in {sum(secs):.0f}s "
+                f"({sum(secs) / max(1, len(secs)):.1f}s/epoch this session)")
+    result = outcome.result
+    if isinstance(result, CleanControl):
+        run.save_state("result-clean", {"entry": result.to_dict()})
+        return
+    _save_result(run, job.name, result)
+    run.log(f"{job.name}: BA {result.backdoored.benign_accuracy:.4f} ASR "
+            f"{result.backdoored.attack_success_rate:.4f} -> MCL ASR "
             f"{result.defences['mcl'].attack_success_rate:.4f}; NC index "
             f"{result.nc_anomaly_index:.2f}")
-    return result
 
 
 def _save_result(run: Run, name: str, result: AttackResult) -> None:
@@ -308,22 +379,24 @@ def _restore_models(cfg: ProtocolConfig, saved: dict, weights: dict, model: nn.M
                         MaskTrigger(saved["nc_mask"], saved["nc_pattern"]))
 
 
-def clean_control(cfg: ProtocolConfig, run: Run, data: SupervisedData, clean: ImageSet,
-                  progress: bool, sources: list[Run] = ()) -> CleanControl:
-    """Train (or reload) the model on unpoisoned data and scan it."""
-    shape = tuple(data.train.x.shape[1:])
-    model = train_model(cfg, run, "clean", data.train, shape, data.num_classes, progress, sources)
-    detection = scan(cfg, model, clean, data.num_classes, progress)
-    return CleanControl(evaluate(model, data.test), detection.to_dict())
-
-
 def evaluate_defences(cfg: ProtocolConfig, run: Run, data: SupervisedData, clean: ImageSet,
-                      progress: bool = True, sources: list[Run] = ()) -> BackdoorResults:
-    """The whole protocol on loaded data: every attack, then the clean control."""
+                      progress: bool = True, sources: list[Run] = (),
+                      executor: Executor | None = None) -> BackdoorResults:
+    """The whole protocol on loaded data: every attack, then the clean control, each a piece
+    (`model_piece`) run on `executor` (None: local) and recorded in the run as it completes."""
     results = BackdoorResults(cfg.data.dataset, cfg.arch, cfg.attack.target, len(clean), {},
                               [source.id for source in sources] if sources else None)
+    names = [*cfg.attack.attacks, *(["clean"] if cfg.attack.clean_control else [])]
+    jobs = {name: ModelJob(name, saved_model(run, name, sources), run.state_file(f"train-{name}"))
+            for name in names}
+    inner = progress and (executor is None or executor.name == "local")
+    out = run_pieces(executor, model_piece, jobs,
+                     load=lambda name: recorded(cfg, run, jobs[name], data, sources),
+                     save=lambda name, outcome: record(cfg, run, jobs[name], outcome),
+                     shared={"cfg": cfg, "data": data, "clean": clean, "progress": inner},
+                     description="backdoor models")
     for name in cfg.attack.attacks:
-        results.attacks[name] = run_attack(cfg, run, name, data, clean, progress, sources)
+        results.attacks[name] = out[name].result
     if cfg.attack.clean_control:
-        results.clean_model = clean_control(cfg, run, data, clean, progress, sources)
+        results.clean_model = out["clean"].result
     return results

@@ -24,14 +24,15 @@ trigger alone costs 4 points, so a BA counting it could not exceed ≈ 95.5% at 
 CA 99.46% / ASR 98.2% (ε = 0.07), yet the published BA there is 97.92%. The BA over all queries
 is reported beside it (`backdoor_accuracy_all_queries`).
 
-`evaluate_attacks` runs the whole protocol (tasks in chunks of `task_batch`, one thread per core
-on a CPU) and returns a `FewShotResult`; `FewShotResult.metrics()` is the run's metrics.json part.
+`evaluate_attacks` runs the whole protocol (tasks in chunks of `task_batch`, each chunk clean and
+at each ε an independent piece on an executor, by default one thread per core on a CPU) and
+returns a `FewShotResult`; `FewShotResult.metrics()` is the run's metrics.json part.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, get_args
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from pydantic import Field, field_validator
@@ -44,15 +45,18 @@ from poisonlab.config import replace
 from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
 from poisonlab.errors import ConfigError
+from poisonlab.evaluation.fewshot_results import EpsilonRow, EpsilonTrace, FewShotResult
+from poisonlab.evaluation.pieces import ThreadExecutor, run_pieces
+from poisonlab.executors import Executor
 from poisonlab.metrics import mean_ci95
 from poisonlab.progress import progress_bar
+from poisonlab.runs import Run
 from poisonlab.training.maml import (
     Params,
     TaskForward,
     default_workers,
     finetune,
     finetune_and_predict,
-    map_task_chunks,
 )
 from poisonlab.training.meta_trainer import MetaTrainConfig
 
@@ -224,120 +228,68 @@ def attack_tasks(
                           bd.support_x[:examples].detach().cpu())
 
 
-@dataclass(frozen=True)
-class EpsilonRow:
-    """The measured numbers at one ε (fractions in [0, 1], each with its 95% CI half-width);
-    the ASP fields are None where ASP did not run."""
-
-    epsilon: float
-    backdoor_accuracy: float
-    backdoor_accuracy_ci95: float
-    backdoor_accuracy_all_queries: float
-    backdoor_accuracy_all_queries_ci95: float
-    attack_success_rate: float
-    attack_success_rate_ci95: float
-    asp_accuracy: float | None
-    asp_accuracy_ci95: float | None
-    final_pgd_loss: float
-
-    def metrics(self) -> dict[str, Any]:
-        """The row as in metrics.json (no ASP keys where ASP did not run)."""
-        return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("asp_accuracy", "asp_accuracy_ci95")}
-
-
-@dataclass(frozen=True)
-class EpsilonTrace:
-    """For figures, at one ε: the backdoor's PGD loss per iteration and task [L, T] and the
-    poisoned support sets of the first tasks [E, n, C, H, W]."""
-
-    losses: Tensor
-    examples: Tensor
-
-
-@dataclass(frozen=True)
-class FewShotResult:
-    """What the evaluation measured: CA, how the clean model classifies the trigger, the rows per
-    ε and the headline row (the ε closest to the configured headline budget). `traces` and
-    `clean_examples` (the clean support sets of the first tasks) are for figures; a result read
-    back from metrics.json has none."""
-
-    tasks: int
-    protocol: str
-    attacker_trigger_batch: str
-    attacker_keep_support: float
-    clean_accuracy: float
-    clean_accuracy_ci95: float
-    clean_trigger_to_target_rate: float
-    clean_trigger_to_target_rate_ci95: float
-    clean_trigger_accuracy: float
-    clean_trigger_accuracy_ci95: float
-    per_epsilon: list[EpsilonRow]
-    headline: EpsilonRow
-    traces: dict[float, EpsilonTrace] | None = field(default=None, compare=False)
-    clean_examples: Tensor | None = field(default=None, compare=False)
-
-    def metrics(self) -> dict[str, Any]:
-        """The run's metrics.json entries (the experiment adds data set and timing)."""
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                               if f.name not in ("per_epsilon", "headline", "traces",
-                                                 "clean_examples")}
-        h = self.headline
-        out["per_epsilon"] = [r.metrics() for r in self.per_epsilon]
-        out["headline"] = {"epsilon": h.epsilon, "clean_accuracy": self.clean_accuracy,
-                           "backdoor_accuracy": h.backdoor_accuracy,
-                           "attack_success_rate": h.attack_success_rate}
-        if h.asp_accuracy is not None:
-            out["asp_accuracy"] = h.asp_accuracy
-            out["asp_accuracy_ci95"] = h.asp_accuracy_ci95
-            out["headline"]["asp_accuracy"] = h.asp_accuracy
-        return out
-
-    @classmethod
-    def from_metrics(cls, metrics: dict[str, Any]) -> FewShotResult:
-        """The result back from `metrics()` output (a run's metrics.json), without traces."""
-        names = [f.name for f in fields(EpsilonRow)]
-        rows = [EpsilonRow(**{k: r.get(k) for k in names}) for r in metrics["per_epsilon"]]
-        headline = next(r for r in rows if r.epsilon == metrics["headline"]["epsilon"])
-        scalars = {f.name: metrics[f.name] for f in fields(cls)
-                   if f.name not in ("per_epsilon", "headline", "traces", "clean_examples")}
-        return cls(**scalars, per_epsilon=rows, headline=headline)
-
-
 def evaluate_attacks(
     forward: TaskForward, theta: Params, test: FewShotData, meta: MetaTrainConfig,
     cfg: FewShotEvalConfig, *, seed: int = 0, device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool = True, run: Run | None = None, executor: Executor | None = None,
 ) -> FewShotResult:
     """CA on `cfg.tasks` clean meta-test tasks (`meta.ways`-way `meta.shots`-shot), then the
     backdoor (and ASP) at every ε of `cfg.epsilons` on the same tasks and triggers.
 
-    Tasks are processed in chunks of `cfg.task_batch`, one thread per core on a CPU.
+    The pieces (`chunk_piece`): per chunk of `cfg.task_batch` tasks, the clean victims, and the
+    attacks at each ε; each seeds itself from its chunk and ε. With a `run`, every piece's
+    outcome is kept in it as it arrives (`fewshot-<key>`) and a resumed run reuses them. With no
+    `executor` the chunks run on one thread per core on a CPU, as before pieces existed.
     """
     sampler = EpisodeSampler(test, meta.ways, meta.shots, meta.queries, rotate=False, seed=seed)
     episodes = sampler.sample_fixed(cfg.tasks, seed=seed + 2)
     triggers = choose_triggers(episodes.query_y, meta.ways, seed=seed + 3)
-    n_chunks = -(-cfg.tasks // cfg.task_batch)
-    with progress_bar(n_chunks, "attacking", enabled=progress) as bar:
+    starts = range(0, cfg.tasks, cfg.task_batch)
+    items: dict[str, tuple[int, int | None]] = {}
+    for start in starts:
+        items[f"clean-c{start}"] = (start, None)
+        items |= {f"attack-c{start}-e{e}": (start, e) for e in range(len(cfg.epsilons))}
+    if executor is None:
+        executor = ThreadExecutor(default_workers(device) if len(starts) > 1 else 1)
+    shared = {"forward": forward, "theta": theta, "episodes": episodes, "triggers": triggers,
+              "cfg": cfg, "seed": seed, "device": str(device)}
+    with progress_bar(len(items), "attacking", enabled=progress) as bar:
+        results = run_pieces(executor, chunk_piece, items, shared=shared,
+                             load=lambda key: _load_piece(run, key),
+                             save=None if run is None else lambda key, r: _save_piece(run, key, r),
+                             done=lambda key, r: bar.advance(), description="few-shot chunks")
+    clean = [results[f"clean-c{start}"] for start in starts]
+    outcomes = {eps: [results[f"attack-c{start}-e{e}"] for start in starts]
+                for e, eps in enumerate(cfg.epsilons)}
+    return summarize(cfg, clean, outcomes, episodes.support_x[:4])
 
-        def one(sl: slice) -> tuple[TaskOutcome, dict[float, EpsilonOutcome]]:
-            part = _chunk(episodes, sl.start, cfg.task_batch, device)
-            trig = triggers.part(slice(sl.start, sl.start + cfg.task_batch))
-            clean = victim_outcomes(forward, theta, part.support_x, part.support_y, part, trig,
-                                    cfg.finetune_steps, cfg.finetune_lr, cfg.protocol)
-            per_eps = {}
-            for e, eps in enumerate(cfg.epsilons):
-                backdoor, asp = attackers(forward, theta, cfg, eps)
-                per_eps[eps] = attack_tasks(
-                    forward, theta, part, trig, backdoor, asp, cfg.finetune_steps,
-                    cfg.finetune_lr, seed=seed * 1000003 + sl.start * 101 + e,
-                    protocol=cfg.protocol)
-            bar.advance()
-            return clean, per_eps
 
-        results = map_task_chunks(one, cfg.tasks, cfg.task_batch, default_workers(device))
-    outcomes = {eps: [r[1][eps] for r in results] for eps in cfg.epsilons}
-    return summarize(cfg, [r[0] for r in results], outcomes, episodes.support_x[:4])
+def chunk_piece(item: tuple[int, int | None], *, forward: TaskForward, theta: Params,
+                episodes: Episodes, triggers: TriggerChoice, cfg: FewShotEvalConfig, seed: int,
+                device: str) -> TaskOutcome | EpsilonOutcome:
+    """One piece: the tasks from `start` (a chunk of `cfg.task_batch`), clean (e None) or
+    attacked at ε number e (seeded by seed, start and e alone)."""
+    start, e = item
+    part = _chunk(episodes, start, cfg.task_batch, device)
+    trig = triggers.part(slice(start, start + cfg.task_batch))
+    if e is None:
+        return victim_outcomes(forward, theta, part.support_x, part.support_y, part, trig,
+                               cfg.finetune_steps, cfg.finetune_lr, cfg.protocol)
+    backdoor, asp = attackers(forward, theta, cfg, cfg.epsilons[e])
+    return attack_tasks(forward, theta, part, trig, backdoor, asp, cfg.finetune_steps,
+                        cfg.finetune_lr, seed=seed * 1000003 + start * 101 + e,
+                        protocol=cfg.protocol)
+
+
+def _save_piece(run: Run, key: str, outcome: TaskOutcome | EpsilonOutcome) -> None:
+    run.save_state(f"fewshot-{key}", asdict(outcome))
+
+
+def _load_piece(run: Run | None, key: str) -> TaskOutcome | EpsilonOutcome | None:
+    state = None if run is None else run.load_state(f"fewshot-{key}")
+    if state is None:
+        return None
+    return (TaskOutcome if key.startswith("clean-") else EpsilonOutcome)(**state)
 
 
 def attackers(forward: TaskForward, theta: Params, cfg: FewShotEvalConfig, epsilon: float,

@@ -17,23 +17,28 @@ Poisons crafted on one surrogate architecture and evaluated on every victim arch
 transfer matrix. Victims are trained with training.supervised.train_classifier: every
 architecture here has batch normalisation, which training.batched_models cannot batch.
 
-Everything is kept in the run (poisons as safetensors Poisons files, each finished victim's
-predictions and accuracy, the craft state and each victim's epoch state while they run), so a
-resumed run continues crafting from the last saved step and skips finished victims.
+The pieces, each seeded from its own inputs and run on an executor (poisonlab.executors): the
+gradient-matching surrogates (per architecture), the crafting of every (attack, surrogate,
+target) (`craft_piece`), then every victim, baseline or poisoned (`victim_piece`). Everything
+is kept in the run: the driver records each finished piece as it arrives (poisons as safetensors
+Poisons files `poisons-<attack>-<arch>-t<id>`, each victim's predictions and accuracy
+`victim-...`, each surrogate `surrogate-<arch>`), and a piece keeps its own in-progress state
+(the craft state `craft-...` after every step, a training's epoch state `train-...`) through a
+runs.StateFile, so a resumed run continues crafting from the last saved step, continues a victim
+from its last epoch and skips finished pieces.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import CraftState, MetaPoison
 from poisonlab.attacks.poisons import Poisons
-from poisonlab.data.types import ImageSet
 from poisonlab.errors import ShapeError
 from poisonlab.evaluation.metapoison_config import StudyConfig
 from poisonlab.evaluation.metapoison_data import PoisonData, Target, targets
@@ -43,11 +48,13 @@ from poisonlab.evaluation.metapoison_results import (
     Outcomes,
     StudyResult,
 )
+from poisonlab.evaluation.pieces import run_pieces
+from poisonlab.executors import Executor
 from poisonlab.models import build_model
 from poisonlab.progress import progress_bar
-from poisonlab.runs import Run
+from poisonlab.runs import Run, StateFile
 from poisonlab.training.supervised import (
-    RunCheckpoint,
+    TrainConfig,
     predict_logits,
     train_classifier,
 )
@@ -77,12 +84,103 @@ def check_feasible(cfg: StudyConfig, data: PoisonData) -> None:
                              f"architecture {arch}: {str(exc).splitlines()[0]}") from None
 
 
+# ---- the pieces (module level: an executor may pickle them) ---------------------------------
+
+
+@dataclass
+class VictimJob:
+    """One victim: `arch` trained from scratch (seed + trial) on the clean subset (poisons None)
+    or on it poisoned, classifying `x_targets`; `state` keeps its epochs while it trains."""
+
+    arch: str
+    trial: int
+    poisons: Poisons | None
+    x_targets: torch.Tensor
+    state: StateFile
+
+
+def victim_piece(job: VictimJob, *, data: PoisonData, train: TrainConfig, seed: int,
+                 progress: bool) -> tuple[torch.Tensor, float, float]:
+    """(predicted classes of the targets, clean test accuracy, seconds) of one victim."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed + job.trial)
+    model = factory(job.arch, data)()
+    train_set = data.train if job.poisons is None else job.poisons.apply(data.train)
+    train_classifier(model, train_set, train, progress=progress, checkpoint=job.state,
+                     seed=seed + job.trial)
+    pred = predict_logits(model, job.x_targets).argmax(1)
+    return pred, clean_accuracy(model, data.test), time.perf_counter() - t0
+
+
+def surrogate_piece(job: tuple[str, int, StateFile], *, data: PoisonData, train: TrainConfig,
+                    seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    """The weights of gradient matching's surrogate (arch, j): trained on the clean subset."""
+    arch, j, state = job
+    torch.manual_seed(seed + 500 + j)
+    model = factory(arch, data)()
+    train_classifier(model, data.train, train, progress=progress, checkpoint=state,
+                     seed=seed + 500 + j)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class CraftJob:
+    """One crafting: `attack` on surrogate architecture number j for `target`, seeded by `seed`;
+    `surrogate`: gradient matching's trained surrogate weights; `state`: MetaPoison's steps."""
+
+    attack: str
+    j: int
+    arch: str
+    seed: int
+    target: Target
+    state: StateFile
+    surrogate: dict[str, torch.Tensor] | None = None
+
+
+def craft_piece(job: CraftJob, *, data: PoisonData, cfg: StudyConfig, poison_idx: torch.Tensor,
+                adv: int, seed: int, progress: bool) -> tuple[Poisons, float]:
+    """(the poisons, seconds) of one crafting."""
+    t0 = time.perf_counter()
+    x, label = job.target.x, job.target.label
+    if job.attack == "metapoison":
+        attack = MetaPoison(factory(job.arch, data), config=cfg.metapoison, seed=job.seed)
+        saved = job.state.load()
+        resume = CraftState(**saved) if saved is not None else None
+        done = resume.step if resume is not None else 0
+
+        def keep(state: CraftState) -> None:
+            job.state.save({f.name: getattr(state, f.name) for f in fields(state)})
+
+        with progress_bar(cfg.metapoison.craft_steps - done, f"MetaPoison target {job.target.id}",
+                          enabled=progress) as bar:
+            poisons = attack.craft(data.train, poison_idx, x, adv, target_label=label,
+                                   checkpoint=keep, resume=resume,
+                                   progress=lambda status: bar.advance(status=status))
+        return poisons, time.perf_counter() - t0
+    torch.manual_seed(seed + 500 + job.j)
+    surrogate = factory(job.arch, data)()
+    surrogate.load_state_dict(job.surrogate)
+    gm = cfg.gradient_matching
+    with progress_bar(gm.restarts * gm.iterations, f"gradient matching target {job.target.id}",
+                      enabled=progress) as bar:
+        poisons = GradientMatching(surrogate.eval(), config=gm, seed=job.seed).craft(
+            data.train, poison_idx, x, adv, target_label=label,
+            progress=lambda status: bar.advance(status=status))
+    return poisons, time.perf_counter() - t0
+
+
+# ---- the study -----------------------------------------------------------------------------
+
+
 class Study:
-    """The study's state: data, poisons, targets; crafting and victims reused from the run."""
+    """The study's state: data, poisons, targets; every piece reused from the run if there."""
 
     def __init__(self, cfg: StudyConfig, run: Run, data: PoisonData, *, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, executor: Executor | None = None) -> None:
         self.cfg, self.run, self.data, self.seed, self.progress = cfg, run, data, seed, progress
+        self.executor = executor
+        # progress bars inside pieces only where the pieces run in this process, one at a time
+        self.piece_progress = progress and (executor is None or executor.name == "local")
         self.targets: list[Target] = targets(cfg.targets, data)
         self.adv = cfg.targets.adversarial
         chooser = MetaPoison(factory(cfg.surrogates[0], data), config=cfg.metapoison, seed=seed)
@@ -90,117 +188,132 @@ class Study:
         self.seconds: dict[str, float] = {}
         self.record = CraftRecord()
 
-    # ---- victims ---------------------------------------------------------------------------
-    def victim(self, name: str, arch: str, train: ImageSet, trial: int,
-               x_targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Predicted classes of x_targets and the clean test accuracy of a victim `arch` trained
-        from scratch on `train` (trial `trial`: seed + trial); kept in the run as `name`."""
-        saved = self.run.load_checkpoint(name)
-        if saved is not None:
-            return saved[0]["pred"], float(saved[1]["accuracy"])
-        t0 = time.perf_counter()
-        torch.manual_seed(self.seed + trial)
-        model = factory(arch, self.data)()
-        store = RunCheckpoint(self.run, f"train-{name}")
-        train_classifier(model, train, self.cfg.victims.train, progress=self.progress,
-                         checkpoint=store, seed=self.seed + trial)
-        pred = predict_logits(model, x_targets).argmax(1)
-        accuracy = clean_accuracy(model, self.data.test)
-        self.run.save_checkpoint(name, {"pred": pred}, {"accuracy": accuracy})
-        self.run.checkpoint_path(f"train-{name}").unlink(missing_ok=True)
-        self.seconds["victims"] = self.seconds.get("victims", 0.0) + time.perf_counter() - t0
-        return pred, accuracy
+    def _shared(self, **more) -> dict:
+        return {"data": self.data, "seed": self.seed, "progress": self.piece_progress, **more}
 
-    def baseline(self) -> dict[str, Outcomes]:
+    def _add_seconds(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    # ---- victims ---------------------------------------------------------------------------
+    def victims(self, poisons: dict[str, Poisons]) -> dict[str, tuple[torch.Tensor, float]]:
+        """(pred, accuracy) of every victim, baseline and poisoned (name: its checkpoint)."""
+        x_all = torch.stack([t.x for t in self.targets])
+        jobs: dict[str, VictimJob] = {}
+        for v in self.cfg.victims.archs:
+            for k in range(self.cfg.victims.trials_of(v)):
+                jobs[f"victim-clean-{v}-{k}"] = self._victim_job(f"victim-clean-{v}-{k}", v, k,
+                                                                  None, x_all)
+        for key, craft in self.craftings().items():
+            for v in self.cfg.victims.archs:
+                for k in range(self.cfg.victims.trials_of(v)):
+                    name = f"victim-{key}-{v}-{k}"
+                    jobs[name] = self._victim_job(name, v, k, poisons[key],
+                                                  craft.target.x.unsqueeze(0))
+
+        def load(name: str) -> tuple[torch.Tensor, float] | None:
+            saved = self.run.load_checkpoint(name)
+            return None if saved is None else (saved[0]["pred"], float(saved[1]["accuracy"]))
+
+        def save(name: str, result: tuple[torch.Tensor, float, float]) -> None:
+            pred, accuracy, seconds = result
+            self.run.save_checkpoint(name, {"pred": pred}, {"accuracy": accuracy})
+            jobs[name].state.discard()
+            self._add_seconds("victims", seconds)
+
+        out = run_pieces(self.executor, victim_piece, jobs, load=load, save=save,
+                         shared=self._shared(train=self.cfg.victims.train),
+                         description="MetaPoison victims")
+        return {name: (r[0], float(r[1])) for name, r in out.items()}
+
+    def _victim_job(self, name: str, arch: str, trial: int, poisons: Poisons | None,
+                    x: torch.Tensor) -> VictimJob:
+        return VictimJob(arch, trial, poisons, x, self.run.state_file(f"train-{name}"))
+
+    def baseline(self, preds: dict[str, tuple[torch.Tensor, float]]) -> dict[str, Outcomes]:
         """The unperturbed baseline: victims on the clean subset classify every target."""
-        x = torch.stack([t.x for t in self.targets])
         out = {}
         for arch in self.cfg.victims.archs:
-            runs = [self.victim(f"victim-clean-{arch}-{k}", arch, self.data.train, k, x)
+            runs = [preds[f"victim-clean-{arch}-{k}"]
                     for k in range(self.cfg.victims.trials_of(arch))]
             out[arch] = Outcomes(
-                [[bool(pred[i] == self.adv) for pred, _ in runs] for i in range(len(x))],
-                [[acc for _, acc in runs] for _ in range(len(x))])
+                [[bool(pred[i] == self.adv) for pred, _ in runs] for i in range(len(self.targets))],
+                [[acc for _, acc in runs] for _ in range(len(self.targets))])
         return out
 
     # ---- crafting --------------------------------------------------------------------------
-    def poisons(self, attack: str, j: int, target: Target) -> Poisons:
-        """The poisons of `attack` on surrogate architecture j for `target` (kept in the run)."""
-        arch = self.cfg.surrogates[j]
-        key = f"{attack}-{arch}-t{target.id}"
-        path = self.run.checkpoint_path(f"poisons-{key}")
-        if path.exists():
-            return Poisons.load(path)
-        t0 = time.perf_counter()
-        craft_seed = self.seed + 1000 * (j + 1) + target.id
-        if attack == "metapoison":
-            poisons = self._metapoison(arch, craft_seed, target, f"craft-{key}")
-        else:
-            poisons = self._gradient_matching(j, craft_seed, target)
-        poisons.save(path, {"target_id": target.id, "adv_class": self.adv, "surrogate": arch})
-        self.run.checkpoint_path(f"craft-{key}").unlink(missing_ok=True)
-        self.seconds[f"craft_{attack}"] = (self.seconds.get(f"craft_{attack}", 0.0)
-                                           + time.perf_counter() - t0)
-        return poisons
+    def craftings(self) -> dict[str, CraftJob]:
+        """The crafting of every attack, surrogate architecture j and target, keyed
+        `<attack>-<arch>-t<id>` (a surrogate architecture listed twice is crafted on once)."""
+        jobs: dict[str, CraftJob] = {}
+        for name in self.cfg.attacks:
+            for j, arch in enumerate(self.cfg.surrogates):
+                for target in self.targets:
+                    key = f"{name}-{arch}-t{target.id}"
+                    jobs.setdefault(key, CraftJob(name, j, arch,
+                                                  self.seed + 1000 * (j + 1) + target.id, target,
+                                                  self.run.state_file(f"craft-{key}")))
+        return jobs
 
-    def _metapoison(self, arch: str, seed: int, target: Target, state_name: str) -> Poisons:
-        attack = MetaPoison(factory(arch, self.data), config=self.cfg.metapoison, seed=seed)
-        saved = self.run.load_state(state_name)
-        resume = CraftState(**saved) if saved is not None else None
-        steps = self.cfg.metapoison.craft_steps
-        done = resume.step if resume is not None else 0
+    def poisons(self) -> dict[str, Poisons]:
+        """The poisons of every attack, surrogate architecture and target (kept in the run as
+        `poisons-<attack>-<arch>-t<id>`), crafted where the run has none."""
+        jobs = self.craftings()
+        paths = {key: self.run.checkpoint_path(f"poisons-{key}") for key in jobs}
+        needed = {job.j for key, job in jobs.items()
+                  if job.attack == "gradient_matching" and not paths[key].exists()}
+        surrogates = self.surrogates(sorted(needed))
+        for job in jobs.values():
+            if job.attack == "gradient_matching" and job.j in surrogates:
+                job.surrogate = surrogates[job.j]
 
-        def keep(state: CraftState) -> None:
-            self.run.save_state(state_name, {f.name: getattr(state, f.name) for f in fields(state)})
+        def load(key: str) -> tuple[Poisons, float] | None:
+            return (Poisons.load(paths[key]), 0.0) if paths[key].exists() else None
 
-        with progress_bar(steps - done, f"MetaPoison target {target.id}",
-                          enabled=self.progress) as bar:
-            return attack.craft(self.data.train, self.poison_idx, target.x, self.adv,
-                                target_label=target.label, checkpoint=keep, resume=resume,
-                                progress=lambda status: bar.advance(status=status))
+        def save(key: str, result: tuple[Poisons, float]) -> None:
+            job = jobs[key]
+            result[0].save(paths[key], {"target_id": job.target.id, "adv_class": self.adv,
+                                        "surrogate": job.arch})
+            job.state.discard()
+            self._add_seconds(f"craft_{job.attack}", result[1])
 
-    def _gradient_matching(self, j: int, seed: int, target: Target) -> Poisons:
-        surrogate = self.surrogate(j)
-        cfg = self.cfg.gradient_matching
-        attack = GradientMatching(surrogate, config=cfg, seed=seed)
-        with progress_bar(cfg.restarts * cfg.iterations, f"gradient matching target {target.id}",
-                          enabled=self.progress) as bar:
-            return attack.craft(self.data.train, self.poison_idx, target.x, self.adv,
-                                progress=lambda status: bar.advance(status=status),
-                                target_label=target.label)
+        out = run_pieces(self.executor, craft_piece, jobs, load=load, save=save,
+                         shared=self._shared(cfg=self.cfg, poison_idx=self.poison_idx,
+                                             adv=self.adv), description="MetaPoison crafting")
+        return {key: r[0] for key, r in out.items()}
 
-    def surrogate(self, j: int) -> torch.nn.Module:
-        """Gradient matching's surrogate j: trained on the clean subset (kept in the run)."""
-        arch = self.cfg.surrogates[j]
-        torch.manual_seed(self.seed + 500 + j)
-        model = factory(arch, self.data)()
-        saved = self.run.load_checkpoint(f"surrogate-{arch}")
-        if saved is not None:
-            model.load_state_dict(saved[0])
-            return model.eval()
-        train_classifier(model, self.data.train, self.cfg.victims.train, progress=self.progress,
-                         checkpoint=RunCheckpoint(self.run, f"train-surrogate-{arch}"),
-                         seed=self.seed + 500 + j)
-        self.run.save_checkpoint(f"surrogate-{arch}",
-                                 {k: v.detach().cpu().contiguous()
-                                  for k, v in model.state_dict().items()})
-        self.run.checkpoint_path(f"train-surrogate-{arch}").unlink(missing_ok=True)
-        return model.eval()
+    def surrogates(self, js: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Gradient matching's surrogates j in `js`: trained on the clean subset (kept in the
+        run as `surrogate-<arch>`)."""
+        archs = {f"surrogate-{self.cfg.surrogates[j]}": j for j in reversed(js)}
+        jobs = {name: (self.cfg.surrogates[j], j, self.run.state_file(f"train-{name}"))
+                for name, j in archs.items()}
+
+        def load(name: str) -> dict[str, torch.Tensor] | None:
+            saved = self.run.load_checkpoint(name)
+            return None if saved is None else saved[0]
+
+        def save(name: str, weights: dict[str, torch.Tensor]) -> None:
+            self.run.save_checkpoint(name, weights)
+            jobs[name][2].discard()
+
+        out = run_pieces(self.executor, surrogate_piece, jobs, load=load, save=save,
+                         shared=self._shared(train=self.cfg.victims.train),
+                         description="gradient-matching surrogates")
+        return {j: out[f"surrogate-{self.cfg.surrogates[j]}"] for j in js}
 
     # ---- the protocol ----------------------------------------------------------------------
-    def attack(self, name: str, baseline: dict[str, Outcomes]) -> AttackResult:
-        """Craft on every surrogate for every target; victims of every architecture."""
+    def attack(self, name: str, baseline: dict[str, Outcomes], poisons: dict[str, Poisons],
+               preds: dict[str, tuple[torch.Tensor, float]]) -> AttackResult:
+        """The outcomes of every surrogate × victim architecture for attack `name`."""
         cells: dict[str, dict[str, Outcomes]] = {}
         for j, arch in enumerate(self.cfg.surrogates):
             row = {v: Outcomes([], []) for v in self.cfg.victims.archs}
             for i, target in enumerate(self.targets):
-                poisons = self.poisons(name, j, target)
+                key = f"{name}-{arch}-t{target.id}"
                 if j == 0:
-                    self._keep_record(name, i, poisons)
-                poisoned = poisons.apply(self.data.train)
+                    self._keep_record(name, i, poisons[key])
                 for v in self.cfg.victims.archs:
-                    runs = [self.victim(f"victim-{name}-{arch}-t{target.id}-{v}-{k}", v, poisoned,
-                                        k, target.x.unsqueeze(0))
+                    runs = [preds[f"victim-{key}-{v}-{k}"]
                             for k in range(self.cfg.victims.trials_of(v))]
                     row[v].success.append([bool(pred[0] == self.adv) for pred, _ in runs])
                     row[v].accuracy.append([acc for _, acc in runs])
@@ -218,11 +331,13 @@ class Study:
 
 
 def evaluate(cfg: StudyConfig, run: Run, data: PoisonData, *, seed: int = 0,
-             progress: bool = True) -> StudyResult:
-    """Run the study (see the module docstring) and return its typed result."""
-    study = Study(cfg, run, data, seed=seed, progress=progress)
-    baseline = study.baseline()
-    attacks = {name: study.attack(name, baseline) for name in cfg.attacks}
+             progress: bool = True, executor: Executor | None = None) -> StudyResult:
+    """Run the study (see the module docstring) on `executor` (None: local); its typed result."""
+    study = Study(cfg, run, data, seed=seed, progress=progress, executor=executor)
+    poisons = study.poisons()
+    preds = study.victims(poisons)
+    baseline = study.baseline(preds)
+    attacks = {name: study.attack(name, baseline, poisons, preds) for name in cfg.attacks}
     return StudyResult(data.dataset, data.classes, len(data.train), len(study.poison_idx),
                        cfg.targets.poison_class, cfg.targets.target_class, study.adv, attacks,
                        baseline, study.seconds, study.record)

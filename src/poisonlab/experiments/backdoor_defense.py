@@ -29,6 +29,7 @@ from poisonlab.evaluation.backdoor import (
     models_source,
 )
 from poisonlab.evaluation.backdoor_results import BackdoorResults
+from poisonlab.executors import Executor
 from poisonlab.report import backdoor as report
 from poisonlab.report.backdoor import FigureConfig
 from poisonlab.runs import Run
@@ -66,13 +67,15 @@ PRESETS: dict[str, dict] = {
 
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, *, executor: Executor | None = None) -> dict:
     """One trial: train the models, detect, purify, compare; write metrics, figures and report.
 
     `model` names earlier backdoor-defense runs (comma-separated ids) whose trained models are
     reused (same data, training and attack settings), so only the missing models are trained;
     detection and the defences run again unless a source ran them with the same settings, whose
     results are then taken over (so attacks run in parallel processes can be pooled into one run).
+    Each attack (and the clean control) is a piece run on `executor` (None: local), recorded in
+    the run as it completes.
     """
     sources = models_source(cfg, run, model)
     seed_everything(cfg.seed)
@@ -82,7 +85,7 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     clean = clean_subset(data.train, cfg.data.clean_fraction, cfg.seed)
     run.log(f"data: {cfg.data.dataset}, train {len(data.train)}, test {len(data.test)}, "
             f"clean subset {len(clean)}, device {default_device()}")
-    results = evaluate_defences(cfg, run, data, clean, progress, sources)
+    results = evaluate_defences(cfg, run, data, clean, progress, sources, executor)
     metrics = results.to_metrics()
     run.write_metrics(metrics)
     models = {name: a.models for name, a in results.attacks.items()}

@@ -28,6 +28,7 @@ from poisonlab.data.types import FewShotData
 from poisonlab.device import default_device, seed_everything
 from poisonlab.errors import ConfigError
 from poisonlab.evaluation.fewshot import FewShotEvalConfig, FewShotResult, evaluate_attacks
+from poisonlab.executors import Executor
 from poisonlab.models import build_model
 from poisonlab.models.cnn4 import cnn4_forward_tasks
 from poisonlab.report.fewshot import terminal_table, write_report
@@ -160,8 +161,11 @@ def load_meta_model(model: str, cfg: Config, device, root: Path | None = None) -
 
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None = None,
-        progress: bool = True) -> dict:
-    """One trial: meta-train (or load) CNN4, attack T tasks at every ε, write figures and report."""
+        progress: bool = True, *, executor: Executor | None = None) -> dict:
+    """One trial: meta-train (or load) CNN4, attack T tasks at every ε, write figures and report.
+
+    The attack chunks (per chunk of tasks and ε) run on `executor` (None: local threads) and are
+    kept in the run as they complete, so a resumed run skips those it has."""
     seed_everything(cfg.seed)
     device = default_device()
     t0 = time.perf_counter()
@@ -173,7 +177,8 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     theta, meta_summary = obtain_model(cfg, run, train, val, device, model, progress)
     t1 = time.perf_counter()
     result = evaluate_attacks(cnn4_forward_tasks, theta, test, cfg.meta, cfg.attack,
-                              seed=cfg.seed, device=device, progress=progress)
+                              seed=cfg.seed, device=device, progress=progress, run=run,
+                              executor=executor)
     metrics = result.metrics()
     metrics |= {"dataset": dataset, "meta_training": {k: v for k, v in meta_summary.items()
                                                     if k != "history"},

@@ -24,6 +24,7 @@ from poisonlab.evaluation.metapoison import check_feasible, evaluate
 from poisonlab.evaluation.metapoison_config import StudyConfig
 from poisonlab.evaluation.metapoison_data import load_data
 from poisonlab.evaluation.metapoison_results import StudyResult
+from poisonlab.executors import Executor
 from poisonlab.report.metapoison import terminal, write_report
 from poisonlab.runs import Run
 
@@ -75,14 +76,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True) -> dict:
-    """Craft, train the victims, measure; write metrics.json, figures and report.html."""
+def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True, *,
+        executor: Executor | None = None) -> dict:
+    """Craft, train the victims, measure; write metrics.json, figures and report.html.
+
+    The craftings and the victims are pieces run on `executor` (None: local), each recorded in
+    the run as it completes."""
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_data(cfg.data, data_dir, cfg.seed)
     check_feasible(cfg, data)
-    result = evaluate(cfg, run, data, seed=cfg.seed, progress=progress)
+    result = evaluate(cfg, run, data, seed=cfg.seed, progress=progress, executor=executor)
     metrics = result.metrics()
     run.write_metrics(metrics)
     write_report(run, cfg, result)

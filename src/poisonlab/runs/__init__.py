@@ -9,11 +9,19 @@ from poisonlab.runs.checkpoints import (
 )
 from poisonlab.runs.index import flatten_numbers, headline_metrics, list_runs, rebuild_index
 from poisonlab.runs.query import compare_runs, flatten_values, get_run
-from poisonlab.runs.record import STATUSES, Run, read_run_dir, resolve_run_dir, runs_root
+from poisonlab.runs.record import (
+    STATUSES,
+    Run,
+    StateFile,
+    read_run_dir,
+    resolve_run_dir,
+    runs_root,
+)
 
 __all__ = [
     "STATUSES",
     "Run",
+    "StateFile",
     "compare_runs",
     "flatten_numbers",
     "flatten_values",

@@ -181,18 +181,15 @@ class Run:
 
     def save_state(self, name: str, state: Any) -> Path:
         """Save a nested training state (state dicts, optimizer state, counters) for resuming."""
-        tensors, skeleton = pack_state(state)
-        return save_weights(self.checkpoint_path(name), tensors, {_STATE_KEY: skeleton})
+        return self.state_file(name).save(state)
 
     def load_state(self, name: str) -> Any | None:
         """The state saved by `save_state(name, ...)`, or None if there is none."""
-        path = self.checkpoint_path(name)
-        if not path.exists():
-            return None
-        tensors, header = load_weights(path)
-        if _STATE_KEY not in header:
-            raise RunError(f"checkpoint {path} was not written by save_state")
-        return unpack_state(tensors, header[_STATE_KEY])
+        return self.state_file(name).load()
+
+    def state_file(self, name: str) -> StateFile:
+        """The picklable handle of state `name` (what save_state / load_state use)."""
+        return StateFile(self.checkpoint_path(name))
 
     # --- lifecycle -----------------------------------------------------------------------
     def finish(self, status: str = "completed") -> None:
@@ -310,6 +307,32 @@ def mark_stale(root: Path | str | None = None) -> list[str]:
             run.finish("interrupted")
             stale.append(run.id)
     return stale
+
+
+class StateFile:
+    """One saved state of a run (checkpoints/<name>.safetensors, the format of Run.save_state)
+    as a small picklable handle: how a piece running in another process that sees the run
+    directory keeps its own in-progress state (a training's epochs, a craft's steps). It is a
+    training.supervised.CheckpointStore (save / load)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def save(self, state: Any) -> Path:
+        tensors, skeleton = pack_state(state)
+        return save_weights(self.path, tensors, {_STATE_KEY: skeleton})
+
+    def load(self) -> Any | None:
+        if not self.path.exists():
+            return None
+        tensors, header = load_weights(self.path)
+        if _STATE_KEY not in header:
+            raise RunError(f"checkpoint {self.path} was not written by save_state")
+        return unpack_state(tensors, header[_STATE_KEY])
+
+    def discard(self) -> None:
+        """Delete the state (its piece has finished and was recorded)."""
+        self.path.unlink(missing_ok=True)
 
 
 def _sigterm_to_interrupt(signum, frame) -> None:

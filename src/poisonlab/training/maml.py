@@ -101,7 +101,8 @@ def default_workers(device: torch.device | str = "cpu") -> int:
 
 
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after it."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -121,7 +122,7 @@ def map_task_chunks(fn: Callable[[slice], object], tasks: int, chunk: int | None
     slices = [slice(s, min(s + size, tasks)) for s in range(0, tasks, size)]
     if workers <= 1 or len(slices) == 1:
         return [fn(sl) for sl in slices]
-    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, slices))
 
 
