@@ -8,7 +8,6 @@ piece functions live at module level here so Ray's workers can import them.
 from __future__ import annotations
 
 import ast
-import io
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import torch
 from poisonlab.cli import main
 from poisonlab.errors import ConfigError, RunError
 from poisonlab.executors import LocalExecutor, get_executor, run_missing
+from test_membership_experiment import run_cli
 
 # The membership smoke preset cut down: shadow models of two architectures (the second through
 # the architecture matrix) and four LiRA reference models, a few epochs on 100-record parts.
@@ -32,17 +32,6 @@ MEMBERSHIP = ["run", "membership", "--preset", "smoke", "--json", "-q",
               "--set", "matrix.shadows=[small_cnn]", "--set", "matrix.dropout=false"]
 PIECES = {"shadow-tiny_cnn-0", "shadow-tiny_cnn-1", "shadow-small_cnn-0", "shadow-small_cnn-1",
           "lira-00", "lira-01", "lira-02", "lira-03"}
-
-
-def run_cli(args: list[str]) -> tuple[int, str]:
-    capture = pytest.MonkeyPatch()
-    buf = io.StringIO()
-    capture.setattr(sys, "stdout", buf)
-    try:
-        code = main(args)
-    finally:
-        capture.undo()
-    return code, buf.getvalue()
 
 
 def scale(item: int, *, factor: torch.Tensor) -> tuple[int, float]:

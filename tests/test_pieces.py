@@ -160,3 +160,15 @@ def test_a_state_file_survives_pickling_and_reads_what_the_run_saved(tmp_path):
     assert state["epoch"] == 3 and torch.equal(state["w"], torch.ones(2))
     handle.discard()
     assert run.load_state("train-x") is None
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ray_gives_the_local_metrics(name, ray_local):
+    """The same pieces as Ray tasks (the session's local Ray instance, 2 workers)."""
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    sets, _ = CASES[name]
+    _, expected = _run(name, sets, LocalExecutor())
+    with RayExecutor() as ray_executor:
+        _, got = _run(name, sets, ray_executor)
+    _assert_same(_strip(got), _strip(expected))
