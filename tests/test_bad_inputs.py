@@ -57,10 +57,31 @@ def _evil_cifar(folder: Path) -> Path:
     return root
 
 
-def _model_file(tmp: Path, dtype: torch.dtype = torch.float32) -> Path:
+def _model_file(tmp: Path, dtype: torch.dtype = torch.float32, nan: bool = False) -> Path:
     state = {k: v.to(dtype) if v.is_floating_point() else v
              for k, v in build_model("tiny_cnn", 10, 1).state_dict().items()}
-    return save_weights(tmp / f"model-{str(dtype)[6:]}.safetensors", state)
+    if nan:  # one NaN bias: every output NaN, every anomaly test vacuously false
+        key = next(k for k in state if k.endswith("bias"))
+        state[key] = torch.full_like(state[key], float("nan"))
+    return save_weights(tmp / f"model-{str(dtype)[6:]}{'-nan' * nan}.safetensors", state)
+
+
+def _cifar_batches(folder: Path, name: str, batch: dict) -> Path:
+    root = folder / name / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    for part in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (root / part).write_bytes(pickle.dumps(batch, 2) if not isinstance(batch, bytes)
+                                  else batch)
+    return root
+
+
+class _Hex:
+    """_codecs.encode(bytes, "hex"): chained, each call doubles the bytes (a 1 kB file → GBs)."""
+
+    def __reduce__(self):
+        import _codecs
+
+        return (_codecs.encode, (b"abc", "hex"))
 
 
 def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
@@ -68,6 +89,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     (tmp / "dangling").symlink_to(tmp / "nowhere")
     (tmp / "alias.yaml").write_text("train: &x {lr: *x}\n")
     (tmp / "bad.yaml").write_text("train: {lr: [unclosed\n")
+    (tmp / "deep.json").write_text('{"train": ' + "[" * 100_000 + "]" * 100_000 + "}")
     glyph_scan = ["--arch", "tiny_cnn", "--dataset", "glyphs"]
     return {
         # 1. values that are not finite or not in range
@@ -83,23 +105,36 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         # 4. untrusted data cannot ask for unbounded resources
         "zero-stride batch": (["data", "info", "cifar10", "--data-dir", str(_evil_cifar(tmp))],
                               ("data_batch_1", "numpy.ndarray")),
+        "hex-amplified batch": (["data", "info", "cifar10", "--data-dir",
+                                 str(_cifar_batches(tmp, "hex", {b"data": _Hex(), b"labels": [0]}))], ("hex",)),
+        "string labels": (["data", "info", "cifar10", "--data-dir", str(_cifar_batches(
+            tmp, "str", {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}))],
+            ("labels must be integers",)),
         # 6. one line for every kind of failure
         "circular yaml": ([*SMOKE, "--config", str(tmp / "alias.yaml")], ("alias.yaml",)),
         "malformed yaml": ([*SMOKE, "--config", str(tmp / "bad.yaml")], ("bad.yaml",)),
+        "deep json": ([*SMOKE, "--config", str(tmp / "deep.json")], ("nested too deeply",)),
+        "scan seed 10^22": (["scan", str(_model_file(tmp)), *glyph_scan, "--seed", "1" + "0" * 22],
+                            ("--seed",)),
+        "betas out of range": (["run", "backdoor-defense", "--preset", "smoke", "-q", "--set",
+                                "nc.inversion.betas=[2,3]"], ("nc.inversion.betas",)),
         "unknown option": ([*SMOKE, "--frobnicate"], ("--frobnicate",)),
         "seed not a number": ([*SMOKE, "--seed", "abc"], ("--seed",)),
         "unknown experiment": (["run", "nope"], ("nope",)),
         # 8. quiet acceptance
         "int8 weights": (["scan", str(_model_file(tmp, torch.int8)), *glyph_scan],
                          ("dtype int8",)),
+        "nan weights": (["scan", str(_model_file(tmp, nan=True)), *glyph_scan],
+                        ("NaN or infinite",)),
         "missing data dir": ([*SMOKE, "--data-dir", str(tmp / "absent")], ("absent",)),
     }
 
 
 CASES = ["threshold nan", "lr inf", "seed 10^22", "unknown key", "out under /proc",
-         "out is a file", "out dangling", "zero-stride batch", "circular yaml", "malformed yaml",
-         "unknown option", "seed not a number", "unknown experiment", "int8 weights",
-         "missing data dir"]
+         "out is a file", "out dangling", "zero-stride batch", "hex-amplified batch",
+         "string labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
+         "betas out of range", "unknown option", "seed not a number", "unknown experiment",
+         "int8 weights", "nan weights", "missing data dir"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -396,3 +396,32 @@ def test_an_unusable_index_is_set_aside_and_rebuilt(tmp_path, capsys, damage):
     with Run.create("demo", Cfg(), root=tmp_path) as run:  # and new runs are indexed again
         run.write_metrics({"accuracy": 0.7})
     assert len(list_runs(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("headline", ["{not json", "[1, 2]"])
+def test_a_damaged_index_row_is_rebuilt_from_the_directories(tmp_path, capsys, headline):
+    from poisonlab.runs import list_runs
+
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    with sqlite3.connect(index_path(tmp_path)) as conn:
+        conn.execute("UPDATE runs SET headline = ?", (headline,))
+    rows = list_runs(tmp_path)
+    assert [r["run_id"] for r in rows] == [run.id] and isinstance(rows[0]["headline"], dict)
+    assert "damaged row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("skeleton", ["{{{", '{"__tensor__": "nonexistent"}', "5"])
+def test_a_damaged_saved_state_is_a_run_error_naming_the_file(tmp_path, skeleton):
+    from poisonlab.runs.checkpoints import load_weights, save_weights
+
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    path = run.save_state("train-x", {"epoch": 3, "w": torch.ones(2)})
+    tensors, header = load_weights(path)
+    header["poisonlab.state"] = skeleton
+    save_weights(path, tensors, header)
+    if skeleton == "5":  # a plain number is a valid skeleton: read back as itself
+        assert run.load_state("train-x") == 5
+        return
+    with pytest.raises(RunError, match=r"train-x\.safetensors is damaged"):
+        run.load_state("train-x")

@@ -23,7 +23,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,10 +51,25 @@ class Settings(BaseModel):
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
+
+
+def check_seed(seed: int) -> int:
+    """`seed` if it is a valid seed (0 <= seed < 2^63), else a one-line ConfigError (also a
+    typer callback for --seed options)."""
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ConfigError(f"--seed {seed}: a seed must be in 0 .. 2^63 - 1")
+    return int(seed)
+
+
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam moment decay rate
+
+
 class BaseConfig(Settings):
     """Base of every experiment config. seed: the trial's seed (torch seeds are 64-bit)."""
 
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: Seed = 0
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -102,6 +117,9 @@ def resolve_config(
 
 def validate_config(cls: type[C], data: Mapping[str, Any]) -> C:
     """`cls.model_validate(data)`, with a failure turned into a one-line ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of keys to values, not "
+                          f"{type(data).__name__}")
     try:
         return cls.model_validate(dict(data))
     except ValidationError as exc:
@@ -118,6 +136,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"bad override '{item}': empty part in key '{key}'")
     try:
         value = _yaml(raw) if raw.strip() else None
+    except RecursionError:
+        raise ConfigError(f"bad override '{item[:80]}': value nested too deeply") from None
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
         raise ConfigError(f"bad override '{item}': cannot parse value ({problem})") from None
@@ -132,6 +152,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         data = _parse_text(text, path.suffix.lower())
+    except RecursionError:
+        raise ConfigError(f"cannot parse config file {path}: nested too deeply") from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         problem = " ".join(str(exc).split())[:200]
         raise ConfigError(f"cannot parse config file {path}: {problem}") from None

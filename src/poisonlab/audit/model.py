@@ -52,7 +52,7 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
     if "input_shape" in meta:
         try:
             shape = tuple(int(v) for v in json.loads(meta["input_shape"]))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError, RecursionError):
             shape = None
         if shape is not None:
             if len(shape) != 3 or min(shape) < 1:

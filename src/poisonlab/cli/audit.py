@@ -52,6 +52,7 @@ from poisonlab.cli.encoder import (
     refuse_options,
     run_encoder_scan,
 )
+from poisonlab.config import check_seed
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.errors import ConfigError
@@ -70,7 +71,7 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Input height/width the model expects (default: from the file or arch).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per label.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", callback=check_seed)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 RecordsHelp = ("a .safetensors record file ('images' uint8 or float in [0, 1] [N, C, H, W], "

@@ -28,7 +28,7 @@ from PIL import Image
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
 from poisonlab.attacks.poisons import Poisons, select_poisons
-from poisonlab.config import parse_override, replace
+from poisonlab.config import check_seed, parse_override, replace
 from poisonlab.data.image_folder import load_image_folder, open_image, scan_image_folder
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
@@ -183,7 +183,7 @@ def register(app: typer.Typer) -> None:
         surrogate: str = typer.Option("convnet_bn", "--surrogate", help="Surrogate architecture."),
         surrogate_epochs: int = typer.Option(20, "--surrogate-epochs", help="Gradient matching."),
         random_poisons: bool = typer.Option(False, "--random-poisons", help="Seeded choice."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", callback=check_seed),
         sets: list[str] = typer.Option(None, "--set", "-s",
                                        help="Attack setting key=value (its Config's fields)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

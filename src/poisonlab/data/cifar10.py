@@ -147,6 +147,8 @@ def _batch_reader(source: Path) -> _Reader:
 
 
 def _check_labels(labels: np.ndarray, source: str) -> torch.Tensor:
+    if labels.dtype.kind not in "iu":  # strings, floats (0.9 would become class 0), objects
+        raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
         raise DataError(f"{source} has a label outside 0..9")
     return torch.from_numpy(labels.astype(np.int64))

@@ -73,6 +73,13 @@ def _allowed(limit: int) -> dict[tuple[str, str], Any]:
             raise too_big(f"an array of shape {tuple(shape)}", count * dt.itemsize)
         return reconstruct(np.ndarray, shape, dt)
 
+    def latin1(text, encoding="latin1", *_errors):
+        """How protocol 2 writes bytes: `_codecs.encode(str, "latin1")`, same length. Other
+        codecs (hex doubles its input) could be chained to grow a few bytes into gigabytes."""
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise DataError(f"_codecs.encode with {encoding!r} is not allowed in a data file")
+        return _codecs.encode(text, "latin1")
+
     def sized(kind):
         def make(*args):
             if args and isinstance(args[0], int) and not isinstance(args[0], bool) \
@@ -86,7 +93,7 @@ def _allowed(limit: int) -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): dtype,
         ("numpy.core.multiarray", "_reconstruct"): rebuild,
         ("numpy._core.multiarray", "_reconstruct"): rebuild,
-        ("_codecs", "encode"): _codecs.encode,
+        ("_codecs", "encode"): latin1,
     }
     for module in ("builtins", "__builtin__"):  # Python 3 and Python 2 spellings
         for kind in (dict, list, tuple, str, int, float, bool):

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.attacks.triggers import MaskTrigger
-from poisonlab.config import Settings, make_settings
+from poisonlab.config import Beta, Settings, make_settings
 from poisonlab.defenses.neural_cleanse import frozen_eval
 from poisonlab.errors import ShapeError
 from poisonlab.progress import StatusFn
@@ -223,7 +223,7 @@ class EncoderScan:
         steps: int = Field(1000, ge=1)
         batch_size: int = Field(256, ge=2)
         lr: float = Field(0.1, gt=0)
-        betas: tuple[float, float] = (0.5, 0.9)
+        betas: tuple[Beta, Beta] = (0.5, 0.9)
         similarity_threshold: float = Field(0.99, gt=0, le=1)
         init_cost: float = Field(1e-3, gt=0)
         min_cost: float = Field(1e-5, gt=0)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger, Trigger
-from poisonlab.config import Settings, make_settings
+from poisonlab.config import Beta, Settings, make_settings
 from poisonlab.errors import ShapeError
 from poisonlab.progress import StatusFn
 
@@ -55,7 +55,7 @@ class InversionConfig(Settings):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.1, gt=0)
-    betas: tuple[float, float] = (0.5, 0.9)
+    betas: tuple[Beta, Beta] = (0.5, 0.9)
     init_cost: float = Field(1e-3, gt=0)
     success_threshold: float = Field(0.99, gt=0, le=1)
     patience: int = Field(5, ge=1)

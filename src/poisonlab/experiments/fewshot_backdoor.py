@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from poisonlab.config import BaseConfig, Settings
+from poisonlab.config import BaseConfig, Seed, Settings
 from poisonlab.data.glyphs import load_glyphs
 from poisonlab.data.omniglot import load_omniglot, split_omniglot_classes
 from poisonlab.data.registry import resolve_data_dir
@@ -45,7 +45,7 @@ class DataConfig(Settings):
 
     dataset: Literal["auto", "omniglot", "glyphs"] = "auto"
     glyph_classes: int = Field(1200, ge=30)
-    split_seed: int = 0
+    split_seed: Seed = 0
 
 
 class ModelConfig(Settings):

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from poisonlab.errors import ModelFileError
+from poisonlab.errors import ModelFileError, RunError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -197,6 +197,11 @@ def _fit_problems(
             # load_state_dict would cast int8 or bool weights silently into a broken model
             problems.append(f"{key} has dtype {str(state[key].dtype).removeprefix('torch.')}, "
                             "expected floating-point weights")
+        elif state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            # a NaN or inf weight makes every output NaN: every check of it passes vacuously
+            problems.append(f"{key} holds NaN or infinite values")
+        elif key.endswith("running_var") and bool((state[key] < 0).any()):
+            problems.append(f"{key} holds negative variances")
     if strict:
         problems += [f"{key} is not part of the model" for key in state if key not in expected]
     return problems
@@ -243,9 +248,14 @@ def _pack_key(key: Any, path: str) -> Any:
     raise ModelFileError(f"cannot save state at '{path}{key}': unsupported key type")
 
 
-def unpack_state(tensors: Mapping[str, Tensor], skeleton: str) -> Any:
-    """Rebuild the object `pack_state` split."""
-    return _unpack(json.loads(skeleton), tensors)
+def unpack_state(tensors: Mapping[str, Tensor], skeleton: str, source: str = "a checkpoint"
+                 ) -> Any:
+    """Rebuild the object `pack_state` split; a damaged skeleton is a RunError naming `source`."""
+    try:
+        return _unpack(json.loads(skeleton), tensors)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise RunError(f"{source} is damaged ({type(exc).__name__}: {exc}): delete it to "
+                       "recompute what it held") from None
 
 
 def _unpack(node: Any, tensors: Mapping[str, Tensor]) -> Any:

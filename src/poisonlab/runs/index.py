@@ -207,9 +207,24 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
         print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
               "directories; rebuilt from the directories", file=sys.stderr)
         rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
-    for row in rows:
-        row["headline"] = json.loads(row["headline"] or "{}")
+    if not all(_headline(row) for row in rows):  # a damaged row: the index is only a mirror
+        rebuild_index(root)
+        print(f"warning: the run index {index_path(root)} held a damaged row; rebuilt from the "
+              "run directories", file=sys.stderr)
+        rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
+        for row in rows:
+            row["headline"] = row["headline"] if _headline(row) else {}
     return [row for row in rows if Path(row["path"]).is_dir()]
+
+
+def _headline(row: dict) -> bool:
+    """Parse row["headline"] (JSON of a mapping) in place; False when it is not one."""
+    try:
+        value = json.loads(row["headline"] or "{}")
+    except (ValueError, TypeError, RecursionError):
+        return False
+    row["headline"] = value
+    return isinstance(value, dict)
 
 
 def sweep_ids(root: Path | str | None = None) -> list[str]:

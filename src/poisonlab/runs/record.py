@@ -328,7 +328,7 @@ class StateFile:
         tensors, header = load_weights(self.path)
         if _STATE_KEY not in header:
             raise RunError(f"checkpoint {self.path} was not written by save_state")
-        return unpack_state(tensors, header[_STATE_KEY])
+        return unpack_state(tensors, header[_STATE_KEY], str(self.path))
 
     def discard(self) -> None:
         """Delete the state (its piece has finished and was recorded)."""
