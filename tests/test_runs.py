@@ -425,3 +425,17 @@ def test_a_damaged_saved_state_is_a_run_error_naming_the_file(tmp_path, skeleton
         return
     with pytest.raises(RunError, match=r"train-x\.safetensors is damaged"):
         run.load_state("train-x")
+
+
+def test_an_unreadable_run_json_is_named_in_one_line(tmp_path, capsys):
+    from poisonlab.runs import list_runs
+
+    with Run.create("demo", DemoConfig(), root=tmp_path) as good:
+        good.write_metrics({"accuracy": 0.5})
+    bad = Run.create("demo", DemoConfig(), root=tmp_path)
+    (bad.path / "run.json").write_text('{"id": "x", "status": ')
+    rebuild_index(tmp_path)  # the index no longer lists it: it cannot be read
+    for _ in range(2):
+        assert [r["run_id"] for r in list_runs(tmp_path)] == [good.id]
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and bad.id in err and "unreadable run.json" in err

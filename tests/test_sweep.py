@@ -181,6 +181,7 @@ def test_a_chosen_metric_is_summarised_and_an_unknown_one_named(swept):
     (["--grid", "seed=1,2"], "--seeds"),
     (["--grid", GRID, "--seeds", "0-x"], "--seeds"),
     (["--grid", GRID, "--seeds", "3-1"], "--seeds"),
+    (["--grid", GRID, "--seeds", "0-100000000000"], "more than 10000 seeds"),
     (["--grid", GRID, "--set", "meta.iterations=-1"], "meta.iterations"),
     (["--grid", GRID, "--backend", "spark"], "backend"),
     (["--grid", GRID, "--ray-address", "127.0.0.1:1"], "--ray-address needs --backend ray"),

@@ -204,9 +204,15 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
     missing = on_disk - {row["path"] for row in rows}
     if missing:  # the index is a mirror: an emptied or stale one is rebuilt from the directories
         rebuild_index(root)
-        print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
-              "directories; rebuilt from the directories", file=sys.stderr)
         rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
+        unreadable = sorted(missing - {row["path"] for row in rows})
+        if len(unreadable) < len(missing):
+            print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
+                  "directories; rebuilt from the directories", file=sys.stderr)
+        if unreadable:  # not indexable until repaired: said each time, in one line
+            print(f"warning: {len(unreadable)} run directories have an unreadable run.json and "
+                  f"are not listed: {', '.join(Path(p).name for p in unreadable[:5])}",
+                  file=sys.stderr)
     if not all(_headline(row) for row in rows):  # a damaged row: the index is only a mirror
         rebuild_index(root)
         print(f"warning: the run index {index_path(root)} held a damaged row; rebuilt from the "

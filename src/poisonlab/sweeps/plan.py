@@ -33,6 +33,9 @@ MAX_POINTS = 10_000
 _SEED_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
+MAX_SEEDS = 10_000  # seeds of one sweep (each is a run per grid point)
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`0-4` → (0, 1, 2, 3, 4); `0,2,5` → (0, 2, 5); both may mix (`0-2,7`)."""
     seeds: list[int] = []
@@ -43,6 +46,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if high < low:
             raise ConfigError(f"bad --seeds '{text}': range {item.strip()} runs backwards")
+        if len(seeds) + high - low + 1 > MAX_SEEDS:  # one run each: checked before expanding
+            raise ConfigError(f"bad --seeds '{text}': more than {MAX_SEEDS} seeds")
         seeds += range(low, high + 1)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"bad --seeds '{text}': a seed appears twice")
