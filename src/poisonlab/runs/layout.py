@@ -124,3 +124,46 @@ def prepare_output(path: Path | str, *, directory: bool, what: str = "--out") ->
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{what} {path}: cannot write there ({reason})") from None
     return path
+
+
+class _NoLock:
+    """Where the platform has no flock (Windows): a lock that is always granted."""
+
+    def close(self) -> None:
+        return None
+
+
+def folder_lock(folder: Path, holder: str | None = None) -> Any:
+    """An exclusive, non-blocking flock on `folder/.lock`: the open lock file (keep it; closing
+    it, `release_lock`, or the process's death frees the lock), or None if another process holds
+    it. `holder` (e.g. "pid 123") is written into the file for whoever finds it held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): nothing is locked
+        return _NoLock()
+    f = open(folder / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held while locked
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    if holder is not None:
+        f.seek(0)
+        f.truncate()
+        f.write(holder)
+        f.flush()
+    return f
+
+
+def lock_holder(folder: Path) -> str:
+    """What the holder of `folder/.lock` wrote into it (empty when nothing)."""
+    try:
+        return (folder / ".lock").read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def release_lock(lock: Any) -> None:
+    """Free a lock `folder_lock` granted (None: nothing to free)."""
+    if lock is not None:
+        lock.close()  # closing the file drops the flock

@@ -22,7 +22,6 @@ it as interrupted (`runs list` does this), and `--resume` continues it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -51,9 +50,11 @@ from poisonlab.runs import index
 from poisonlab.runs.checkpoints import load_weights, pack_state, save_weights, unpack_state
 from poisonlab.runs.layout import (  # noqa: F401  (re-exported: the run-record API)
     atomic_write_text,
+    folder_lock,
     read_json,
     read_run_dir,
     read_yaml,
+    release_lock,
     resolve_run_dir,
     runs_root,
     to_jsonable,
@@ -202,7 +203,7 @@ class Run:
         self._save_info()
 
     def __enter__(self) -> Run:
-        self._lock = _acquire(self.path)
+        self._lock = folder_lock(self.path)
         if self._lock is None:
             raise RunError(f"run {self.id} is in use by another process (pid "
                            f"{self.info.get('pid', '?')}): wait for it to end or stop it")
@@ -230,7 +231,7 @@ class Run:
                 self.log(f"failed: {error}")
                 self.finish("failed")
         finally:
-            _release(self._lock)
+            release_lock(self._lock)
             self._lock = None
         return False
 
@@ -238,8 +239,8 @@ class Run:
         """Whether a live process (this one included) holds the run's lock."""
         if self._lock is not None:
             return True
-        lock = _acquire(self.path)
-        _release(lock)
+        lock = folder_lock(self.path)
+        release_lock(lock)
         return lock is None
 
     def _install_sigterm(self) -> None:
@@ -269,26 +270,6 @@ class Run:
         except RunError as exc:
             self.log(f"warning: {exc}")
             warnings.warn(str(exc), stacklevel=3)
-
-
-def _acquire(path: Path) -> Any:
-    """An exclusive, non-blocking lock on `path/.lock` (an open file), or None if held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no flock (Windows): runs are not locked
-        return contextlib.nullcontext()
-    f = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
-def _release(lock: Any) -> None:
-    if lock is not None and hasattr(lock, "close"):
-        lock.close()  # closing the file drops the flock
 
 
 def mark_stale(root: Path | str | None = None) -> list[str]:

@@ -28,7 +28,13 @@ from poisonlab.errors import RunError
 from poisonlab.executors import Executor, run_missing
 from poisonlab.runs import Run, read_run_dir, runs_root
 from poisonlab.runs.index import headline_metrics, record_run
-from poisonlab.runs.layout import atomic_write_text, prepare_output
+from poisonlab.runs.layout import (
+    atomic_write_text,
+    folder_lock,
+    lock_holder,
+    prepare_output,
+    release_lock,
+)
 from poisonlab.sweeps.piece import run_point
 from poisonlab.sweeps.plan import Sweep
 
@@ -61,27 +67,15 @@ class SweepOutcome:
 def driving(folder: Path) -> Iterator[None]:
     """Hold the sweep folder's lock for as long as this driver runs; a RunError if another
     process holds it (no lock where the platform has no `fcntl`)."""
+    lock = folder_lock(folder, holder=f"pid {os.getpid()}")
+    if lock is None:
+        holder = lock_holder(folder) or "another process"
+        raise RunError(f"sweep {folder.name} is being run by {holder}; wait for it or "
+                       "stop it first")
     try:
-        import fcntl  # POSIX only
-    except ImportError:
         yield
-        return
-    with open(folder / ".lock", "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunError(f"sweep {folder.name} is being run by {holder}; wait for it or "
-                           "stop it first") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        release_lock(lock)
 
 
 def find_point_runs(plan: Sweep, root: Path | str | None = None) -> dict[str, Path]:
