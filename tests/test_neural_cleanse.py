@@ -118,17 +118,83 @@ def test_neural_cleanse_flags_the_badnets_target(glyphs14, backdoored):
     # The seed is the detector's: the same seed gives the same scan, another seed another start.
     again = NeuralCleanse(config=NeuralCleanse.Config(inversion=cfg), seed=0).reverse(
         model, test.x[:64], TARGET)
-    assert torch.equal(again.trigger.mask, result.results[TARGET].trigger.mask)
+    # Run alone, the job follows the path it followed in the batch (float32: up to float error).
+    assert torch.allclose(again.trigger.mask, result.results[TARGET].trigger.mask, atol=1e-3)
     other = NeuralCleanse(inversion=cfg, seed=1).reverse(model, test.x[:64], TARGET)
     assert not torch.equal(other.trigger.mask, again.trigger.mask)
 
 
-def test_detection_target_is_the_flagged_label_with_the_largest_index():
+def _index_norms(index_of_4: float) -> torch.Tensor:
+    """Ten sizes whose anomaly index is `index_of_4` for label 4, the smallest: the median and
+    the MAD do not depend on the smallest size as long as it stays the farthest out."""
+    norms = torch.tensor([50.0, 48, 52, 47, -1e3, 55, 49, 51, 53, 46], dtype=torch.float64)
+    median = torch.quantile(norms, 0.5)
+    mad = 1.4826 * torch.quantile((norms - median).abs(), 0.5)
+    norms[4] = median - index_of_4 * mad
+    return norms
+
+
+@pytest.mark.parametrize(("index", "band", "status"), [
+    (3.0, 0.5, "detected"), (2.2, 0.5, "inconclusive"), (1.7, 0.5, "inconclusive"),
+    (1.2, 0.5, "none"), (2.2, 0.0, "detected"), (1.7, 0.0, "none")])
+def test_verdict_band_around_the_threshold(index, band, status):
     from poisonlab.defenses.neural_cleanse import DetectionResult
 
-    index = torch.tensor([0.1, 3.0, 0.2, 4.5, 0.3])
-    assert DetectionResult([], torch.ones(5), index, [1, 3], 2.0).target == 3
-    assert DetectionResult([], torch.ones(5), index, [], 2.0).target is None
+    norms = _index_norms(index)
+    result = DetectionResult([], norms[None], threshold=2.0, band=band)
+    assert abs(float(result.anomaly_index[4]) - index) < 0.05
+    assert result.status == status and result.candidate == 4
+    assert result.backdoored == (status == "detected")
+    assert result.target == (4 if status == "detected" else None)
+
+
+def test_sizes_are_the_smallest_over_restarts_and_the_spread_is_each_restarts_index():
+    from poisonlab.defenses.neural_cleanse import DetectionResult
+
+    one, two = _index_norms(3.0), _index_norms(1.0)
+    result = DetectionResult([], torch.stack([two, one]), threshold=2.0)
+    assert torch.equal(result.norms, torch.minimum(one, two))
+    low, high = result.spread(4)
+    assert abs(low - 1.0) < 0.05 and abs(high - 3.0) < 0.05
+    assert result.flagged == [4]
+
+
+def test_batched_jobs_follow_the_path_each_follows_alone(glyphs14, backdoored):
+    """The sum of the jobs' losses under an elementwise optimiser: every job of one batched
+    inversion ends where it ends run alone (float64, so no float error hides a difference),
+    also when the jobs are split into groups to bound memory."""
+    import copy
+
+    from poisonlab.defenses.neural_cleanse import reverse_engineer_triggers
+
+    _, test = glyphs14
+    model = copy.deepcopy(backdoored).double()
+    x = test.x[:24].double()
+    cfg = InversionConfig(steps=12, batch_size=8, patience=2, early_stop_patience=2)
+    targets, starts = [TARGET, 5, TARGET, 0], [0, 0, 1, 0]
+    together = reverse_engineer_triggers(model, x, targets, cfg, seed=4, restarts=starts)
+    grouped = reverse_engineer_triggers(model, x, targets, cfg.model_copy(update={
+        "max_images": 16}), seed=4, restarts=starts)
+    for j, (t, r) in enumerate(zip(targets, starts, strict=True)):
+        alone = reverse_engineer_triggers(model, x, [t], cfg, seed=4, restarts=[r])[0]
+        for run in (together[j], grouped[j]):
+            assert run.label == t and run.restart == r and run.steps_run == alone.steps_run
+            assert torch.allclose(run.trigger.mask, alone.trigger.mask, atol=1e-10)
+            assert torch.allclose(run.trigger.pattern, alone.trigger.pattern, atol=1e-10)
+            assert run.cost_history == alone.cost_history
+    # Restarts differ: another start, another trigger.
+    assert not torch.allclose(together[0].trigger.mask, together[2].trigger.mask)
+
+
+def test_restarts_keep_each_labels_smallest_trigger(glyphs14, backdoored):
+    _, test = glyphs14
+    cfg = InversionConfig(steps=20, batch_size=16, early_stop_patience=5)
+    result = NeuralCleanse(inversion=cfg, restarts=2).detect(backdoored, test.x[:32], 10)
+    assert result.restart_norms.shape == (2, 10)
+    for k, r in enumerate(result.results):
+        assert r.label == k and r.norm == float(result.restart_norms[r.restart, k])
+        assert r.norm == float(result.restart_norms[:, k].min())
+    assert result.to_dict()["restarts"] == 2
 
 
 def test_additive_inversion_reaches_the_target(glyphs14, backdoored):

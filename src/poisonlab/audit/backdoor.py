@@ -39,11 +39,35 @@ class BackdoorResult(CheckResult):
     @property
     def verdict(self) -> str:
         d = self.detection
-        if not d.flagged:
-            return f"backdoor: none detected (no label with anomaly index > {d.threshold})"
-        parts = [f"{label} ({self.classes[label]}, index {float(d.anomaly_index[label]):.2f})"
-                 for label in sorted(d.flagged)]
-        return "backdoor: SUSPECTED, target label " + ", ".join(parts)
+        band = (f"threshold {d.threshold:g} ± {d.band:g}" if d.band else
+                f"threshold {d.threshold:g}")
+        if d.status == "detected":
+            parts = [f"{label} ({self.classes[label]}, {self._index(label)})"
+                     for label in sorted(d.flagged)]
+            return "backdoor: SUSPECTED, target label " + ", ".join(parts) + f" ({band})"
+        cand = d.candidate
+        if d.status == "inconclusive":
+            return (f"backdoor: INCONCLUSIVE, label {cand} ({self.classes[cand]}, "
+                    f"{self._index(cand)}) is within {band}")
+        if cand is None:
+            return f"backdoor: none detected (all labels' triggers are the same size, {band})"
+        return (f"backdoor: none detected (largest index {self._index(cand)} for label {cand}, "
+                f"{band})")
+
+    @property
+    def notes(self) -> list[str]:
+        if self.detection.status != "inconclusive":
+            return []
+        return ["more --restarts, --steps or --samples narrow the index; a known trigger "
+                "(--trigger) measures label " f"{self.detection.candidate} directly"]
+
+    def _index(self, label: int) -> str:
+        d = self.detection
+        text = f"index {float(d.anomaly_index[label]):.2f}"
+        if d.restart_norms.shape[0] > 1:
+            low, high = d.spread(label)
+            text += f", {low:.2f}–{high:.2f} over {d.restart_norms.shape[0]} restarts"
+        return text
 
     def section(self) -> Section:
         return backdoor_section(self.verdict, self.detection, self.classes, self.figure)
@@ -59,9 +83,10 @@ def backdoor_check(ctx: ScanContext) -> BackdoorResult:
     """Neural Cleanse over every label of the model on the clean sample."""
     k = len(ctx.classes)
     detector = NeuralCleanse(config=ctx.config.detection(), seed=ctx.seed)
-    with progress_bar(k, "neural cleanse", enabled=ctx.progress) as bar:
+    steps = detector.config.inversion.steps
+    with progress_bar(steps, "neural cleanse", enabled=ctx.progress) as bar:
         detection = detector.detect(ctx.model, ctx.clean.x, k,
-                                    progress=lambda label: bar.advance(status=f"label {label}"))
+                                    progress=lambda status: bar.advance(status=status))
     figure = (trigger_grid(ctx.report_dir / TRIGGER_FIGURE, detection)
               if ctx.report_dir is not None else None)
     return BackdoorResult(detection, ctx.classes, figure)

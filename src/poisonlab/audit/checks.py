@@ -26,6 +26,9 @@ class ScanConfig(Settings):
     batch_size: Neural Cleanse mini-batch size.
     threshold: anomaly index above which a label whose trigger is smaller than the median is
         flagged (Wang et al. 2019 use 2).
+    restarts: independent random starts per label; a label's size is the smallest found, and
+        the index's spread over the restarts is reported.
+    band: a largest index within threshold ± band is reported as inconclusive; flagged above.
     records: at most this many records from each membership record set, drawn with the seed
         (None: all of a file or folder, 1000 of a data-set split).
     label_only: also run the label-only membership attack.
@@ -35,6 +38,8 @@ class ScanConfig(Settings):
     steps: int = Field(40, ge=1)
     batch_size: int = Field(50, ge=1)
     threshold: float = Field(2.0, gt=0, allow_inf_nan=False)
+    restarts: int = Field(3, ge=1, le=100)
+    band: float = Field(0.5, ge=0, allow_inf_nan=False)
     records: int | None = Field(None, ge=1)
     label_only: bool = False
 
@@ -42,7 +47,8 @@ class ScanConfig(Settings):
         """The Neural Cleanse settings these stand for (the rest: Neural Cleanse's defaults)."""
         inversion = InversionConfig(steps=self.steps, batch_size=self.batch_size,
                                     early_stop_patience=max(5, self.steps // 4))
-        return NeuralCleanse.Config(inversion=inversion, threshold=self.threshold)
+        return NeuralCleanse.Config(inversion=inversion, threshold=self.threshold,
+                                    restarts=self.restarts, band=self.band)
 
 
 @dataclass

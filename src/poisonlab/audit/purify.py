@@ -67,17 +67,27 @@ def known_trigger(name: str | None, shape: Sequence[int], seed: int) -> Trigger 
 
 
 def find_target(model: nn.Module, clean: ImageSet, *, config: NeuralCleanse.Config | None = None,
-                seed: int = 0) -> DetectionResult:
-    """Neural Cleanse on DETECT_SAMPLES of `clean` (drawn with `seed`); ConfigError when it
-    flags no label, since there is then no target to purify."""
+                seed: int = 0, progress: bool = False) -> DetectionResult:
+    """Neural Cleanse on DETECT_SAMPLES of `clean` (drawn with `seed`); ConfigError when the
+    scan finds no candidate at all (neither flagged nor inconclusive), since there is then no
+    target to purify. An inconclusive scan's candidate is the target (see `target_of`)."""
     config = config or ScanConfig().detection()
     k = num_classes(model, clean.x)
-    detection = NeuralCleanse(config=config, seed=seed).detect(
-        model, sample(clean, DETECT_SAMPLES, seed).x, k)
-    if detection.target is None:
+    detector = NeuralCleanse(config=config, seed=seed)
+    with progress_bar(config.inversion.steps, "neural cleanse", enabled=progress) as bar:
+        detection = detector.detect(model, sample(clean, DETECT_SAMPLES, seed).x, k,
+                                    progress=lambda status: bar.advance(status=status))
+    if target_of(detection) is None:
         raise ConfigError("Neural Cleanse flags no label, so there is no target to purify: "
                           "pass --target L to purify anyway")
     return detection
+
+
+def target_of(detection: DetectionResult) -> int | None:
+    """The label purify defends: the flagged target, else an inconclusive scan's candidate."""
+    if detection.target is not None:
+        return detection.target
+    return detection.candidate if detection.status == "inconclusive" else None
 
 
 def measure(model: nn.Module, test: ImageSet | None, trigger: Trigger | None,
@@ -101,8 +111,8 @@ def purify(model: nn.Module, clean: ImageSet, *, target: int | None = None,
     k = len(class_names(classes or [], num_classes(model, clean.x)))
     detection = None
     if target is None:
-        detection = find_target(model, clean, config=detect, seed=seed)
-        target = detection.target
+        detection = find_target(model, clean, config=detect, seed=seed, progress=progress)
+        target = target_of(detection)
     elif not 0 <= target < k:
         raise ConfigError(f"--target {target} is not a label of the model (0..{k - 1})")
     before = measure(model, test, trigger, target)

@@ -13,6 +13,17 @@ optimisation stops early once it no longer shrinks. A backdoor target needs a mu
 than the other labels: with the L1 norms of all labels, the anomaly index of a label is
 |l1 − median| / (1.4826·MAD), and labels below the median with an index > 2 are flagged.
 
+Deviations from the original, for a verdict that does not hang on one random start:
+- All inversions (every label, every restart) run as one batched computation: each mini-batch of
+  clean images is stamped with every job's trigger and goes through the model once. The loss is
+  the sum of the jobs' losses and Adam is elementwise, so each job follows exactly the path it
+  would follow alone (up to float error); a job that stops early leaves the batch.
+- `restarts` independent starts per label; a label's size is the smallest mask any restart found
+  (each restart bounds the minimal trigger from above), and the anomaly index of every restart
+  on its own gives the spread of the index.
+- A `band` around the threshold: a largest index within threshold ± band is "inconclusive"
+  instead of a flat yes or no (band 0: the original decision).
+
 The same optimiser, with an additive pattern x' = clip(x + δ, 0, 1) and |δ|_1 as the size term,
 serves MCL's trigger inversion (poisonlab.defenses.mcl).
 """
@@ -21,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -36,6 +49,8 @@ from poisonlab.errors import ShapeError
 from poisonlab.progress import StatusFn
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal standard deviation
+
+Status = Literal["detected", "inconclusive", "none"]
 
 
 class InversionConfig(Settings):
@@ -50,6 +65,8 @@ class InversionConfig(Settings):
     early_stop: stop once the best size stopped shrinking: `early_stop_patience` steps without it
         falling below `early_stop_threshold` × its previous best, after λ has gone both up and down.
     parametrization: "mask" (NC, x' = (1 − m)x + m·p) or "additive" (MCL, x' = clip(x + δ)).
+    max_images: at most this many stamped images per forward pass; more jobs than fit are split
+        into groups whose gradients add up before the step (the same result, less memory).
     """
 
     steps: int = Field(1000, ge=1)
@@ -64,11 +81,12 @@ class InversionConfig(Settings):
     early_stop_threshold: float = Field(0.99, gt=0, le=1)
     early_stop_patience: int = Field(25, ge=1)
     parametrization: Literal["mask", "additive"] = "mask"
+    max_images: int = Field(4096, ge=1)
 
 
 @dataclass
 class InversionResult:
-    """The reverse-engineered trigger of one label and how it was reached."""
+    """The reverse-engineered trigger of one label (one restart) and how it was reached."""
 
     label: int
     trigger: Trigger
@@ -77,6 +95,7 @@ class InversionResult:
     reached: bool
     steps_run: int
     cost_history: list[float] = field(default_factory=list)
+    restart: int = 0
 
 
 @contextlib.contextmanager
@@ -95,41 +114,53 @@ def frozen_eval(model: nn.Module):
         model.train(was_training)
 
 
-class _Parametrized:
-    """Unconstrained tensors → (stamp function, size term) for either parametrization."""
+def job_generator(seed: int, target: int, restart: int) -> torch.Generator:
+    """The generator of one job's random start, from (seed, restart, target)."""
+    state = np.random.SeedSequence([int(seed), int(restart), int(target)]).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
 
-    def __init__(self, kind: str, shape: tuple[int, int, int], gen: torch.Generator, device) -> None:
+
+class _Stacked:
+    """The unconstrained tensors of J jobs, stacked on a leading axis, → (stamped batch, size
+    terms) for either parametrization."""
+
+    def __init__(self, kind: str, shape: tuple[int, int, int], gens: Sequence[torch.Generator],
+                 device, dtype: torch.dtype) -> None:
         c, h, w = shape
         self.kind = kind
         if kind == "mask":
-            init = [torch.rand(1, h, w, generator=gen), torch.rand(c, h, w, generator=gen)]
-            self.params = [torch.atanh((v - 0.5) * (2 - 1e-4)) for v in init]
+            init = [[torch.rand(1, h, w, generator=g), torch.rand(c, h, w, generator=g)]
+                    for g in gens]
+            params = [torch.stack([torch.atanh((job[i] - 0.5) * (2 - 1e-4)) for job in init])
+                      for i in range(2)]
         else:
-            self.params = [0.01 * torch.randn(c, h, w, generator=gen)]
-        self.params = [p.to(device).requires_grad_(True) for p in self.params]
+            params = [torch.stack([0.01 * torch.randn(c, h, w, generator=g) for g in gens])]
+        self.params = [p.to(device, dtype).requires_grad_(True) for p in params]
 
-    def parts(self) -> list[torch.Tensor]:
+    def parts(self, jobs: torch.Tensor | int) -> list[torch.Tensor]:
         if self.kind == "mask":
-            return [torch.tanh(p) / (2 - 1e-4) + 0.5 for p in self.params]
-        return [torch.tanh(self.params[0])]
+            return [torch.tanh(p[jobs]) / (2 - 1e-4) + 0.5 for p in self.params]
+        return [torch.tanh(self.params[0][jobs])]
 
-    def stamp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Triggered batch and the size term (L1 of the mask, or of δ)."""
+    def stamp(self, x: torch.Tensor, jobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, H, W] stamped with each job's trigger [A, B, C, H, W], and each job's size
+        term [A] (the L1 of its mask, or of its δ)."""
         if self.kind == "mask":
-            mask, pattern = self.parts()
-            return (1 - mask) * x + mask * pattern, mask.abs().sum()
-        (delta,) = self.parts()
-        return (x + delta).clamp(0, 1), delta.abs().sum()
+            mask, pattern = self.parts(jobs)
+            stamped = (1 - mask)[:, None] * x[None] + (mask * pattern)[:, None]
+            return stamped, mask.abs().flatten(1).sum(1)
+        (delta,) = self.parts(jobs)
+        return (x[None] + delta[:, None]).clamp(0, 1), delta.abs().flatten(1).sum(1)
 
-    def trigger(self) -> Trigger:
-        parts = [p.detach().cpu() for p in self.parts()]
+    def trigger(self, job: int) -> Trigger:
+        parts = [p.detach().cpu() for p in self.parts(job)]
         if self.kind == "mask":
             return MaskTrigger(parts[0], parts[1], name="reversed")
         return AdditiveTrigger(parts[0], name="reversed")
 
 
 class _CostSchedule:
-    """The Neural Cleanse λ schedule and early stopping, updated once per step."""
+    """The Neural Cleanse λ schedule and early stopping of one job, updated once per step."""
 
     def __init__(self, cfg: InversionConfig) -> None:
         self.cfg = cfg
@@ -165,85 +196,163 @@ class _CostSchedule:
         return improved, stop
 
 
+def reverse_engineer_triggers(
+    model: nn.Module, x: torch.Tensor, targets: Sequence[int], cfg: InversionConfig | None = None,
+    *, seed: int = 0, restarts: Sequence[int] | None = None, progress: StatusFn | None = None,
+) -> list[InversionResult]:
+    """The smallest trigger sending the clean images `x` [N, C, H, W] to each of `targets`, all
+    jobs optimised together (see the module docstring); `restarts[j]` (default 0) numbers job j's
+    random start, drawn from (seed, restart, target); the mini-batch order is drawn from `seed`
+    alone, so a job's result does not depend on which other jobs run beside it.
+    `progress(status)` is called after each pass over `x`. Returns one result per job, in order."""
+    cfg = cfg or InversionConfig()
+    if len(x) == 0:
+        raise ShapeError("trigger inversion needs at least one clean image")
+    targets = [int(t) for t in targets]
+    restarts = [0] * len(targets) if restarts is None else [int(r) for r in restarts]
+    device = next(model.parameters()).device
+    gens = [job_generator(seed, t, r) for t, r in zip(targets, restarts, strict=True)]
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    param = _Stacked(cfg.parametrization, tuple(x.shape[1:]), gens, device, dtype)
+    opt = torch.optim.Adam(param.params, lr=cfg.lr, betas=cfg.betas)
+    order_gen = torch.Generator().manual_seed(int(
+        np.random.SeedSequence([int(seed)]).generate_state(1)[0]))
+    schedules = [_CostSchedule(cfg) for _ in targets]
+    best: list[tuple[Trigger, float, float] | None] = [None] * len(targets)
+    costs: list[list[float]] = [[] for _ in targets]
+    label_of = torch.tensor(targets, device=device)
+    active = list(range(len(targets)))
+    with frozen_eval(model):
+        for step in range(cfg.steps):
+            jobs = torch.tensor(active, device=device)
+            lam = torch.tensor([schedules[j].cost for j in active], device=device,
+                               dtype=dtype)
+            success, norm = _pass(model, x, param, opt, jobs, label_of[jobs], lam, cfg, order_gen)
+            still = []
+            for a, j in enumerate(active):
+                costs[j].append(schedules[j].cost)
+                improved, stop = schedules[j].update(float(success[a]), float(norm[a]))
+                if improved or not schedules[j].best < math.inf:
+                    best[j] = (param.trigger(j), float(norm[a]), float(success[a]))
+                if not stop:
+                    still.append(j)
+            active = still
+            if progress is not None:
+                progress(f"step {step + 1}: {len(active)} of {len(targets)} still optimising")
+            if not active:
+                break
+    return [InversionResult(targets[j], *best[j], schedules[j].best < math.inf,  # type: ignore[misc]
+                            len(costs[j]), costs[j], restarts[j]) for j in range(len(targets))]
+
+
 def reverse_engineer_trigger(
     model: nn.Module, x: torch.Tensor, target: int, cfg: InversionConfig | None = None, *,
     seed: int = 0, progress: StatusFn | None = None,
 ) -> InversionResult:
-    """Find the smallest trigger that sends the clean images `x` [N, C, H, W] to `target`;
-    the random start and batch order are drawn from `seed` and `target`; `progress(status)` is
-    called after each pass over `x`."""
-    cfg = cfg or InversionConfig()
-    if len(x) == 0:
-        raise ShapeError("trigger inversion needs at least one clean image")
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed * 1000 + int(target))
-    param = _Parametrized(cfg.parametrization, tuple(x.shape[1:]), gen, device)
-    opt = torch.optim.Adam(param.params, lr=cfg.lr, betas=cfg.betas)
-    schedule = _CostSchedule(cfg)
-    best, costs = None, []
-    with frozen_eval(model):
-        for _ in range(cfg.steps):
-            success, norm = _inversion_step(model, x, target, param, opt, schedule.cost, cfg, gen)
-            costs.append(schedule.cost)
-            if progress is not None:
-                progress(f"inversion: success {success:.2f}, size {norm:.1f}")
-            improved, stop = schedule.update(success, norm)
-            if improved or not schedule.best < math.inf:
-                best = (param.trigger(), norm, success)
-            if stop:
-                break
-    trigger, norm, success = best
-    return InversionResult(int(target), trigger, norm, success,
-                           schedule.best < math.inf, len(costs), costs)
+    """The smallest trigger sending the clean images `x` [N, C, H, W] to `target` (one job of
+    reverse_engineer_triggers)."""
+    return reverse_engineer_triggers(model, x, [target], cfg, seed=seed, progress=progress)[0]
 
 
-def _inversion_step(model, x, target, param, opt, cost, cfg, gen) -> tuple[float, float]:
-    """One pass over `x` in shuffled mini-batches; returns (attack success, mean size term)."""
+def _pass(model, x, param, opt, jobs, labels, lam, cfg, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over `x` in shuffled mini-batches for the active `jobs`; returns each job's
+    attack success and mean size term."""
     order = torch.randperm(len(x), generator=gen)
-    hits, norm_sum, batches = 0, 0.0, 0
+    hits = torch.zeros(len(jobs), dtype=torch.float64)
+    size_sum = torch.zeros(len(jobs), dtype=torch.float64)
+    batches = 0
     for i in range(0, len(x), cfg.batch_size):
         xb = x[order[i : i + cfg.batch_size]].to(param.params[0].device)
-        stamped, size = param.stamp(xb)
-        logits = model(stamped)
-        labels = torch.full((len(xb),), int(target), device=xb.device)
-        loss = F.cross_entropy(logits, labels) + cost * size
+        group = max(1, cfg.max_images // len(xb))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for g in range(0, len(jobs), group):
+            part = slice(g, g + group)
+            stamped, size = param.stamp(xb, jobs[part])
+            a, b = stamped.shape[:2]
+            logits = model(stamped.flatten(0, 1)).view(a, b, -1)
+            want = labels[part, None].expand(a, b)
+            ce = F.cross_entropy(logits.flatten(0, 1), want.flatten(), reduction="none")
+            loss = (ce.view(a, b).mean(1) + lam[part] * size).sum()
+            loss.backward()
+            hits[part] += (logits.argmax(-1) == want).sum(1).cpu()
+            size_sum[part] += size.detach().cpu().double()
         opt.step()
-        hits += int((logits.argmax(1) == labels).sum())
-        norm_sum += float(size.detach())
         batches += 1
-    return hits / len(x), norm_sum / batches
+    return hits / len(x), size_sum / batches
 
 
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
-    """|norm − median| / (1.4826·MAD) per label (0 everywhere when all norms are equal)."""
+    """|norm − median| / (1.4826·MAD) along the last axis (0 where all norms are equal)."""
     norms = torch.as_tensor(norms, dtype=torch.float64)
-    median = torch.quantile(norms, 0.5)
+    median = torch.quantile(norms, 0.5, dim=-1, keepdim=True)
     dev = (norms - median).abs()
-    mad = MAD_CONSISTENCY * torch.quantile(dev, 0.5)
-    if float(mad) == 0.0:
-        return torch.zeros_like(norms)
-    return dev / mad
+    mad = MAD_CONSISTENCY * torch.quantile(dev, 0.5, dim=-1, keepdim=True)
+    return torch.where(mad == 0, torch.zeros_like(dev), dev / mad.clamp_min(1e-300))
+
+
+def below_median(norms: torch.Tensor) -> torch.Tensor:
+    """Which labels' norms lie below the median (along the last axis)."""
+    norms = torch.as_tensor(norms, dtype=torch.float64)
+    return norms < torch.quantile(norms, 0.5, dim=-1, keepdim=True)
 
 
 def flagged_labels(norms: torch.Tensor, threshold: float = 2.0) -> list[int]:
     """Labels whose trigger is smaller than the median with an anomaly index above `threshold`."""
-    norms = torch.as_tensor(norms, dtype=torch.float64)
     index = anomaly_index(norms)
-    below = norms < torch.quantile(norms, 0.5)
-    return [int(i) for i in torch.nonzero(below & (index > threshold)).flatten()]
+    return [int(i) for i in torch.nonzero(below_median(norms) & (index > threshold)).flatten()]
 
 
 @dataclass
 class DetectionResult:
-    """Per-label reverse-engineered triggers, their norms, anomaly indices and the verdict."""
+    """Every label's reverse-engineered triggers over the restarts and the verdict.
+
+    results: per label, the smallest trigger any restart found; restart_norms [R, K]: the mask
+    size of every restart and label; threshold, band: a label below the median is flagged when
+    its index (from the smallest sizes) exceeds threshold + band, and the scan is inconclusive
+    when the largest such index lies within threshold ± band.
+    """
 
     results: list[InversionResult]
-    norms: torch.Tensor
-    anomaly_index: torch.Tensor
-    flagged: list[int]
+    restart_norms: torch.Tensor
     threshold: float
+    band: float = 0.0
+
+    @cached_property
+    def norms(self) -> torch.Tensor:
+        """Per label, the smallest mask size over the restarts [K]."""
+        return torch.as_tensor(self.restart_norms, dtype=torch.float64).min(0).values
+
+    @cached_property
+    def anomaly_index(self) -> torch.Tensor:
+        return anomaly_index(self.norms)
+
+    @cached_property
+    def restart_index(self) -> torch.Tensor:
+        """The anomaly index of each restart on its own [R, K] (its spread: the uncertainty)."""
+        return anomaly_index(torch.as_tensor(self.restart_norms, dtype=torch.float64))
+
+    @cached_property
+    def flagged(self) -> list[int]:
+        return flagged_labels(self.norms, self.threshold + self.band)
+
+    @property
+    def candidate(self) -> int | None:
+        """The label below the median with the largest index (None when no label is below)."""
+        below = torch.nonzero(below_median(self.norms)).flatten().tolist()
+        if not below:
+            return None
+        return max(below, key=lambda label: float(self.anomaly_index[label]))
+
+    @property
+    def status(self) -> Status:
+        """detected (a label flagged), inconclusive (the candidate's index within threshold ±
+        band) or none."""
+        if self.flagged:
+            return "detected"
+        cand = self.candidate
+        if cand is not None and float(self.anomaly_index[cand]) >= self.threshold - self.band:
+            return "inconclusive"
+        return "none"
 
     @property
     def backdoored(self) -> bool:
@@ -257,16 +366,26 @@ class DetectionResult:
             return None
         return max(self.flagged, key=lambda label: float(self.anomaly_index[label]))
 
+    def spread(self, label: int) -> tuple[float, float]:
+        """The smallest and largest anomaly index of `label` over the restarts."""
+        column = self.restart_index[:, label]
+        return float(column.min()), float(column.max())
+
     def to_dict(self) -> dict:
         return {
             "backdoored": self.backdoored,
+            "status": self.status,
             "flagged": self.flagged,
+            "candidate": self.candidate,
             "threshold": self.threshold,
+            "band": self.band,
+            "restarts": int(self.restart_norms.shape[0]),
             "labels": [
                 {
                     "label": r.label,
                     "mask_l1": float(self.norms[r.label]),
                     "anomaly_index": float(self.anomaly_index[r.label]),
+                    "anomaly_index_range": list(self.spread(r.label)),
                     "attack_success": r.attack_success,
                     "reached_threshold": r.reached,
                     "steps": r.steps_run,
@@ -278,14 +397,19 @@ class DetectionResult:
 
 
 class NeuralCleanse:
-    """`detect(model, x, num_classes)` reverse-engineers a trigger per label and flags outliers."""
+    """`detect(model, x, num_classes)` reverse-engineers triggers for every label (and restart)
+    in one batched optimisation and flags outliers."""
 
     class Config(Settings):
         """inversion: the per-label reverse-engineering run (mask parametrization).
-        threshold: anomaly index above which a label below the median norm is flagged."""
+        threshold: anomaly index above which a label below the median norm is flagged.
+        restarts: independent random starts per label (1: the original method).
+        band: half-width of the inconclusive band around the threshold (0: the original)."""
 
         inversion: InversionConfig = Field(default_factory=InversionConfig)
-        threshold: float = Field(2.0, gt=0)
+        threshold: float = Field(2.0, gt=0, allow_inf_nan=False)
+        restarts: int = Field(1, ge=1, le=100)
+        band: float = Field(0.0, ge=0, allow_inf_nan=False)
 
         @field_validator("inversion")
         @classmethod
@@ -301,21 +425,24 @@ class NeuralCleanse:
         self.seed = int(seed)
 
     def detect(self, model: nn.Module, x: torch.Tensor, num_classes: int,
-               progress: Callable[[int], None] | None = None) -> DetectionResult:
-        """Run the inversion for every label on clean images `x`; `progress(label)` is called
-        after each."""
+               progress: StatusFn | None = None) -> DetectionResult:
+        """Invert every label × restart on clean images `x`; `progress(status)` is called after
+        each pass over `x` (at most `inversion.steps` times)."""
         if len(x) == 0:
             raise ShapeError("Neural Cleanse needs at least one clean image")
-        results = []
-        for label in range(num_classes):
-            results.append(self.reverse(model, x, label))
-            if progress is not None:
-                progress(label)
-        norms = torch.tensor([r.norm for r in results], dtype=torch.float64)
-        threshold = self.config.threshold
-        return DetectionResult(results, norms, anomaly_index(norms),
-                               flagged_labels(norms, threshold), threshold)
+        r = self.config.restarts
+        labels = [k for _ in range(r) for k in range(num_classes)]
+        starts = [i for i in range(r) for _ in range(num_classes)]
+        found = reverse_engineer_triggers(model, x, labels, self.config.inversion,
+                                          seed=self.seed, restarts=starts, progress=progress)
+        norms = torch.tensor([f.norm for f in found], dtype=torch.float64).view(r, num_classes)
+        best = norms.argmin(0)
+        results = [found[int(best[k]) * num_classes + k] for k in range(num_classes)]
+        return DetectionResult(results, norms, self.config.threshold, self.config.band)
 
-    def reverse(self, model: nn.Module, x: torch.Tensor, target: int) -> InversionResult:
-        """The reverse-engineered trigger of one label."""
-        return reverse_engineer_trigger(model, x, target, self.config.inversion, seed=self.seed)
+    def reverse(self, model: nn.Module, x: torch.Tensor, target: int,
+                restart: int = 0) -> InversionResult:
+        """The reverse-engineered trigger of one label (that job of `detect` run alone: the
+        same trigger up to float error)."""
+        return reverse_engineer_triggers(model, x, [target], self.config.inversion,
+                                         seed=self.seed, restarts=[restart])[0]

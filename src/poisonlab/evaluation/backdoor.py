@@ -217,9 +217,9 @@ def scan(cfg: ProtocolConfig, model: nn.Module, clean: ImageSet, classes: int,
          progress: bool) -> DetectionResult:
     """Neural Cleanse on the first `nc.samples` images of the clean subset."""
     x = clean.x[: cfg.nc.samples]
-    with progress_bar(classes, "neural cleanse", enabled=progress) as bar:
+    with progress_bar(cfg.nc.inversion.steps, "neural cleanse", enabled=progress) as bar:
         return NeuralCleanse(config=cfg.nc, seed=cfg.seed).detect(
-            model, x, classes, progress=lambda label: bar.advance(status=f"label {label}"))
+            model, x, classes, progress=lambda status: bar.advance(status=status))
 
 
 def defend(cfg: ProtocolConfig, model: nn.Module, trigger: Trigger, clean: ImageSet,
