@@ -118,6 +118,7 @@ def test_truncated_pt_file(tmp_path):
     [
         ([torch.ones(2)], "found list"),
         ({"w": torch.ones(2), "epoch": 3}, "entry 'epoch' is int, not a tensor"),
+        ({1: torch.ones(2)}, "key 1 is int, not a parameter name"),
         ({}, "found dict"),
     ],
 )

@@ -419,12 +419,42 @@ def test_a_damaged_saved_state_is_a_run_error_naming_the_file(tmp_path, skeleton
     path = run.save_state("train-x", {"epoch": 3, "w": torch.ones(2)})
     tensors, header = load_weights(path)
     header["poisonlab.state"] = skeleton
+    del header["poisonlab.sha256"]  # as a file of an older version: no checksum to catch it
     save_weights(path, tensors, header)
     if skeleton == "5":  # a plain number is a valid skeleton: read back as itself
         assert run.load_state("train-x") == 5
         return
     with pytest.raises(RunError, match=r"train-x\.safetensors is damaged"):
         run.load_state("train-x")
+
+
+@pytest.mark.parametrize("damage", ["shape", "dtype", "value", "header"])
+def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path, damage):
+    """Weights of another shape or type, a changed value or header in a saved state or
+    checkpoint: a RunError naming the file (resuming would otherwise crash inside torch or
+    silently go on from wrong numbers); an untouched file still loads."""
+    from poisonlab.runs.checkpoints import load_weights, save_weights
+
+    run = Run.create("demo", DemoConfig(), root=tmp_path)
+    paths = [run.save_state("train-x", {"epoch": 3, "w": torch.ones(2, 3)}),
+             run.save_checkpoint("model-x", {"w": torch.ones(2, 3)}, {"accuracy": 0.5})]
+    assert run.load_state("train-x")["epoch"] == 3 and run.load_checkpoint("model-x")
+    for path in paths:
+        tensors, header = load_weights(path)
+        key = next(iter(tensors))
+        if damage == "shape":
+            tensors[key] = torch.ones(3, 2)
+        elif damage == "dtype":
+            tensors[key] = torch.ones(2, 3, dtype=torch.int8)
+        elif damage == "value":
+            tensors[key] = tensors[key].clone().fill_(2.0)
+        else:
+            header = {k: v + " " if k != "poisonlab.sha256" else v
+                      for k, v in header.items()}
+        save_weights(path, tensors, header)
+    for load, name in ((run.load_state, "train-x"), (run.load_checkpoint, "model-x")):
+        with pytest.raises(RunError, match=rf"{name}\.safetensors is damaged .*checksum"):
+            load(name)
 
 
 def test_an_unreadable_run_json_is_named_in_one_line(tmp_path, capsys):
@@ -439,3 +469,22 @@ def test_an_unreadable_run_json_is_named_in_one_line(tmp_path, capsys):
         assert [r["run_id"] for r in list_runs(tmp_path)] == [good.id]
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and bad.id in err and "unreadable run.json" in err
+
+
+@pytest.mark.parametrize(("truth", "indexed"), [("completed", "running"),
+                                                ("interrupted", "completed"),
+                                                ("failed", "created")])
+def test_runs_list_rewrites_an_index_row_that_contradicts_run_json(tmp_path, truth, indexed):
+    """The index is a mirror of the run directories: a row whose status is not its run.json's
+    (a failed index write, a directory copied in) is rewritten from run.json, headline too."""
+    from poisonlab.runs import index
+    from poisonlab.runs.record import mark_stale
+
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        run.write_metrics({"acc": 0.5})
+    run.finish(truth)
+    index.record_run(tmp_path, {**run.info, "status": indexed}, {}, run.path)
+    assert index_status(tmp_path, run.id) == indexed
+    assert mark_stale(tmp_path) == []
+    assert index_status(tmp_path, run.id) == truth
+    assert list_runs(tmp_path)[0]["headline"] == {"acc": 0.5}

@@ -11,6 +11,7 @@ counters, RNG states) into flat tensors plus a JSON skeleton, so it can be saved
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -49,6 +50,43 @@ def save_weights(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+DIGEST_KEY = "poisonlab.sha256"
+
+
+def tensor_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of `tensors` and of `metadata` (without a
+    digest entry): what a checkpoint is checked against when it is read back."""
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != DIGEST_KEY:
+            h.update(json.dumps([key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checked(path: Path | str, tensors: Mapping[str, Tensor],
+                 metadata: Mapping[str, str]) -> Path:
+    """save_weights with the digest of the contents in the header (see load_checked)."""
+    tensors = _storable(tensors)
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    return save_weights(path, tensors, {**meta, DIGEST_KEY: tensor_digest(tensors, meta)})
+
+
+def load_checked(path: Path | str, source: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """load_weights of a file written by save_checked: a RunError naming `source` when its
+    contents no longer match the digest written with them (a file without one, from an older
+    version, is read as it is)."""
+    tensors, meta = load_weights(path)
+    want = meta.get(DIGEST_KEY)
+    if want is not None and tensor_digest(tensors, meta) != want:
+        raise RunError(f"{source} is damaged (its contents do not match the checksum written "
+                       "with it): delete it to recompute what it held")
+    return tensors, meta
 
 
 def _storable(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -127,7 +165,10 @@ def _state_dict_from(path: Path, obj: Any) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise ModelFileError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
+        if not isinstance(key, str):
+            raise ModelFileError(f"{path} does not hold a state dict: key {key!r} is "
+                                 f"{type(key).__name__}, not a parameter name")
+        if not isinstance(value, Tensor):
             raise ModelFileError(
                 f"{path} does not hold a state dict: entry {key!r} is {type(value).__name__}, "
                 "not a tensor"

@@ -47,7 +47,7 @@ from poisonlab.config import config_hash, dump_yaml
 from poisonlab.device import default_device
 from poisonlab.errors import RunError
 from poisonlab.runs import index
-from poisonlab.runs.checkpoints import load_weights, pack_state, save_weights, unpack_state
+from poisonlab.runs.checkpoints import load_checked, pack_state, save_checked, unpack_state
 from poisonlab.runs.layout import (  # noqa: F401  (re-exported: the run-record API)
     atomic_write_text,
     folder_lock,
@@ -170,14 +170,14 @@ class Run:
     ) -> Path:
         """Save tensors to checkpoints/<name>.safetensors atomically; `meta` is JSON in the header."""
         header = {_META_KEY: json.dumps(to_jsonable(dict(meta or {})))}
-        return save_weights(self.checkpoint_path(name), tensors, header)
+        return save_checked(self.checkpoint_path(name), tensors, header)
 
     def load_checkpoint(self, name: str) -> tuple[dict[str, Tensor], dict] | None:
         """(tensors, meta) of checkpoint `name`, or None if it was never saved."""
         path = self.checkpoint_path(name)
         if not path.exists():
             return None
-        tensors, header = load_weights(path)
+        tensors, header = load_checked(path, f"checkpoint {path}")
         return tensors, json.loads(header.get(_META_KEY) or "{}")
 
     def save_state(self, name: str, state: Any) -> Path:
@@ -258,6 +258,10 @@ class Run:
     # --- persistence ---------------------------------------------------------------------
     def _save_info(self) -> None:
         atomic_write_text(self.path / "run.json", json.dumps(self.info, indent=2) + "\n")
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Mirror run.json and the headline metrics into the index."""
         metrics = (
             read_json(self.path / "metrics.json") if (self.path / "metrics.json").exists() else {}
         )
@@ -273,12 +277,12 @@ class Run:
 
 
 def mark_stale(root: Path | str | None = None) -> list[str]:
-    """Runs under `root` that say "running" but whose process is gone: marked interrupted
-    (run.json, log, index). Returns their ids."""
+    """Bring the index in line with the run directories: a run that says "running" but whose
+    process is gone is marked interrupted (run.json, log, index); a row whose status is not
+    its run.json's (an index write that failed, a directory copied in) is rewritten from it.
+    Returns the ids marked interrupted."""
     stale = []
     for row in index.list_runs(root):
-        if row["status"] != "running":
-            continue
         try:
             run = Run.open(row["path"])
         except RunError:
@@ -287,6 +291,8 @@ def mark_stale(root: Path | str | None = None) -> list[str]:
             run.log(f"interrupted: its process (pid {run.info.get('pid', '?')}) is gone")
             run.finish("interrupted")
             stale.append(run.id)
+        elif run.status != row["status"]:
+            run.reindex()
     return stale
 
 
@@ -301,12 +307,12 @@ class StateFile:
 
     def save(self, state: Any) -> Path:
         tensors, skeleton = pack_state(state)
-        return save_weights(self.path, tensors, {_STATE_KEY: skeleton})
+        return save_checked(self.path, tensors, {_STATE_KEY: skeleton})
 
     def load(self) -> Any | None:
         if not self.path.exists():
             return None
-        tensors, header = load_weights(self.path)
+        tensors, header = load_checked(self.path, f"checkpoint {self.path}")
         if _STATE_KEY not in header:
             raise RunError(f"checkpoint {self.path} was not written by save_state")
         return unpack_state(tensors, header[_STATE_KEY], str(self.path))
