@@ -104,8 +104,10 @@ def main() -> None:
             norms = torch.tensor([f.norm for f in found[way]]).view(restarts, 10)
             d = DetectionResult([], norms, threshold=2.0, band=0.5)
             steps = sum(f.steps_run for f in found[way])
+            cand = d.candidate
+            index = float(d.anomaly_index[cand]) if cand is not None else 0.0
             print(f"  {way:10s} wall {wall:7.1f} s  cpu {cpu:7.1f} s  job-steps {steps:5d}  "
-                  f"{d.status}, label {d.candidate} index {float(d.anomaly_index.max()):.2f}")
+                  f"{d.status}, candidate label {cand} index {index:.2f}")
         diff = max(float((a.trigger.mask - b.trigger.mask).abs().max())
                    for a, b in zip(found["sequential"], found["batched"], strict=True))
         print(f"  ratio sequential / batched: wall {med['sequential'][0] / med['batched'][0]:.2f}"

@@ -66,7 +66,9 @@ class InversionConfig(Settings):
         falling below `early_stop_threshold` × its previous best, after λ has gone both up and down.
     parametrization: "mask" (NC, x' = (1 − m)x + m·p) or "additive" (MCL, x' = clip(x + δ)).
     max_images: at most this many stamped images per forward pass; more jobs than fit are split
-        into groups whose gradients add up before the step (the same result, less memory).
+        into groups whose gradients add up before the step (the same result). On a CPU larger
+        forwards stop paying past a few hundred images (the activations leave the cache); on a
+        GPU raise it.
     """
 
     steps: int = Field(1000, ge=1)
@@ -81,7 +83,7 @@ class InversionConfig(Settings):
     early_stop_threshold: float = Field(0.99, gt=0, le=1)
     early_stop_patience: int = Field(25, ge=1)
     parametrization: Literal["mask", "additive"] = "mask"
-    max_images: int = Field(4096, ge=1)
+    max_images: int = Field(256, ge=1)
 
 
 @dataclass
