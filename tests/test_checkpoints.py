@@ -232,3 +232,21 @@ def test_pack_state_refuses_unknown_objects():
         ModelFileError, match="cannot save state at 'model': unsupported Sequential"
     ):
         pack_state({"model": mlp()})
+
+
+def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """A full disk fails inside safetensors' writer: reported as the write that failed (the CLI
+    prints it as one line), not as an invalid file, and no partial file is left behind."""
+    from safetensors import SafetensorError
+
+    import poisonlab.runs.checkpoints as checkpoints
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    target = tmp_path / "w.safetensors"
+    with pytest.raises(OSError, match=r"cannot write .*w\.safetensors: I/O error: No space left"):
+        save_weights(target, {"a": torch.ones(2)})
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ counters, RNG states) into flat tensors plus a JSON skeleton, so it can be saved
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -44,7 +45,11 @@ def save_weights(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as exc:  # the write failed (disk full, I/O error), not the data
+            reason = str(exc).removeprefix("Error while serializing: ")
+            raise OSError(errno.EIO, f"cannot write {path}: {reason}") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
