@@ -41,8 +41,8 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
     """The directory holding `name`'s files; a DataError suggesting a download when absent."""
     path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
     if not path.exists():
-        hint = f"poisonlab data download {name}" + (f" --dir {path}" if data_dir else "")
-        raise DataError(f"{name} data not found at {path}: run `{hint}` or pass --dir")
+        hint = f"poisonlab data download {name}" + (f" --data-dir {path}" if data_dir else "")
+        raise DataError(f"{name} data not found at {path}: run `{hint}` or pass --data-dir")
     return path
 
 
