@@ -23,7 +23,7 @@ from poisonlab.audit.encoder import (
     scan_encoder,
 )
 from poisonlab.audit.membership import AttackResult, MembershipResult, load_record_sets
-from poisonlab.audit.model import load_model
+from poisonlab.audit.model import InputShape, load_model
 from poisonlab.audit.purify import Measured, PurifyReport, find_target, known_trigger, purify
 from poisonlab.audit.scan import CHECKS, ScanReport, scan, select_checks
 
@@ -36,6 +36,7 @@ __all__ = [
     "EncoderAuditConfig",
     "EncoderScanReport",
     "FeatureEncoder",
+    "InputShape",
     "Measured",
     "MembershipResult",
     "PurifyReport",

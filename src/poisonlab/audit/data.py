@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from poisonlab.audit.model import InputShape
 from poisonlab.config import Settings
 from poisonlab.data.glyphs import load_glyph_supervised
 from poisonlab.data.image_folder import load_image_folder
@@ -48,13 +49,15 @@ def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, sp
 
 def check_images(images: ImageSet, shape: Sequence[int], source: str) -> None:
     """DataError when there are no images, ShapeError when they do not have the (C, H, W) the
-    model expects (H = 0: any size)."""
+    model expects (H = 0: any size); a `shape` from load_model (an InputShape) adds why the
+    model expects it and which option changes it."""
     got = tuple(images.x.shape[1:])
     if len(images) == 0:
         raise DataError(f"no images in {source}")
     if shape[1] and got != tuple(shape):
+        why = shape.explain(got) if isinstance(shape, InputShape) else ""
         raise ShapeError(f"images in {source} are {got[0]}x{got[1]}x{got[2]} (CxHxW), but the "
-                         f"model expects {shape[0]}x{shape[1]}x{shape[2]}")
+                         f"model expects {shape[0]}x{shape[1]}x{shape[2]}{why}")
 
 
 def sample(images: ImageSet, n: int, seed: int) -> ImageSet:

@@ -115,7 +115,7 @@ def scan(model: nn.Module, *, clean: ImageSet | None = None, records: RecordSets
     names = select_checks(checks, clean is not None, records is not None)
     clean = clean if "backdoor" in names else None
     records = records if "membership" in names else None
-    shape = tuple(input_shape) if input_shape is not None else (0, 0, 0)
+    shape = input_shape if input_shape is not None else (0, 0, 0)  # an InputShape explains itself
     if clean is not None:
         check_images(clean, shape, clean_source)
     some = clean if clean is not None else records.members

@@ -69,7 +69,9 @@ DatasetOpt = Annotated[str | None, typer.Option(
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
-    "--image-size", help="Input height/width the model expects (default: from the file or arch).")]
+    "--image-size", help="Input height/width the model expects (default: the model file's "
+    "input_shape metadata, else the size its weights fix, else the architecture's usual size: "
+    "28 for small_cnn/tiny_cnn, 32 for resnets).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per label.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", callback=check_seed)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
