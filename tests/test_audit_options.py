@@ -4,15 +4,17 @@ problem is one line and exit code 2 through poisonlab.cli.main."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from PIL import Image
 
 from poisonlab.audit import load_model
-from poisonlab.cli import main
+from poisonlab.cli import app, main
 from poisonlab.models import build_model
 from poisonlab.runs.checkpoints import save_weights
 
@@ -87,14 +89,15 @@ def test_weights_saved_through_a_wrapper_load_and_scan(tmp_path, capsys, wrapper
     assert (tmp_path / "r" / "scan.json").exists()
 
 
-def command_options(command: str, capsys) -> set[str]:
-    assert main([command, "--help"]) == 0
-    return set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out))
+def command_options(command: str) -> set[str]:
+    """Every option name (each spelling) of `poisonlab COMMAND`."""
+    params = typer.main.get_command(app).commands[command].params
+    return {name for param in params for name in [*param.opts, *param.secondary_opts]}
 
 
 @pytest.mark.parametrize("command", ["scan", "purify"])
 def test_keys_that_do_not_fit_are_named_and_no_option_is_invented(tmp_path, capsys, command):
-    options = command_options(command, capsys)
+    options = command_options(command)
     data = image_folder(tmp_path / "data", 28, channels=1)
     args = {"scan": ["--data", str(data), *QUICK_SCAN],
             "purify": ["--clean-data", str(data), "--target", "1", "--out",
@@ -167,3 +170,23 @@ def test_a_size_the_weights_fix_is_read_from_them(tmp_path, capsys):
     assert "pass --image-size 80" in one_line_error(capsys)
     assert main(["scan", str(path), "--arch", "convnet_bn", "--data", str(odd), *report,
                  "--image-size", "80", *QUICK_SCAN]) == 0
+
+
+# --- option names, defaults and help --------------------------------------------------------------
+
+QUICK_PURIFY = ["--target", "1", "--epochs", "1", "--inversion-steps", "1", "--quiet"]
+
+
+def test_scan_and_purify_take_both_spellings_of_the_clean_data_option(tmp_path, capsys):
+    path = save_weights(tmp_path / "m.safetensors", tiny_state())
+    data = image_folder(tmp_path / "data", 28, channels=1)
+    assert main(["scan", str(path), "--arch", "tiny_cnn", "--clean-data", str(data),
+                 "--report", str(tmp_path / "r"), "--json", *QUICK_SCAN]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 4
+    out = tmp_path / "p.safetensors"
+    assert main(["purify", str(path), "--arch", "tiny_cnn", "--data", str(data), "--out",
+                 str(out), "--json", *QUICK_PURIFY]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clean_images"] == 4
+    assert out.exists()
+    for command in ("scan", "purify"):
+        assert {"--data", "--clean-data"} <= command_options(command)

@@ -11,6 +11,7 @@ scan MODEL --arch NAME [--data DIR | --dataset NAME] [--members R --non-members 
     the scan is the label-free encoder scan of cli/encoder.py instead.
 
 purify MODEL --arch NAME (--clean-data DIR | --dataset NAME) --out NEW_MODEL [--target L]
+    (--data and --clean-data are one option, spelled either way, in both commands.)
     MCL purification with the clean data (target from a Neural Cleanse scan when not given);
     writes the purified weights as safetensors and prints BA / ASR before and after when a
     test set (and, for ASR, a known trigger) is given.
@@ -66,6 +67,9 @@ S = TypeVar("S", bound=BaseModel)
 ArchOpt = Annotated[str, typer.Option("--arch", "-a", help="Architecture name (e.g. resnet20).")]
 DatasetOpt = Annotated[str | None, typer.Option(
     "--dataset", help="A named data set (cifar10, mnist, glyphs) instead of a folder.")]
+CleanDataOpt = Annotated[Path | None, typer.Option(
+    "--data", "--clean-data", help="Folder of clean labelled images, one sub-folder per class "
+    "(either spelling, in scan and purify alike).")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
@@ -98,8 +102,7 @@ LabelOnlyOpt = Annotated[bool, typer.Option(
 def scan_command(
     model: Annotated[Path, typer.Argument(help="Weights file (.safetensors, or .pt/.pth).")],
     arch: ArchOpt,
-    data: Annotated[Path | None, typer.Option("--data", help="Folder of clean images, one "
-                                              "sub-folder per class.")] = None,
+    data: CleanDataOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     members: MembersOpt = None,
@@ -218,8 +221,7 @@ def purify_command(
     arch: ArchOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the purified weights "
                                       "(.safetensors).")],
-    clean_data: Annotated[Path | None, typer.Option("--clean-data", help="Folder of clean "
-                                                    "images, one sub-folder per class.")] = None,
+    clean_data: CleanDataOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     clean_fraction: Annotated[float, typer.Option("--clean-fraction", help="With --dataset: the "
