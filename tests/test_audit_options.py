@@ -190,3 +190,20 @@ def test_scan_and_purify_take_both_spellings_of_the_clean_data_option(tmp_path, 
     assert out.exists()
     for command in ("scan", "purify"):
         assert {"--data", "--clean-data"} <= command_options(command)
+
+
+@pytest.mark.parametrize(("source", "fraction", "used"), [
+    ("folder", None, 10),  # all of the folder the user gave
+    ("folder", "0.5", 5),  # an explicit share applies to a folder too
+    ("glyphs", None, 250),  # 5% of the 5,000-image training split
+    ("glyphs", "0.01", 50),
+])
+def test_clean_fraction_applies_to_a_folder_only_when_given(tmp_path, capsys, source, fraction,
+                                                            used):
+    path = save_weights(tmp_path / "m.safetensors", tiny_state())
+    clean = (["--clean-data", str(image_folder(tmp_path / "data", 28, 1, per_class=5))]
+             if source == "folder" else ["--dataset", source])
+    share = ["--clean-fraction", fraction] if fraction else []
+    assert main(["purify", str(path), "--arch", "tiny_cnn", *clean, *share, "--out",
+                 str(tmp_path / "p.safetensors"), "--json", *QUICK_PURIFY]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clean_images"] == used

@@ -70,6 +70,10 @@ DatasetOpt = Annotated[str | None, typer.Option(
 CleanDataOpt = Annotated[Path | None, typer.Option(
     "--data", "--clean-data", help="Folder of clean labelled images, one sub-folder per class "
     "(either spelling, in scan and purify alike).")]
+CleanFractionOpt = Annotated[float | None, typer.Option(
+    "--clean-fraction", help="Share of the clean images used, drawn with --seed (default: all "
+    f"of a --clean-data folder, {CleanSubset.DATASET_FRACTION:.0%} of the --dataset training "
+    "split).")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
@@ -224,8 +228,7 @@ def purify_command(
     clean_data: CleanDataOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    clean_fraction: Annotated[float, typer.Option("--clean-fraction", help="With --dataset: the "
-                                                  "share of its training set used.")] = 0.05,
+    clean_fraction: CleanFractionOpt = None,
     target: Annotated[int | None, typer.Option("--target", help="Backdoor target label (default: "
                                                "the label a Neural Cleanse scan flags).")] = None,
     test_data: Annotated[Path | None, typer.Option("--test-data", help="Clean test images for "
@@ -259,8 +262,7 @@ def purify_command(
     detect = settings(ScanConfig, {"steps": scan_steps}, PURIFY_OPTIONS).detection()
     subset = settings(CleanSubset, {"fraction": clean_fraction}, PURIFY_OPTIONS)
     clean, classes = load_clean(clean_data, dataset, data_dir, "train", seed)
-    if dataset is not None:
-        clean = subset.draw(clean, seed)
+    clean = subset.draw(clean, seed, folder=clean_data is not None)
     channels = int(clean.x.shape[1])
     net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
     check_images(clean, shape, str(clean_data or dataset))
