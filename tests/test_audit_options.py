@@ -15,6 +15,7 @@ from PIL import Image
 
 from poisonlab.audit import load_model
 from poisonlab.cli import app, main
+from poisonlab.data.cache import cache_dir
 from poisonlab.models import build_model
 from poisonlab.runs.checkpoints import save_weights
 
@@ -207,3 +208,22 @@ def test_clean_fraction_applies_to_a_folder_only_when_given(tmp_path, capsys, so
     assert main(["purify", str(path), "--arch", "tiny_cnn", *clean, *share, "--out",
                  str(tmp_path / "p.safetensors"), "--json", *QUICK_PURIFY]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clean_images"] == used
+
+
+def test_help_says_where_the_decoded_arrays_are_cached_and_they_go_there(tmp_path, capsys,
+                                                                        monkeypatch):
+    where = "$POISONLAB_CACHE, else ~/.cache/poisonlab"
+    commands = typer.main.get_command(app).commands
+    for command in ("scan", "purify"):
+        helps = {p.opts[0]: p.help for p in commands[command].params}
+        assert where in helps["--dataset"], command
+        assert "nothing is cached" in helps["--data"], command
+        assert "$POISONLAB_DATA/NAME, else ./data/NAME" in helps["--data-dir"], command
+    data = commands["data"]
+    assert where in data.help and where in data.commands["info"].help
+    monkeypatch.setenv("POISONLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "info", "glyphs", "--json"]) == 0
+    assert list((tmp_path / "cache").glob("glyph*.safetensors"))
+    monkeypatch.delenv("POISONLAB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "poisonlab"

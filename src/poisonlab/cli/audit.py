@@ -54,6 +54,8 @@ from poisonlab.cli.encoder import (
     run_encoder_scan,
 )
 from poisonlab.config import check_seed
+from poisonlab.data.cache import CACHE_LOCATION
+from poisonlab.data.registry import DATA_LOCATION
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.errors import ConfigError
@@ -66,16 +68,17 @@ S = TypeVar("S", bound=BaseModel)
 
 ArchOpt = Annotated[str, typer.Option("--arch", "-a", help="Architecture name (e.g. resnet20).")]
 DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", help="A named data set (cifar10, mnist, glyphs) instead of a folder.")]
+    "--dataset", help="A named data set (cifar10, mnist, glyphs) instead of a folder; its "
+    f"decoded arrays are cached in {CACHE_LOCATION}.")]
 CleanDataOpt = Annotated[Path | None, typer.Option(
     "--data", "--clean-data", help="Folder of clean labelled images, one sub-folder per class "
-    "(either spelling, in scan and purify alike).")]
+    "(either spelling, in scan and purify alike); decoded on every run, nothing is cached.")]
 CleanFractionOpt = Annotated[float | None, typer.Option(
     "--clean-fraction", help="Share of the clean images used, drawn with --seed (default: all "
     f"of a --clean-data folder, {CleanSubset.DATASET_FRACTION:.0%} of the --dataset training "
     "split).")]
 DataDirOpt = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
+    "--data-dir", help=f"Where the files of the --dataset are (default: {DATA_LOCATION}).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Input height/width the model expects (default: the model file's "
     "input_shape metadata, else the size its weights fix, else the architecture's usual size: "

@@ -31,9 +31,14 @@ def check_name(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
     return name
 
 
+DATA_ENV = "POISONLAB_DATA"
+# Where a named data set is looked for without --data-dir, for help texts.
+DATA_LOCATION = f"${DATA_ENV}/NAME, else ./data/NAME"
+
+
 def default_data_dir(name: str) -> Path:
     """`$POISONLAB_DATA/<name>` when POISONLAB_DATA is set, else `./data/<name>`."""
-    base = os.environ.get("POISONLAB_DATA")
+    base = os.environ.get(DATA_ENV)
     return (Path(base).expanduser() if base else Path("data")) / name
 
 
