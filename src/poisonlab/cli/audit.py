@@ -46,6 +46,7 @@ from poisonlab.audit import (
 )
 from poisonlab.audit.data import check_images
 from poisonlab.audit.membership import SPLITS
+from poisonlab.audit.model import DEFAULT_SIZE
 from poisonlab.cli.encoder import (
     ENCODER_ONLY,
     ENCODER_OPTIONS,
@@ -82,7 +83,7 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Input height/width the model expects (default: the model file's "
     "input_shape metadata, else the size its weights fix, else the architecture's usual size: "
-    "28 for small_cnn/tiny_cnn, 32 for resnets).")]
+    + ", ".join(f"{size} for {arch}" for arch, size in DEFAULT_SIZE.items()) + ").")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per label.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", callback=check_seed)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
