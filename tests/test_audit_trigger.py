@@ -19,7 +19,7 @@ from poisonlab.audit.data import sample
 from poisonlab.audit.trigger import TriggerSource
 from poisonlab.cli import main
 from poisonlab.data.image_folder import load_image_folder
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.models import build_model
 from poisonlab.runs.checkpoints import save_weights
 
@@ -74,6 +74,12 @@ def test_trigger_files_become_the_trigger_classes(trigger_files, tmp_path):
     Image.fromarray((colour.permute(1, 2, 0) * 255).byte().numpy()).save(tmp_path / "red.png")
     additive_rgb = TriggerSource.parse(str(tmp_path / "red.png")).build((3, 14, 14))
     assert torch.equal(additive_rgb.apply(torch.zeros(3, 14, 14)), colour)
+    gray_rgb = patch.pattern[0].expand(3, 14, 14).permute(1, 2, 0)
+    Image.fromarray((gray_rgb * 255).byte().numpy()).save(tmp_path / "gray_rgb.png")
+    one = TriggerSource.parse(str(tmp_path / "gray_rgb.png")).build(SHAPE)
+    assert torch.equal(one.apply(x), additive.apply(x))
+    with pytest.raises(ShapeError, match="red.png has 3 channels, but the model takes 1-channel"):
+        TriggerSource.parse(str(tmp_path / "red.png")).build(SHAPE)
     # Without a mask a .safetensors pattern is added, negative values included.
     delta = torch.full(SHAPE, -0.25)
     save_file({"pattern": delta}, str(tmp_path / "minus.safetensors"))

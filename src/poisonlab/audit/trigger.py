@@ -10,7 +10,8 @@ file, read once into a `TriggerSource` and built for the model's input shape:
   [H, W] (float, or uint8 read as / 255): with a mask, pattern and mask in [0, 1] make the same
   blend; without one, the pattern (in [−1, 1]) is added.
 Its height and width must be the model's: a trigger is not resized (that would change it). A
-1-channel pattern serves a 3-channel model (the same pattern in every channel).
+1-channel pattern serves a 3-channel model (the same pattern in every channel), and a gray image
+stored as RGB a 1-channel model.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class TriggerSource:
                              "images (a trigger is not resized)")
         if pattern.shape[0] == 1 and c > 1:
             pattern = pattern.expand(c, h, w)
+        elif c == 1 and pattern.shape[0] == 3 and bool((pattern == pattern[:1]).all()):
+            pattern = pattern[:1]  # a gray image stored as RGB (or through a palette)
         if pattern.shape[0] != c:
             raise ShapeError(f"--trigger {self.name} has {pattern.shape[0]} channels, but the "
                              f"model takes {c}-channel images")
@@ -119,7 +122,7 @@ def _read_image(path: Path, option: str, gray: bool = False) -> torch.Tensor:
         raise DataError(f"{option} {path}: no such file")
     try:
         with Image.open(path) as image:
-            mode = "L" if gray or image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            mode = "L" if gray or image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
             pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{option} {path}: cannot read it as an image ({_reason(exc)})") from None
