@@ -13,6 +13,7 @@ from poisonlab.errors import ModelFileError
 from poisonlab.runs.checkpoints import (
     load_into,
     load_weights,
+    match_key_names,
     pack_state,
     save_weights,
     unpack_state,
@@ -196,6 +197,32 @@ def test_data_parallel_prefix_is_dropped():
     wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
     target = load_into(mlp(hidden=16), wrapped)
     assert torch.equal(target[2].bias, source[2].bias)
+
+
+def test_wrapper_prefixes_are_dropped_only_when_they_make_the_keys_fit():
+    source = mlp()
+    for prefix in ("model.", "module.model.", "model.module."):
+        wrapped = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
+        target = load_into(mlp(hidden=16), wrapped)
+        assert torch.equal(target[2].bias, source[2].bias), prefix
+    holder = nn.Module()  # a model whose own keys start with model. keeps them
+    holder.model = mlp()
+    own = holder.state_dict()
+    assert match_key_names(own, own) == own
+    ddp = {f"module.{k}": v for k, v in own.items()}
+    assert list(match_key_names(ddp, own)) == list(own)
+    other = {f"module.{k}": v for k, v in {"a.weight": torch.zeros(1)}.items()}
+    assert match_key_names(other, own) == other  # no removal makes them fit: unchanged
+
+
+def test_a_mismatch_names_missing_and_unexpected_keys_even_when_many_are_missing():
+    deep = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    state = {f"layer{k}": v for k, v in deep.state_dict().items()}
+    with pytest.raises(ModelFileError) as info:
+        load_into(deep, state, source="f.pt")
+    message = str(info.value)
+    assert message.startswith("weights in f.pt do not fit Sequential: 0.weight is missing")
+    assert "layer0.weight is not part of the model" in message and message.endswith("and 16 more")
 
 
 def test_pack_state_round_trips_optimizer_state(tmp_path):

@@ -6,8 +6,9 @@
     print(report.backdoor.verdict, report.to_dict())
 
 `scan` runs the checks of CHECKS (backdoor: Neural Cleanse on clean images; membership: a
-loss-threshold attack on member and non-member records) and returns a ScanReport of typed
-CheckResults; `purify` runs MCL and returns a PurifyReport with the purified model;
+loss-threshold attack on member and non-member records; trigger: the attack success rate of a
+trigger the user gives, named or read from a file by TriggerSource) and returns a ScanReport of
+typed CheckResults; `purify` runs MCL and returns a PurifyReport with the purified model;
 `scan_encoder` scans a pre-trained encoder (no labels, no trigger) and returns an
 EncoderScanReport.
 """
@@ -23,9 +24,10 @@ from poisonlab.audit.encoder import (
     scan_encoder,
 )
 from poisonlab.audit.membership import AttackResult, MembershipResult, load_record_sets
-from poisonlab.audit.model import load_model
+from poisonlab.audit.model import InputShape, load_model
 from poisonlab.audit.purify import Measured, PurifyReport, find_target, known_trigger, purify
 from poisonlab.audit.scan import CHECKS, ScanReport, scan, select_checks
+from poisonlab.audit.trigger import TriggerResult, TriggerSource
 
 __all__ = [
     "CHECKS",
@@ -36,6 +38,7 @@ __all__ = [
     "EncoderAuditConfig",
     "EncoderScanReport",
     "FeatureEncoder",
+    "InputShape",
     "Measured",
     "MembershipResult",
     "PurifyReport",
@@ -43,6 +46,8 @@ __all__ = [
     "ScanConfig",
     "ScanContext",
     "ScanReport",
+    "TriggerResult",
+    "TriggerSource",
     "find_target",
     "known_trigger",
     "load_clean",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from poisonlab.audit.model import InputShape
 from poisonlab.config import Settings
 from poisonlab.data.glyphs import load_glyph_supervised
 from poisonlab.data.image_folder import load_image_folder
@@ -19,16 +21,25 @@ from poisonlab.errors import ConfigError, DataError, ShapeError
 
 
 class CleanSubset(Settings):
-    """The defender's clean data when it is drawn from a named data set.
+    """The share of the defender's clean data that is used, drawn with the seed.
 
-    fraction: the share of the data set's training split used (drawn with the seed).
+    fraction: the share of the clean images used, from a folder and from a named data set's
+        training split alike; None: all of a folder, DATASET_FRACTION of a data set (a folder
+        is what the user chose to give; a training split is far more than a defender has).
     """
 
-    fraction: float = Field(0.05, gt=0, le=1, allow_inf_nan=False)
+    DATASET_FRACTION: ClassVar[float] = 0.05
 
-    def draw(self, images: ImageSet, seed: int) -> ImageSet:
-        """`fraction` of `images` (at least one)."""
-        return sample(images, max(1, round(self.fraction * len(images))), seed)
+    fraction: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+
+    def draw(self, images: ImageSet, seed: int, *, folder: bool) -> ImageSet:
+        """The share of `images` to use (at least one); `folder`: they are a folder's."""
+        fraction = self.fraction
+        if fraction is None:
+            fraction = 1.0 if folder else self.DATASET_FRACTION
+        if fraction == 1.0:
+            return images
+        return sample(images, max(1, round(fraction * len(images))), seed)
 
 
 def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, split: str,
@@ -48,13 +59,15 @@ def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, sp
 
 def check_images(images: ImageSet, shape: Sequence[int], source: str) -> None:
     """DataError when there are no images, ShapeError when they do not have the (C, H, W) the
-    model expects (H = 0: any size)."""
+    model expects (H = 0: any size); a `shape` from load_model (an InputShape) adds why the
+    model expects it and which option changes it."""
     got = tuple(images.x.shape[1:])
     if len(images) == 0:
         raise DataError(f"no images in {source}")
     if shape[1] and got != tuple(shape):
+        why = shape.explain(got) if isinstance(shape, InputShape) else ""
         raise ShapeError(f"images in {source} are {got[0]}x{got[1]}x{got[2]} (CxHxW), but the "
-                         f"model expects {shape[0]}x{shape[1]}x{shape[2]}")
+                         f"model expects {shape[0]}x{shape[1]}x{shape[2]}{why}")
 
 
 def sample(images: ImageSet, n: int, seed: int) -> ImageSet:

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from poisonlab.audit.model import Shape, input_shape, model_channels
+from poisonlab.audit.model import InputShape, Shape, input_shape, model_channels
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.encoder_scan import EncoderScan, EncoderScanResult
@@ -229,6 +229,7 @@ def _check_images(x: torch.Tensor, shape: Sequence[int] | None, source: str) -> 
         raise DataError(f"no images in {source}")
     got = tuple(x.shape[1:])
     if shape is not None and shape[1] and got != tuple(shape):
+        why = shape.explain(got) if isinstance(shape, InputShape) else ""
         raise ShapeError(f"images in {source} are {got[0]}x{got[1]}x{got[2]} (CxHxW), but the "
-                         f"encoder expects {shape[0]}x{shape[1]}x{shape[2]}")
+                         f"encoder expects {shape[0]}x{shape[1]}x{shape[2]}{why}")
 

@@ -1,54 +1,118 @@
 """Loading a model you did not train: weights only (never unpickled), architecture by name,
-number of classes and input channels read from the weights, input shape from the file's
-metadata or the architecture."""
+number of classes and input channels read from the weights, input size from the user, the
+file's metadata, the weights (for an architecture whose parameter shapes depend on it) or the
+architecture's usual size.
+
+Keys saved through a wrapper (`module.` from DataParallel/DDP, `model.` from a training module)
+are matched to the architecture's before anything is read from them
+(poisonlab.runs.checkpoints.match_key_names); a .pt dict holding the weights under
+`state_dict`, `model_state_dict` or `model` is unwrapped by load_weights.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from poisonlab.errors import ModelFileError
+from poisonlab.errors import ConfigError, ModelFileError
 from poisonlab.models import build_model
-from poisonlab.runs.checkpoints import load_into, load_weights
+from poisonlab.runs.checkpoints import load_into, load_weights, match_key_names
 
-# Input shape the architectures are built for, when the model file does not say.
-DEFAULT_INPUT = {"resnet": (3, 32, 32), "small_cnn": (1, 28, 28), "tiny_cnn": (1, 28, 28)}
+# Input size (H = W) an architecture is usually trained on, assumed when neither --image-size
+# nor the model file says and the weights cannot tell (the model accepts other sizes too).
+DEFAULT_SIZE = {"resnet": 32, "small_cnn": 28, "tiny_cnn": 28, "convnet_bn": 32}
+# Architectures built for one input size (`build_model(..., image_size=N)`): their parameter
+# shapes depend on it (convnet_bn's head sees widths[-1]·(N / 2^blocks)² features), so the
+# sizes the weights fit are read back from them.
+SIZED = ("convnet_bn",)
+LARGEST_SIZE = 4096  # the largest input size looked for in the weights of a SIZED architecture
+SHOWN_KEYS = 3  # keys an error lists
 
 Shape = tuple[int, int, int]
 
 
+class InputShape(tuple):
+    """(C, H, W) a model expects (H = W = 0: any size), with how H and W were decided, so a
+    mismatch can say what to do. basis: "given" (--image-size), "file" (the weights file's
+    input_shape metadata), "weights" (a size the parameter shapes fit, the usual one when they
+    fit it; `fits` is the (smallest, largest) size they fit), "default" (the architecture's
+    usual size, which its weights do not fix) or "any"."""
+
+    basis: str
+    fits: tuple[int, int] | None
+
+    def __new__(cls, shape: Sequence[int], basis: str = "given",
+                fits: tuple[int, int] | None = None) -> InputShape:
+        self = super().__new__(cls, tuple(int(v) for v in shape))
+        self.basis, self.fits = basis, fits
+        return self
+
+    def explain(self, got: Sequence[int]) -> str:
+        """Why the model expects this shape and how to change it, for images of (C, H, W)
+        `got` that do not fit it: text to append to the error (starting with a space)."""
+        c, h, w = self
+        if got[0] != c:
+            return f" (its first convolution takes {c}-channel images)"
+        if tuple(got[1:]) == (h, w) or not h:
+            return ""
+        square = got[1] == got[2]
+        flag = f"--image-size {got[1]}" if square else "--image-size N (square images only)"
+        if self.basis == "default":
+            return (f" (the architecture's usual size: its weights do not fix the input size; "
+                    f"pass {flag} if the model takes {got[1]}x{got[2]} images)")
+        if self.basis == "weights" and self.fits is not None:
+            low, high = self.fits
+            fit = f"its weights fit inputs of {low}x{low} to {high}x{high}"
+            if square and low <= got[1] <= high:
+                return f" ({fit}: pass {flag})"
+            return f" ({fit} only: resize the images)"
+        if self.basis == "file":
+            return f" (the input_shape metadata of the model file; pass {flag} to override it)"
+        return f" (--image-size {h})" if self.basis == "given" else ""
+
+
 def load_model(path: Path | str, arch: str, *, in_channels: int | None = None,
-               image_size: int | None = None) -> tuple[nn.Module, Shape]:
+               image_size: int | None = None) -> tuple[nn.Module, InputShape]:
     """Build `arch` and load the weights file `path` into it (safetensors, or
     torch.load(weights_only=True): never arbitrary code); returns the model in eval mode and the
     (C, H, W) it expects. The number of classes comes from the 2-D `head.weight`; the input
-    channels from `in_channels` (e.g. those of the data), else the first 4-D weight. H and W
-    come from `image_size`, else the file's `input_shape` metadata, else the architecture
-    (0, 0 when unknown: any size is accepted)."""
+    channels from the weight of the architecture's first convolution (`in_channels`, else 3,
+    when the file has none). H and W come from `image_size`, else the file's `input_shape`
+    metadata, else (SIZED architectures) the usual size if the weights fit it or the smallest
+    they fit, else the architecture's usual size (0, 0 when unknown: any size is accepted)."""
     path = Path(path)
     state, meta = load_weights(path)
+    probe = _probe(arch)
+    state = match_key_names(state, probe.state_dict())
     head = state.get("head.weight")
     if head is None or head.dim() != 2:
         raise ModelFileError(f"cannot tell the number of classes from {path}: it has no 2-D "
-                             "'head.weight' tensor")
-    channels = in_channels
-    if channels is None:
-        first = next((v for v in state.values() if v.dim() == 4), None)
-        channels = int(first.shape[1]) if first is not None else 3
-    model = build_model(arch, num_classes=int(head.shape[0]), in_channels=channels)
-    load_into(model, state, name=arch)
-    shape_channels = in_channels if in_channels is not None else model_channels(model)
-    return model.eval(), input_shape(arch, meta, image_size, shape_channels, path)
+                             f"'head.weight' tensor, the {arch} classifier's head (its keys: "
+                             f"{_few(sorted(state))}; {arch}'s: {_few(probe.state_dict())})")
+    classes = int(head.shape[0])
+    channels = weight_channels(state, probe) or in_channels or 3
+    shape = input_shape(arch, meta, image_size, channels, path)
+    kwargs = {}
+    if arch in SIZED:
+        shape = _sized_shape(arch, shape, state, classes, path)
+        kwargs["image_size"] = shape[1]
+    model = build_model(arch, num_classes=classes, in_channels=channels, **kwargs)
+    load_into(model, state, name=arch, source=str(path))
+    return model.eval(), shape
 
 
 def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, channels: int,
-                path: Path | str = "the model file") -> Shape:
-    """(C, H, W) the model expects: `image_size`, else the file's metadata, else the arch's."""
+                path: Path | str = "the model file") -> InputShape:
+    """(C, H, W) the model expects: `image_size`, else the file's metadata, else the arch's
+    usual size (DEFAULT_SIZE), else any size (H = W = 0)."""
     if image_size is not None:
-        return (channels, image_size, image_size)
+        if image_size < 1:
+            raise ConfigError(f"--image-size must be at least 1, got {image_size}")
+        return InputShape((channels, image_size, image_size), "given")
     if "input_shape" in meta:
         try:
             shape = tuple(int(v) for v in json.loads(meta["input_shape"]))
@@ -58,14 +122,99 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
             if len(shape) != 3 or min(shape) < 1:
                 raise ModelFileError(f"the input_shape metadata of {path} is "
                                      f"{meta['input_shape']}, not [C, H, W]")
-            return shape  # type: ignore[return-value]
-    for prefix, shape in DEFAULT_INPUT.items():
+            return InputShape(shape, "file")
+    for prefix, size in DEFAULT_SIZE.items():
         if arch.startswith(prefix):
-            return shape
-    return (channels, 0, 0)  # unknown: accept the data's size
+            return InputShape((channels, size, size), "default")
+    return InputShape((channels, 0, 0), "any")  # unknown: accept the data's size
 
 
 def model_channels(model: nn.Module) -> int:
     """Input channels of the model's first convolution (3 without one)."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return int(conv.in_channels) if conv is not None else 3
+
+
+def weight_channels(state: Mapping[str, torch.Tensor], probe: nn.Module) -> int | None:
+    """Input channels of the file's weight for the architecture's first convolution (`probe`
+    is the architecture); None when the architecture has none or the file lacks it. The
+    first 4-D tensor of a file need not be that weight: safetensors lists names in order."""
+    name = next((n for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)), None)
+    weight = state.get(f"{name}.weight") if name is not None else None
+    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
+
+
+def _probe(arch: str, **kwargs) -> nn.Module:
+    """`arch` on the meta device (parameter names and shapes, no memory, no initialisation
+    cost): what the weights are compared with."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes=kwargs.pop("num_classes", 2),
+                           in_channels=kwargs.pop("in_channels", 3), **kwargs)
+
+
+def _few(keys: Mapping | Sequence) -> str:
+    names = list(keys)
+    more = f", ... ({len(names)} in all)" if len(names) > SHOWN_KEYS else ""
+    return ", ".join(names[:SHOWN_KEYS]) + more if names else "none"
+
+
+def _sized_shape(arch: str, shape: InputShape, state: Mapping[str, torch.Tensor],
+                 classes: int, path: Path) -> InputShape:
+    """`shape` for a SIZED architecture: a given or recorded size checked against the sizes
+    the weights fit; otherwise the architecture's usual size when they fit it, else the
+    smallest they fit. The weights fitting no size are left to load_into to describe."""
+    fits = fitting_sizes(arch, state, classes, shape[0])
+    if fits is None:
+        return shape
+    low, high = fits
+    size = shape[1]
+    if shape.basis in ("given", "file"):
+        if not low <= size <= high:
+            what = (f"--image-size {size}" if shape.basis == "given"
+                    else f"the {size}x{size} of its input_shape metadata")
+            raise ModelFileError(f"the weights in {path} fit {arch} inputs of {low}x{low} to "
+                                 f"{high}x{high}, not {what}")
+        return shape
+    size = size if shape.basis == "default" and low <= size <= high else low
+    return InputShape((shape[0], size, size), "weights", fits)
+
+
+def fitting_sizes(arch: str, state: Mapping[str, torch.Tensor], classes: int,
+                  channels: int) -> tuple[int, int] | None:
+    """(smallest, largest) input size at which SIZED architecture `arch` has the parameter
+    shapes of `state` (None when no size up to LARGEST_SIZE gives them). Its parameter count
+    grows with the size, so both ends are found by bisection on it."""
+    want = {k: tuple(v.shape) for k, v in state.items()}
+
+    def count(size: int) -> int:
+        try:
+            model = _probe(arch, num_classes=classes, in_channels=channels, image_size=size)
+        except ConfigError:  # too small for the architecture
+            return -1
+        return sum(p.numel() for p in model.state_dict().values())
+
+    def fits(size: int) -> bool:
+        model = _probe(arch, num_classes=classes, in_channels=channels, image_size=size)
+        return all(want.get(k) == tuple(v.shape) for k, v in model.state_dict().items())
+
+    target = sum(state[k].numel() for k in _probe(arch, num_classes=classes,
+                                                  in_channels=channels).state_dict()
+                 if k in state)
+    low = _first(lambda s: count(s) >= target, 1, LARGEST_SIZE)
+    if low is None or not fits(low):
+        return None
+    after = _first(lambda s: count(s) > target, low, LARGEST_SIZE)
+    return low, (after - 1 if after is not None else LARGEST_SIZE)
+
+
+def _first(condition, low: int, high: int) -> int | None:
+    """The smallest n in [low, high] where the monotone `condition` holds (None if nowhere)."""
+    if not condition(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if condition(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -1,20 +1,22 @@
 """`purify`: remove a backdoor from a model you did not train with MCL (poisonlab.defenses.mcl)
 on a little clean data; the target label is the one a Neural Cleanse scan flags when it is not
-given. Benign accuracy (BA) and, with a known trigger, attack success rate (ASR) are measured
-before and after on a clean test set."""
+given. Benign accuracy (BA) and, with a known trigger (named, or a file: audit.trigger), attack
+success rate (ASR) are measured before and after on a clean test set."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from poisonlab.attacks.backdoor_injection import attack_success_rate
-from poisonlab.attacks.triggers import Trigger, make_trigger
+from poisonlab.attacks.triggers import Trigger
 from poisonlab.audit.checks import ScanConfig
 from poisonlab.audit.data import class_names, num_classes, sample
+from poisonlab.audit.trigger import TriggerSource
 from poisonlab.config import make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
@@ -58,12 +60,13 @@ class PurifyReport:
                 "before": self.before.to_dict(), "after": self.after.to_dict()}
 
 
-def known_trigger(name: str | None, shape: Sequence[int], seed: int) -> Trigger | None:
-    """The named trigger (badnets, blend, grid, trojan) for images of `shape`; blend draws its
-    pattern with `seed`."""
-    if name is None:
-        return None
-    return make_trigger(name, tuple(shape), **({"seed": seed} if name == "blend" else {}))
+def known_trigger(trigger: str | TriggerSource | None, shape: Sequence[int], seed: int,
+                  mask: Path | str | None = None) -> Trigger | None:
+    """The trigger for images of `shape`: named (badnets, blend, grid, trojan; blend draws its
+    pattern with `seed`) or a trigger file, with the mask image `mask` (see
+    poisonlab.audit.trigger); None without one."""
+    source = trigger if isinstance(trigger, TriggerSource) else TriggerSource.parse(trigger, mask)
+    return source.build(shape, seed) if source is not None else None
 
 
 def find_target(model: nn.Module, clean: ImageSet, *, config: NeuralCleanse.Config | None = None,

@@ -1,19 +1,24 @@
 """`poisonlab scan` and `poisonlab purify`: audit a model you did not train.
 
 scan MODEL --arch NAME [--data DIR | --dataset NAME] [--members R --non-members R]
+     [--trigger NAME|FILE [--trigger-mask FILE] --target L]
     Loads the weights safely (safetensors, or torch.load(weights_only=True)), runs each check of
     poisonlab.audit.CHECKS and prints a verdict; writes a report folder (report.html, scan.json,
     figures). Exit code 0 whatever the verdict; --json prints the result as one JSON object on
     the last line. "backdoor" (Neural Cleanse) needs clean images (--data or --dataset);
     "membership" needs a member and a non-member record set (record files, see
     poisonlab.data.records, or splits of --dataset). By default every check whose inputs are
-    given runs; --check picks some. With --encoder, MODEL is a pre-trained image encoder and
-    the scan is the label-free encoder scan of cli/encoder.py instead.
+    given runs; --check picks some. "trigger" needs clean images and --trigger (a named trigger
+    or a file: poisonlab.audit.trigger) with --target L. With --encoder, MODEL is a pre-trained
+    image encoder and the scan is the label-free encoder scan of cli/encoder.py instead.
 
 purify MODEL --arch NAME (--clean-data DIR | --dataset NAME) --out NEW_MODEL [--target L]
+       [--test-data DIR] [--trigger NAME|FILE [--trigger-mask FILE]]
     MCL purification with the clean data (target from a Neural Cleanse scan when not given);
     writes the purified weights as safetensors and prints BA / ASR before and after when a
-    test set (and, for ASR, a known trigger) is given.
+    test set (and, for ASR, a --trigger: named, or a file as for scan) is given.
+
+--data and --clean-data are one option, spelled either way, in both commands.
 
 The work is poisonlab.audit's; this module parses options into its settings (a bad value is
 one line naming the option, before any work), calls it, prints and writes files.
@@ -29,6 +34,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
+from poisonlab.attacks.triggers import TRIGGERS
 from poisonlab.audit import (
     CHECKS,
     CleanSubset,
@@ -45,6 +51,9 @@ from poisonlab.audit import (
 )
 from poisonlab.audit.data import check_images
 from poisonlab.audit.membership import SPLITS
+from poisonlab.audit.model import DEFAULT_SIZE
+from poisonlab.audit.scan import ON_CLEAN
+from poisonlab.audit.trigger import TriggerSource
 from poisonlab.cli.encoder import (
     ENCODER_ONLY,
     ENCODER_OPTIONS,
@@ -53,6 +62,8 @@ from poisonlab.cli.encoder import (
     run_encoder_scan,
 )
 from poisonlab.config import check_seed
+from poisonlab.data.cache import CACHE_LOCATION
+from poisonlab.data.registry import DATA_LOCATION
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
 from poisonlab.errors import ConfigError
@@ -65,11 +76,30 @@ S = TypeVar("S", bound=BaseModel)
 
 ArchOpt = Annotated[str, typer.Option("--arch", "-a", help="Architecture name (e.g. resnet20).")]
 DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", help="A named data set (cifar10, mnist, glyphs) instead of a folder.")]
+    "--dataset", help="A named data set (cifar10, mnist, glyphs) instead of a folder; its "
+    f"decoded arrays are cached in {CACHE_LOCATION}.")]
+CleanDataOpt = Annotated[Path | None, typer.Option(
+    "--data", "--clean-data", help="Folder of clean labelled images, one sub-folder per class "
+    "(either spelling, in scan and purify alike); decoded on every run, nothing is cached.")]
+CleanFractionOpt = Annotated[float | None, typer.Option(
+    "--clean-fraction", help="Share of the clean images used, drawn with --seed (default: all "
+    f"of a --clean-data folder, {CleanSubset.DATASET_FRACTION:.0%} of the --dataset training "
+    "split).")]
 DataDirOpt = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Where the named data set lives (default: $POISONLAB_DATA/NAME).")]
+    "--data-dir", help=f"Where the files of the --dataset are (default: {DATA_LOCATION}).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
-    "--image-size", help="Input height/width the model expects (default: from the file or arch).")]
+    "--image-size", help="Input height/width the model expects (default: the model file's "
+    "input_shape metadata, else the size its weights fix, else the architecture's usual size: "
+    + ", ".join(f"{size} for {arch}" for arch, size in DEFAULT_SIZE.items()) + ").")]
+TriggerOpt = Annotated[str | None, typer.Option(
+    "--trigger", help=f"A trigger to measure: one of {', '.join(sorted(TRIGGERS))}, or a file "
+    "of the model's input size: an image (PNG, ...) added to the images (x + pixels/255, "
+    "clipped) or, with --trigger-mask, blended in, (1 - m)x + m·p; or a .safetensors file "
+    "with 'pattern' [C, H, W] and optionally 'mask' [1, H, W] or [H, W] in [0, 1] (without a "
+    "mask the pattern, in [-1, 1], is added).")]
+TriggerMaskOpt = Annotated[Path | None, typer.Option(
+    "--trigger-mask", help="With an image --trigger file: a grayscale image of the same size, "
+    "m = pixels/255, where the trigger replaces the image.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Neural Cleanse steps per label.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", callback=check_seed)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Also print one JSON object (last line).")]
@@ -96,8 +126,7 @@ LabelOnlyOpt = Annotated[bool, typer.Option(
 def scan_command(
     model: Annotated[Path, typer.Argument(help="Weights file (.safetensors, or .pt/.pth).")],
     arch: ArchOpt,
-    data: Annotated[Path | None, typer.Option("--data", help="Folder of clean images, one "
-                                              "sub-folder per class.")] = None,
+    data: CleanDataOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     members: MembersOpt = None,
@@ -124,6 +153,12 @@ def scan_command(
     similarity: Annotated[float | None, typer.Option("--similarity", help="--encoder: mean "
                                                      "pairwise cosine a trigger must reach "
                                                      "(default 0.99).")] = None,
+    trigger: TriggerOpt = None,
+    trigger_mask: TriggerMaskOpt = None,
+    target: Annotated[int | None, typer.Option("--target", help="With --trigger: the label it "
+                                               "should send images to (the trigger check "
+                                               "reports the share of clean images of other "
+                                               "labels it sends there).")] = None,
     image_size: ImageSizeOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Report folder (default: "
                                                 "./scan-<model name>).")] = None,
@@ -146,13 +181,17 @@ def scan_command(
 
     A quick leakage audit without Neural Cleanse: --check membership.
 
+    trigger: with --trigger (a named trigger or a file) and --target L, the share of the clean
+    images of other labels that the trigger sends to L (its attack success rate).
+
     encoder (--encoder): MODEL is an image encoder; invert the smallest trigger that maps the
     clean images to one cluster and flag a small one (no labels, no trigger knowledge).
     """
     if encoder:
         refuse_options({"--members": members, "--non-members": non_members, "--members-split":
                         members_split, "--non-members-split": non_members_split, "--records":
-                        records, "--label-only": label_only, "--check": check})
+                        records, "--label-only": label_only, "--check": check, "--trigger":
+                        trigger, "--trigger-mask": trigger_mask, "--target": target})
         enc_config = settings(EncoderAuditConfig, encoder_settings(
             samples=samples, steps=steps, batch_size=batch_size, threshold=threshold,
             restarts=restarts, similarity=similarity), ENCODER_OPTIONS)
@@ -165,19 +204,30 @@ def scan_command(
     config = settings(ScanConfig, {
         **{k: v for k, v in given.items() if v is not None},
         "records": records, "label_only": label_only}, SCAN_OPTIONS)
+    suspect = TriggerSource.parse(trigger, trigger_mask)
+    if (suspect is None) != (target is None):
+        raise ConfigError("--trigger needs --target L" if target is None else
+                          "--target applies only with --trigger (the label the trigger should "
+                          "send images to)")
     sets = load_record_sets(members, non_members, members_split, non_members_split, dataset,
                             data_dir, config.records, seed)
-    checks = select_checks(check, data is not None or dataset is not None, sets is not None)
-    images, classes = (load_clean(data, dataset, data_dir, "test", seed) if "backdoor" in checks
-                       else (None, []))
+    checks = select_checks(check, data is not None or dataset is not None, sets is not None,
+                           suspect is not None)
+    images, classes = (load_clean(data, dataset, data_dir, "test", seed)
+                       if any(c in ON_CLEAN for c in checks) else (None, []))
     channels = int(images.x.shape[1]) if images is not None else None
     net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
+    clean_source = str(data or dataset)
+    built = None
+    if suspect is not None and images is not None:
+        check_images(images, shape, clean_source)  # the images' shape is the model's
+        built = suspect.build(tuple(images.x.shape[1:]), seed)
     report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
                                 what="--report")
     result = scan(net, clean=images, records=sets, checks=checks, classes=classes,
                   config=config, seed=seed, progress=not quiet, report_dir=report_dir,
-                  input_shape=shape, name=str(model), arch=arch,
-                  clean_source=str(data or dataset))
+                  input_shape=shape, name=str(model), arch=arch, clean_source=clean_source,
+                  trigger=built, target=target if built is not None else None)
     console = terminal()
     for check_result in result.checks.values():
         section = check_result.section()
@@ -216,18 +266,16 @@ def purify_command(
     arch: ArchOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the purified weights "
                                       "(.safetensors).")],
-    clean_data: Annotated[Path | None, typer.Option("--clean-data", help="Folder of clean "
-                                                    "images, one sub-folder per class.")] = None,
+    clean_data: CleanDataOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    clean_fraction: Annotated[float, typer.Option("--clean-fraction", help="With --dataset: the "
-                                                  "share of its training set used.")] = 0.05,
+    clean_fraction: CleanFractionOpt = None,
     target: Annotated[int | None, typer.Option("--target", help="Backdoor target label (default: "
                                                "the label a Neural Cleanse scan flags).")] = None,
     test_data: Annotated[Path | None, typer.Option("--test-data", help="Clean test images for "
                                                    "BA (with --dataset: its test split).")] = None,
-    trigger: Annotated[str | None, typer.Option("--trigger", help="A known trigger (badnets, "
-                                                "blend, grid, trojan) to measure ASR.")] = None,
+    trigger: TriggerOpt = None,
+    trigger_mask: TriggerMaskOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="MCL fine-tuning epochs.")] = 20,
     inversion_steps: Annotated[int, typer.Option("--inversion-steps")] = 100,
     ce_weight: Annotated[float, typer.Option("--ce-weight", help="Optional cross-entropy term "
@@ -247,6 +295,10 @@ def purify_command(
     """Remove a backdoor with MCL on a little clean data; write the purified model."""
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
+    suspect = TriggerSource.parse(trigger, trigger_mask)
+    if suspect is not None and test_data is None and dataset is None:
+        raise ConfigError("--trigger is measured on a clean test set: give --test-data DIR (or "
+                          "--dataset, whose test split is used)")
     prepare_output(out, directory=False)
     mcl = settings(MCL.Config, {
         "inversion": {**MCL.Config().inversion.model_dump(), "steps": inversion_steps},
@@ -255,13 +307,12 @@ def purify_command(
     detect = settings(ScanConfig, {"steps": scan_steps}, PURIFY_OPTIONS).detection()
     subset = settings(CleanSubset, {"fraction": clean_fraction}, PURIFY_OPTIONS)
     clean, classes = load_clean(clean_data, dataset, data_dir, "train", seed)
-    if dataset is not None:
-        clean = subset.draw(clean, seed)
+    clean = subset.draw(clean, seed, folder=clean_data is not None)
     channels = int(clean.x.shape[1])
     net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
     check_images(clean, shape, str(clean_data or dataset))
     test = _test_set(test_data, dataset, data_dir, seed, shape)
-    known = known_trigger(trigger, tuple(clean.x.shape[1:]), seed)
+    known = known_trigger(suspect, tuple(clean.x.shape[1:]), seed)
     if target is None:
         target = find_target(net, clean, config=detect, seed=seed).target
         if not quiet:

@@ -13,14 +13,24 @@ from typing import Annotated
 
 import typer
 
+from poisonlab.data.cache import CACHE_LOCATION
 from poisonlab.data.download import download_dataset
-from poisonlab.data.registry import check_name, default_data_dir, describe_dataset, load_dataset
+from poisonlab.data.registry import (
+    DATA_LOCATION,
+    check_name,
+    default_data_dir,
+    describe_dataset,
+    load_dataset,
+)
 
-data_app = typer.Typer(name="data", help="Inspect and download data sets.", no_args_is_help=True)
+data_app = typer.Typer(
+    name="data", no_args_is_help=True,
+    help=f"Inspect and download data sets. Their files are in --data-dir (default: "
+    f"{DATA_LOCATION}); the decoded arrays loading them makes are cached in {CACHE_LOCATION}.")
 
 DirOption = Annotated[
     Path | None,
-    typer.Option("--data-dir", "--dir", help="Data set folder (default: $POISONLAB_DATA/NAME or ./data/NAME)."),
+    typer.Option("--data-dir", "--dir", help=f"Data set folder (default: {DATA_LOCATION})."),
 ]
 
 
@@ -46,7 +56,9 @@ def _summary_lines(name: str, info: dict) -> list[str]:
     return lines
 
 
-@data_app.command("info")
+@data_app.command("info", help="Load a data set and print its classes, split sizes, image "
+                  "shape and value range; the first load decodes the files and caches the "
+                  f"arrays in {CACHE_LOCATION}, later loads read the cache.")
 def info_command(
     name: Annotated[str, typer.Argument(help="omniglot, cifar10, mnist or glyphs.")],
     data_dir: DirOption = None,

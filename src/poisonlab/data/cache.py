@@ -33,10 +33,15 @@ from poisonlab.errors import DataError
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+CACHE_ENV = "POISONLAB_CACHE"
+DEFAULT_CACHE = "~/.cache/poisonlab"
+# Where the cache is, for help texts.
+CACHE_LOCATION = f"${CACHE_ENV}, else {DEFAULT_CACHE}"
+
+
 def cache_dir() -> Path:
     """The cache folder: `$POISONLAB_CACHE`, else `~/.cache/poisonlab`; created on demand."""
-    env = os.environ.get("POISONLAB_CACHE")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "poisonlab"
+    path = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -31,9 +31,14 @@ def check_name(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
     return name
 
 
+DATA_ENV = "POISONLAB_DATA"
+# Where a named data set is looked for without --data-dir, for help texts.
+DATA_LOCATION = f"${DATA_ENV}/NAME, else ./data/NAME"
+
+
 def default_data_dir(name: str) -> Path:
     """`$POISONLAB_DATA/<name>` when POISONLAB_DATA is set, else `./data/<name>`."""
-    base = os.environ.get("POISONLAB_DATA")
+    base = os.environ.get(DATA_ENV)
     return (Path(base).expanduser() if base else Path("data")) / name
 
 
@@ -41,8 +46,8 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
     """The directory holding `name`'s files; a DataError suggesting a download when absent."""
     path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
     if not path.exists():
-        hint = f"poisonlab data download {name}" + (f" --dir {path}" if data_dir else "")
-        raise DataError(f"{name} data not found at {path}: run `{hint}` or pass --dir")
+        hint = f"poisonlab data download {name}" + (f" --data-dir {path}" if data_dir else "")
+        raise DataError(f"{name} data not found at {path}: run `{hint}` or pass --data-dir")
     return path
 
 

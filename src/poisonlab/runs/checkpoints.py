@@ -19,7 +19,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,61 +195,100 @@ def load_into(
     path_or_state: Path | str | Mapping[str, Tensor],
     strict: bool = True,
     name: str | None = None,
+    source: str | None = None,
 ) -> nn.Module:
     """Load weights into `model` after checking that every key and shape fits.
 
     With strict=False missing and unexpected keys are allowed, but shapes must still match.
-    A `module.` prefix (from DataParallel) is dropped when the model does not use it.
+    Wrapper prefixes (`module.` from DataParallel/DDP, `model.` from a training wrapper) are
+    dropped when that makes the keys name the model's entries (`match_key_names`). A mismatch
+    is one ModelFileError naming a few missing, unexpected and misshapen entries; `name` is
+    how it names the model, `source` the weights (default: the file's name).
     """
     if isinstance(path_or_state, Mapping):
-        state, source = dict(path_or_state), "the given state dict"
+        state, where = dict(path_or_state), "the given state dict"
     else:
         state, _ = load_weights(path_or_state)
-        source = Path(path_or_state).name
+        where = Path(path_or_state).name
     expected = model.state_dict()
-    state = _strip_prefix(state, expected, "module.")
+    state = match_key_names(state, expected)
     problems = _fit_problems(state, expected, strict)
     if problems:
         label = name or getattr(model, "name", None) or type(model).__name__
-        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        shown = _interleave(problems, SHOWN_PROBLEMS)
+        more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         raise ModelFileError(
-            f"weights in {source} do not fit {label}: {'; '.join(problems[:4])}{more}"
+            f"weights in {source or where} do not fit {label}: {'; '.join(shown)}{more}"
         )
     model.load_state_dict(state, strict=strict)
     return model
 
 
-def _strip_prefix(state: dict[str, Tensor], expected: Mapping, prefix: str) -> dict[str, Tensor]:
-    if (
-        state
-        and all(k.startswith(prefix) for k in state)
-        and not any(k.startswith(prefix) for k in expected)
-    ):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+# Prefixes that wrap every key of a state dict saved from a wrapper: DataParallel and
+# DistributedDataParallel (`module.`), a training module holding the network as `self.model`.
+WRAPPER_PREFIXES = ("module.", "model.")
+SHOWN_PROBLEMS = 4  # problems a mismatch error lists before "and N more"
+
+
+def match_key_names(state: Mapping[str, Tensor], expected: Iterable[str]) -> dict[str, Tensor]:
+    """`state` with the wrapper prefixes that all its keys carry (WRAPPER_PREFIXES, in any order
+    and repeated, e.g. `module.model.`) removed as far as that makes more of its keys name
+    `expected` entries; unchanged when no removal does (a model whose own keys start with
+    `model.` keeps them)."""
+    wanted = set(expected)
+    stages = [dict(state)]
+    while stages[-1]:
+        keys = list(stages[-1])
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            break
+        stages.append({k[len(prefix):]: v for k, v in stages[-1].items()})
+    return max(stages, key=lambda stage: len(wanted.intersection(stage)))  # first of the best
+
+
+def _interleave(problems: list[tuple[str, str]], count: int) -> list[str]:
+    """Up to `count` problem texts, taking each kind (missing, unexpected, shape) in turn so a
+    long list of one kind does not hide the others."""
+    kinds: dict[str, list[str]] = {}
+    for kind, text in problems:
+        kinds.setdefault(kind, []).append(text)
+    shown: list[str] = []
+    while len(shown) < count and any(kinds.values()):
+        for texts in kinds.values():
+            if texts and len(shown) < count:
+                shown.append(texts.pop(0))
+    return shown
 
 
 def _fit_problems(
     state: Mapping[str, Tensor], expected: Mapping[str, Tensor], strict: bool
-) -> list[str]:
+) -> list[tuple[str, str]]:
+    """(kind, text) of every way `state` does not fit `expected`: kind is "missing",
+    "unexpected" or "value" (shape, dtype, non-finite values, negative variances)."""
     problems = []
     for key, want in expected.items():
         if key not in state:
             if strict:
-                problems.append(f"{key} is missing (expected shape {_shape(want)})")
-        elif tuple(state[key].shape) != tuple(want.shape):
-            problems.append(f"{key} has shape {_shape(state[key])}, expected {_shape(want)}")
-        elif want.is_floating_point() and not state[key].is_floating_point():
+                problems.append(("missing", f"{key} is missing (expected shape {_shape(want)})"))
+            continue
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            problem = f"{key} has shape {_shape(got)}, expected {_shape(want)}"
+        elif want.is_floating_point() and not got.is_floating_point():
             # load_state_dict would cast int8 or bool weights silently into a broken model
-            problems.append(f"{key} has dtype {str(state[key].dtype).removeprefix('torch.')}, "
-                            "expected floating-point weights")
-        elif state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            problem = (f"{key} has dtype {str(got.dtype).removeprefix('torch.')}, "
+                       "expected floating-point weights")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
             # a NaN or inf weight makes every output NaN: every check of it passes vacuously
-            problems.append(f"{key} holds NaN or infinite values")
-        elif key.endswith("running_var") and bool((state[key] < 0).any()):
-            problems.append(f"{key} holds negative variances")
+            problem = f"{key} holds NaN or infinite values"
+        elif key.endswith("running_var") and bool((got < 0).any()):
+            problem = f"{key} holds negative variances"
+        else:
+            continue
+        problems.append(("value", problem))
     if strict:
-        problems += [f"{key} is not part of the model" for key in state if key not in expected]
+        problems += [("unexpected", f"{key} is not part of the model")
+                     for key in state if key not in expected]
     return problems
 
 
