@@ -27,22 +27,13 @@ from poisonlab.config import replace
 from poisonlab.data.records import load_records
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
-from poisonlab.defenses.neural_cleanse import NeuralCleanse
 from poisonlab.errors import ConfigError, ShapeError
 
 # Fixtures shared with the CLI and Neural Cleanse tests (tests/ is on sys.path under pytest).
 from test_neural_cleanse import TARGET, backdoored, glyphs14  # noqa: F401
 from test_scan_membership import files  # noqa: F401
 
-# The backdoor check and purify run on the defences' settings API (NeuralCleanse.Config,
-# MCL.Config, FineTuneConfig without a seed) of the defences branch; until it is merged, the
-# tests that need it are skipped rather than run against the old constructors.
-needs_defense_settings = pytest.mark.skipif(
-    not hasattr(NeuralCleanse, "Config") or not hasattr(MCL, "Config"),
-    reason="needs the NeuralCleanse.Config / MCL.Config API of the defences branch")
 
-
-@needs_defense_settings
 def test_scan_flags_the_backdoor_target_from_python(glyphs14, backdoored, tmp_path):  # noqa: F811
     _, test = glyphs14
     report = scan(backdoored, clean=test, config=ScanConfig(samples=64, steps=60, batch_size=16),
@@ -90,7 +81,6 @@ def test_records_that_do_not_fit_the_model_are_shape_errors(files):  # noqa: F81
         ScanConfig(samples=0)
 
 
-@needs_defense_settings
 def test_purify_from_python_returns_a_purified_copy(glyphs14, backdoored):  # noqa: F811
     train, test = glyphs14
     before = {k: v.clone() for k, v in backdoored.state_dict().items()}
@@ -127,14 +117,18 @@ PURIFY = ["purify", "missing-model.safetensors", "--arch", "tiny_cnn", "--datase
         (SCAN, "--threshold", "nan"),
         (SCAN, "--threshold", "inf"),
         (SCAN, "--records", "0"),
-        pytest.param(PURIFY, "--inversion-steps", "0", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--epochs", "0", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--ce-weight", "-1", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--distill-weight", "-1", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--clean-fraction", "0", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--clean-fraction", "2", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--clean-fraction", "nan", marks=needs_defense_settings),
-        pytest.param(PURIFY, "--steps", "0", marks=needs_defense_settings),
+        (SCAN, "--restarts", "0"),
+        (SCAN, "--band", "-1"),
+        (SCAN, "--band", "nan"),
+        (PURIFY, "--restarts", "0"),
+        (PURIFY, "--inversion-steps", "0"),
+        (PURIFY, "--epochs", "0"),
+        (PURIFY, "--ce-weight", "-1"),
+        (PURIFY, "--distill-weight", "-1"),
+        (PURIFY, "--clean-fraction", "0"),
+        (PURIFY, "--clean-fraction", "2"),
+        (PURIFY, "--clean-fraction", "nan"),
+        (PURIFY, "--steps", "0"),
     ],
 )
 def test_bad_option_values_are_one_line_errors_before_any_work(capsys, command, option, value):
@@ -147,7 +141,6 @@ def test_bad_option_values_are_one_line_errors_before_any_work(capsys, command, 
     assert "Traceback" not in err and captured.out == ""
 
 
-@needs_defense_settings
 def test_purify_inversion_steps_0_is_one_line_in_a_subprocess(tmp_path):
     """The command of issue 16 that ended in a traceback."""
     proc = subprocess.run(

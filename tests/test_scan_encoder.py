@@ -119,6 +119,7 @@ def test_cli_scan_encoder_happy_path(files, tmp_path, capsys):
     (["--batch-size", "1"], "--batch-size 1"),
     (["--members", "x.safetensors"], "--members does not apply to --encoder"),
     (["--check", "backdoor"], "--check does not apply to --encoder"),
+    (["--band", "0.5"], "--band does not apply to --encoder"),
 ])
 def test_cli_bad_encoder_options_are_one_line_errors(files, capsys, args, message):
     model, data = files
@@ -136,8 +137,8 @@ def test_cli_encoder_errors_on_inputs(files, tmp_path, capsys):
          "do not fit resnet20"),
         (["scan", str(tmp_path / "missing.safetensors"), "--encoder", "--arch", ARCH,
           "--data", str(data)], "model file not found"),
-        (["scan", str(model), "--arch", ARCH, "--data", str(data), "--restarts", "2"],
-         "--restarts applies only with --encoder"),
+        (["scan", str(model), "--arch", ARCH, "--data", str(data), "--similarity", "0.9"],
+         "--similarity applies only with --encoder"),
     ]
     for argv, message in cases:
         assert main([*argv, "--quiet"]) == 2, argv

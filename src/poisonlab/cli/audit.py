@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from poisonlab.attacks.triggers import TRIGGERS
 from poisonlab.audit import (
     CHECKS,
+    BackdoorResult,
     CleanSubset,
     EncoderAuditConfig,
     ScanConfig,
@@ -49,9 +50,11 @@ from poisonlab.audit import (
     scan,
     select_checks,
 )
-from poisonlab.audit.data import check_images
+from poisonlab.audit.checks import CheckResult
+from poisonlab.audit.data import check_images, class_names
 from poisonlab.audit.membership import SPLITS
 from poisonlab.audit.model import DEFAULT_SIZE
+from poisonlab.audit.purify import target_of
 from poisonlab.audit.scan import ON_CLEAN
 from poisonlab.audit.trigger import TriggerSource
 from poisonlab.cli.encoder import (
@@ -148,8 +151,13 @@ def scan_command(
     encoder: Annotated[bool, typer.Option("--encoder", help="MODEL is a pre-trained image "
                                           "encoder: scan it for a backdoor without labels "
                                           "(DECREE-style trigger inversion).")] = False,
-    restarts: Annotated[int | None, typer.Option("--restarts", help="--encoder: independent "
-                                                 "inversions (default 2).")] = None,
+    restarts: Annotated[int | None, typer.Option("--restarts", help="Independent random starts "
+                                                 "per label, the smallest trigger kept and the "
+                                                 "index's spread shown (default 3; --encoder: "
+                                                 "independent inversions, 2).")] = None,
+    band: Annotated[float | None, typer.Option("--band", help="A largest anomaly index within "
+                                               "threshold ± band is reported as inconclusive "
+                                               "(default 0.5; 0: a flat yes/no).")] = None,
     similarity: Annotated[float | None, typer.Option("--similarity", help="--encoder: mean "
                                                      "pairwise cosine a trigger must reach "
                                                      "(default 0.99).")] = None,
@@ -191,7 +199,8 @@ def scan_command(
         refuse_options({"--members": members, "--non-members": non_members, "--members-split":
                         members_split, "--non-members-split": non_members_split, "--records":
                         records, "--label-only": label_only, "--check": check, "--trigger":
-                        trigger, "--trigger-mask": trigger_mask, "--target": target})
+                        trigger, "--trigger-mask": trigger_mask, "--target": target,
+                        "--band": band})
         enc_config = settings(EncoderAuditConfig, encoder_settings(
             samples=samples, steps=steps, batch_size=batch_size, threshold=threshold,
             restarts=restarts, similarity=similarity), ENCODER_OPTIONS)
@@ -199,8 +208,9 @@ def scan_command(
                          image_size=image_size, report=report, seed=seed, as_json=as_json,
                          quiet=quiet)
         return
-    refuse_options({"--restarts": restarts, "--similarity": similarity}, ENCODER_ONLY)
-    given = {"samples": samples, "steps": steps, "batch_size": batch_size, "threshold": threshold}
+    refuse_options({"--similarity": similarity}, ENCODER_ONLY)
+    given = {"samples": samples, "steps": steps, "batch_size": batch_size, "threshold": threshold,
+             "restarts": restarts, "band": band}
     config = settings(ScanConfig, {
         **{k: v for k, v in given.items() if v is not None},
         "records": records, "label_only": label_only}, SCAN_OPTIONS)
@@ -228,22 +238,20 @@ def scan_command(
                   config=config, seed=seed, progress=not quiet, report_dir=report_dir,
                   input_shape=shape, name=str(model), arch=arch, clean_source=clean_source,
                   trigger=built, target=target if built is not None else None)
-    console = terminal()
     for check_result in result.checks.values():
-        section = check_result.section()
-        for table in section.tables:
-            console.print(rich_table(table, title=section.heading))
-        console.print(check_result.text())
-    console.print(f"report: {report_dir / 'report.html'}")
+        _print_check(check_result)
+    terminal().print(f"report: {report_dir / 'report.html'}")
     if as_json:
         print(json.dumps(result.to_dict()))
 
 
 SCAN_OPTIONS = {"samples": "--samples", "steps": "--steps", "batch_size": "--batch-size",
-                "threshold": "--threshold", "records": "--records"}
+                "threshold": "--threshold", "records": "--records", "restarts": "--restarts",
+                "band": "--band"}
 PURIFY_OPTIONS = {"inversion.steps": "--inversion-steps", "finetune.epochs": "--epochs",
                   "ce_weight": "--ce-weight", "distill_weight": "--distill-weight",
-                  "fraction": "--clean-fraction", "steps": "--steps"}
+                  "fraction": "--clean-fraction", "steps": "--steps",
+                  "restarts": "--restarts"}
 
 
 def settings(cls: type[S], data: Mapping[str, Any], options: Mapping[str, str]) -> S:
@@ -287,12 +295,18 @@ def purify_command(
                                                    help="Re-estimate batch-norm statistics on "
                                                    "the clean images after MCL.")] = True,
     scan_steps: StepsOpt = 40,
+    scan_restarts: Annotated[int | None, typer.Option("--restarts", help="Neural Cleanse random "
+                                                      "starts per label when it finds the "
+                                                      "target (default 3).")] = None,
     image_size: ImageSizeOpt = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Remove a backdoor with MCL on a little clean data; write the purified model."""
+    """Remove a backdoor with MCL on a little clean data; write the purified model.
+
+    Without --target, a Neural Cleanse scan picks it first and prints its table and verdict as
+    `scan` does (an inconclusive scan's candidate label is used, and said so)."""
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
     suspect = TriggerSource.parse(trigger, trigger_mask)
@@ -304,7 +318,9 @@ def purify_command(
         "inversion": {**MCL.Config().inversion.model_dump(), "steps": inversion_steps},
         "finetune": {"epochs": epochs}, "ce_weight": ce_weight, "distill_weight": distill_weight,
         "recalibrate_bn": bn_recalibration}, PURIFY_OPTIONS)
-    detect = settings(ScanConfig, {"steps": scan_steps}, PURIFY_OPTIONS).detection()
+    detect = settings(ScanConfig, {"steps": scan_steps, **({"restarts": scan_restarts}
+                                                           if scan_restarts is not None else {})},
+                      PURIFY_OPTIONS).detection()
     subset = settings(CleanSubset, {"fraction": clean_fraction}, PURIFY_OPTIONS)
     clean, classes = load_clean(clean_data, dataset, data_dir, "train", seed)
     clean = subset.draw(clean, seed, folder=clean_data is not None)
@@ -313,19 +329,35 @@ def purify_command(
     check_images(clean, shape, str(clean_data or dataset))
     test = _test_set(test_data, dataset, data_dir, seed, shape)
     known = known_trigger(suspect, tuple(clean.x.shape[1:]), seed)
+    found = None
     if target is None:
-        target = find_target(net, clean, config=detect, seed=seed).target
-        if not quiet:
-            terminal(stderr=True).print(f"target label {target} (flagged by Neural Cleanse)")
+        detection = find_target(net, clean, config=detect, seed=seed, progress=not quiet)
+        found = BackdoorResult(detection, class_names(classes, len(detection.results)))
+        target = target_of(detection)
+        _print_check(found)
+        how = ("flagged by" if detection.status == "detected" else
+               "the inconclusive candidate of")
+        terminal().print(f"purifying for target label {target} ({how} Neural Cleanse)")
     report = purify(net, clean, target=target, config=mcl, detect=detect, seed=seed,
                     progress=not quiet, test=test, trigger=known, classes=classes)
     save_weights(out, report.model.state_dict(), {
         "arch": arch, "input_shape": json.dumps(list(shape)), "purified_by": "mcl",
         "target": str(report.target)})
     result = {"model": str(model), "arch": arch, **report.to_dict(), "out": str(out)}
+    if found is not None:
+        result["detection"] = found.to_dict()
     _print_purify(result)
     if as_json:
         print(json.dumps(result))
+
+
+def _print_check(check_result: CheckResult) -> None:
+    """A check's tables, verdict and notes, as `scan` prints them."""
+    console = terminal()
+    section = check_result.section()
+    for table in section.tables:
+        console.print(rich_table(table, title=section.heading))
+    console.print(check_result.text())
 
 
 def _test_set(test_data, dataset, data_dir, seed, shape) -> ImageSet | None:
