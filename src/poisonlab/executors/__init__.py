@@ -8,9 +8,18 @@ function must be importable at module level (Ray pickles it by reference) and mu
 from its inputs alone, so that a piece's result does not depend on where, when or after which
 other pieces it ran: that is what makes `local` and `ray` give the same numbers.
 
+An actor is a long-lived worker that keeps its own state between calls (a slice of MetaPoison's
+surrogate ensemble: weights that train a little every craft step). `Executor.start_actors(cls,
+inits, shared=...)` builds one `cls(**init, **shared)` per init and returns an `Actors` handle;
+`Actors.call(method, per_actor, **common)` calls `method(**per_actor[i], **common)` on every
+actor i and returns the results in actor order; `Actors.close()` ends them. `common` holds what
+every actor receives in this call (the current poisons), `per_actor` what differs between them.
+The methods must not modify their arguments: in this process all actors get the same objects.
+
 `local` (the default) runs the pieces one after the other in this process, in the given order,
-exactly as the code would without an executor. `ray` (the optional extra `poisonlab[ray]`) runs
-them as Ray tasks: poisonlab.executors.ray_backend. The core imports and works without Ray.
+exactly as the code would without an executor, and its actors are plain objects here, called
+one after the other. `ray` (the optional extra `poisonlab[ray]`) runs pieces as Ray tasks and
+actors as Ray actors: poisonlab.executors.ray_backend. The core imports and works without Ray.
 
 This layer sits just above the ground floor: it imports nothing of poisonlab but the ground
 modules, so evaluation/ can take an executor without importing anything above itself.
@@ -18,7 +27,7 @@ modules, so evaluation/ can take an executor without importing anything above it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 from poisonlab.errors import ConfigError
@@ -28,8 +37,26 @@ Backend = Literal["local", "ray"]
 BACKENDS: tuple[str, ...] = ("local", "ray")
 
 
+class Actors(Protocol):
+    """Live actors started by `Executor.start_actors`; see the module docstring."""
+
+    def __len__(self) -> int:
+        """The number of actors."""
+        ...
+
+    def call(self, method: str, per_actor: Sequence[Mapping[str, Any]] | None = None,
+             **common: Any) -> list[Any]:
+        """`method(**per_actor[i], **common)` on every actor i (per_actor None: no per-actor
+        arguments); the results in actor order."""
+        ...
+
+    def close(self) -> None:
+        """End the actors (their state is lost); calling it again does nothing."""
+        ...
+
+
 class Executor(Protocol):
-    """Runs pieces; see the module docstring."""
+    """Runs pieces and actors; see the module docstring."""
 
     name: str
 
@@ -38,6 +65,12 @@ class Executor(Protocol):
             description: str = "") -> Iterator[tuple[str, R]]:
         """Call `fn(item, **shared)` for every `key: item`; yield `(key, result)` as each
         completes. `cpus`: the CPU cores one piece uses (its torch threads on Ray)."""
+        ...
+
+    def start_actors(self, cls: type, inits: Sequence[Mapping[str, Any]], *,
+                     shared: Mapping[str, Any] | None = None, cpus: int = 1) -> Actors:
+        """One actor `cls(**init, **shared)` per init, in that order; `cpus`: the CPU cores
+        each actor holds while it lives (its torch threads on Ray)."""
         ...
 
     def close(self) -> None:
@@ -57,10 +90,50 @@ class LocalExecutor:
         for key, item in items.items():
             yield key, fn(item, **extra)
 
+    def start_actors(self, cls: type, inits: Sequence[Mapping[str, Any]], *,
+                     shared: Mapping[str, Any] | None = None,
+                     cpus: int = 1) -> LocalActors:  # noqa: ARG002
+        return LocalActors([cls(**init, **dict(shared or {})) for init in inits])
+
     def close(self) -> None:
         return None
 
     def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def per_actor_arguments(per_actor: Sequence[Mapping[str, Any]] | None,
+                        actors: int) -> list[dict[str, Any]]:
+    """`per_actor` as one dict per actor (None: empty ones); ValueError if the count is wrong."""
+    if per_actor is None:
+        return [{} for _ in range(actors)]
+    if len(per_actor) != actors:
+        raise ValueError(f"per_actor has {len(per_actor)} entries for {actors} actors")
+    return [dict(args) for args in per_actor]
+
+
+class LocalActors:
+    """Actors as plain objects of this process, called one after another in actor order."""
+
+    def __init__(self, objects: list[Any]) -> None:
+        self._objects = objects
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def call(self, method: str, per_actor: Sequence[Mapping[str, Any]] | None = None,
+             **common: Any) -> list[Any]:
+        args = per_actor_arguments(per_actor, len(self._objects))
+        return [getattr(obj, method)(**own, **common)
+                for obj, own in zip(self._objects, args, strict=True)]
+
+    def close(self) -> None:
+        self._objects = []
+
+    def __enter__(self) -> LocalActors:
         return self
 
     def __exit__(self, *exc: object) -> None:
