@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,10 +31,8 @@ from torch.func import functional_call
 from poisonlab.attacks.poisons import poison_images
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.attacks.unrolled_ensemble import ModelFactory, SurrogateEnsemble
+from poisonlab.config import Settings
 from poisonlab.errors import ConfigError, ShapeError
-
-if TYPE_CHECKING:
-    from poisonlab.attacks.metapoison import MetaPoison
 
 
 @dataclass
@@ -88,10 +85,11 @@ def check_fit(ens: SurrogateEnsemble, task: CraftTask) -> None:
 class SurrogateSlice:
     """The surrogates `members` (global ids) of the ensemble and the crafting problem; see the
     module docstring. Built once per crafting, as an actor: `SurrogateSlice(members=...,
-    model_factory=..., config=..., task=..., recolor=...)`."""
+    model_factory=..., config=..., task=..., recolor=...)`, `config` a MetaPoison.Config (typed
+    as its base here: this module sits below metapoison.py, which imports it)."""
 
     def __init__(self, members: Sequence[int], *, model_factory: ModelFactory,
-                 config: MetaPoison.Config, task: CraftTask, recolor: Recolor | None) -> None:
+                 config: Settings, task: CraftTask, recolor: Recolor | None) -> None:
         self.members = list(members)
         self.local = {m: i for i, m in enumerate(self.members)}
         self.c, self.task, self.recolor = config, task, recolor

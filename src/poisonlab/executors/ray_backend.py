@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from poisonlab.errors import ConfigError, PoisonlabError, RunError
-from poisonlab.executors import per_actor_arguments
+from poisonlab.executors.actors import per_actor_arguments
 from poisonlab.progress import progress_bar
 
 R = TypeVar("R")
