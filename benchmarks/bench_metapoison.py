@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from poisonlab.attacks.metapoison import poison_images
+from poisonlab.attacks.poisons import poison_images
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.attacks.unrolled_ensemble import BACKENDS, SurrogateEnsemble
 from poisonlab.models import build_model

@@ -1,5 +1,7 @@
 """Executors: `local` and `ray` give the same numbers, a lost worker costs only its piece, a
 piece's poisonlab error reaches the driver as itself, and bad backend options are one line, exit 2.
+Actors: the same results in actor order on both backends, state kept between calls, the shared
+and common inputs put into Ray's object store once, errors as themselves, a dead actor one line.
 
 The Ray tests share one local instance per session (fixture `ray_local` in conftest.py); the
 piece functions live at module level here so Ray's workers can import them.
@@ -55,6 +57,47 @@ def die_once(item: tuple[str, str], *, victim: str) -> str:
     return key.upper()
 
 
+class Tally:
+    """An actor: a running total, scaled by a tensor every actor shares."""
+
+    def __init__(self, start: float, *, scale: torch.Tensor) -> None:
+        self.total, self.scale = start, scale
+
+    def add(self, value: float, *, step: torch.Tensor) -> tuple[float, int]:
+        self.total += value * float(self.scale.sum()) + float(step.sum())
+        return self.total, torch.get_num_threads()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def refuse(self, *, why: str) -> None:
+        raise ConfigError(f"actor at {self.total:g} refuses: {why}")
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Picky(Tally):
+    def __init__(self, start: float, *, scale: torch.Tensor) -> None:
+        if start < 0:
+            raise ConfigError(f"start {start:g} is negative")
+        super().__init__(start, scale=scale)
+
+
+def _tally_calls(actors) -> list:
+    """Two rounds of `add` with per-actor values and one common tensor: the state carries over."""
+    first = actors.call("add", [{"value": 1.0}, {"value": 2.0}, {"value": 3.0}],
+                        step=torch.ones(2))
+    second = actors.call("add", [{"value": 10.0}, {"value": 0.0}, {"value": 1.0}],
+                         step=torch.zeros(2))
+    return [total for total, _ in first + second]
+
+
+# 100, 200, 300 plus value × 4 (the shared scale) plus 2 (the common step), then again
+TALLY = [106.0, 210.0, 314.0, 146.0, 210.0, 318.0]
+TALLY_INITS = [{"start": 100.0}, {"start": 200.0}, {"start": 300.0}]
+
+
 # --- local --------------------------------------------------------------------------------
 
 def test_local_executor_yields_in_the_given_order_with_the_shared_inputs():
@@ -70,6 +113,16 @@ def test_run_missing_records_every_piece_and_skips_an_empty_set():
     assert recorded == {"x": (2, 1.0), "y": (5, 2.5)}
     run_missing(None, fail_on, {}, recorded.__setitem__, shared={"bad": 0})
     assert len(recorded) == 2
+
+
+def test_local_actors_are_objects_of_this_process_called_in_actor_order():
+    with LocalExecutor().start_actors(Tally, TALLY_INITS, shared={"scale": torch.ones(4)}) as actors:
+        assert len(actors) == 3
+        assert _tally_calls(actors) == TALLY
+        assert actors.call("pid") == [os.getpid()] * 3
+        with pytest.raises(ValueError, match="2 entries for 3 actors"):
+            actors.call("add", [{"value": 1.0}] * 2, step=torch.ones(1))
+    assert len(actors) == 0
 
 
 def test_ray_missing_is_one_line_naming_the_extra(monkeypatch):
@@ -165,6 +218,61 @@ def test_a_piece_lost_more_often_than_retried_is_one_line_naming_it(ray_local, t
     with pytest.raises(RunError, match=r"^piece b: its Ray worker was lost \(\w+\) on each of 1 attempt"):
         list(RayExecutor(max_retries=0).map(die_once, {"b": ("b", str(tmp_path))},
                                             shared={"victim": "b"}))
+
+
+def test_ray_actors_give_the_local_results_in_their_own_processes(ray_local, monkeypatch):
+    import ray
+
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
+    with RayExecutor().start_actors(Tally, TALLY_INITS[:2], shared={"scale": torch.ones(4)}) as two:
+        assert len(puts) == 1  # the shared scale, once for both constructors
+        first = two.call("add", [{"value": 1.0}, {"value": 2.0}], step=torch.ones(2))
+        assert len(puts) == 2  # the common step, once for both actors
+        assert first == [(106.0, 1), (210.0, 1)]  # the actor's 1 CPU is its 1 torch thread
+        assert two.call("add", [{"value": 10.0}, {"value": 0.0}], step=torch.zeros(2)) == \
+            [(146.0, 1), (210.0, 1)]
+        pids = two.call("pid")
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+    with RayExecutor().start_actors(Tally, TALLY_INITS[:1], shared={"scale": torch.ones(4)},
+                                    cpus=2) as one:
+        assert one.call("add", [{"value": 1.0}], step=torch.ones(2)) == [(106.0, 2)]
+
+
+def test_ray_actor_errors_arrive_as_themselves(ray_local):
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    executor = RayExecutor()
+    with pytest.raises(ConfigError) as info:
+        executor.start_actors(Picky, [{"start": 1.0}, {"start": -2.0}],
+                              shared={"scale": torch.ones(1)})
+    assert type(info.value) is ConfigError and str(info.value) == "start -2 is negative"
+    with executor.start_actors(Tally, [{"start": 5.0}], shared={"scale": torch.ones(1)}) as actors:
+        with pytest.raises(ConfigError) as info:
+            actors.call("refuse", why="no reason")
+        assert type(info.value) is ConfigError
+        assert str(info.value) == "actor at 5 refuses: no reason"
+        assert actors.call("add", value=1.0, step=torch.zeros(1)) == [(6.0, 1)]  # still alive
+
+
+def test_a_dead_ray_actor_is_one_line_naming_it(ray_local):
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    with RayExecutor().start_actors(Tally, TALLY_INITS[:2], shared={"scale": torch.ones(1)}) as actors:
+        with pytest.raises(RunError, match=r"^actor 0 of 2 \(Tally\) was lost \(\w+\) in die; "
+                                           r"actors are not restarted") as info:
+            actors.call("die", [{}, {}])
+        assert "\n" not in str(info.value)
+
+
+def test_ray_actors_larger_than_the_local_instance_are_refused(ray_local):
+    from poisonlab.executors.ray_backend import RayExecutor
+
+    with pytest.raises(ConfigError, match="3 actors of 1 CPUs need 3, the local Ray instance has 2"):
+        RayExecutor().start_actors(Tally, TALLY_INITS, shared={"scale": torch.ones(1)})
 
 
 @pytest.fixture(scope="module")

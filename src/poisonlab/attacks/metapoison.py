@@ -27,6 +27,16 @@ One craft step s, as the reference code (wronnyhuang/metapoison, main.py, meta.p
   δ is clipped to ±ε and the grid to ±ε_c and the colour range.
 Step 0 starts from δ uniform in ±ε (clipped so that x + δ is a valid image) and the zero grid.
 
+Where it runs: the surrogates live in `slices` SurrogateSlice actors (attacks/metapoison_slice.py;
+an executor's actors, by default one object in this process) that each hold consecutive members;
+the driver here keeps δ, the grid, Adam, the random generator (it draws every random number: the
+random start, the re-initialisation seeds, each member's shuffle, in the order above), the step
+schedule and the surrogates' ages. Every craft step it sends each slice its members' shuffles and
+learning rates with δ and the grid, sums the meta-gradients the slices return, divides by M and
+steps Adam: the reference's MPI all-reduce. One slice computes exactly the undivided ensemble;
+more, the same up to float rounding. The checkpoint (`CraftState`) holds the weights of all M
+members gathered in member order, so a crafting resumes with any number of slices.
+
 Units: pixels are in [0, 1] here and in [0, 255] in the reference, so ε = 8/255 is the
 reference's 8, and its craft rate 200 (pixel units) is 200/255 for δ. Adam's step does not depend
 on the gradient's scale, so this gives the reference's trajectory of δ. The colour grid has the
@@ -58,15 +68,21 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
-from torch.func import functional_call
 
-from poisonlab.attacks.poisons import Poisons, poison_images, select_poisons
+from poisonlab.attacks.metapoison_slice import (
+    CraftTask,
+    MetaGradient,
+    SurrogateSlice,
+    member_groups,
+)
+from poisonlab.attacks.poisons import Poisons, select_poisons
 from poisonlab.attacks.recolor import Recolor
-from poisonlab.attacks.unrolled_ensemble import ModelFactory, SurrogateEnsemble
+from poisonlab.attacks.unrolled_ensemble import ModelFactory
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.device import default_device
 from poisonlab.errors import ConfigError, ShapeError
+from poisonlab.executors import Actors, Executor, LocalExecutor
 from poisonlab.progress import StatusFn
 
 
@@ -82,19 +98,6 @@ class CraftState:
     ages: list[int]
     generator: Tensor
     history: list[Tensor] = field(default_factory=list)
-
-
-@dataclass
-class _Task:
-    """One crafting problem, validated and on the device."""
-
-    x: Tensor
-    y: Tensor
-    base: Tensor
-    slot_of: Tensor
-    idx: Tensor
-    target: Tensor
-    adv_label: int
 
 
 class MetaPoison:
@@ -115,7 +118,11 @@ class MetaPoison:
         the colour grid at craft_lr); craft_warmup: quadratic warm-up steps; craft_milestones:
         steps where the rate drops ×0.1 (each).
         chunk: surrogates per batched meta-gradient computation (None: all at once; smaller
-        saves memory, same result)."""
+        saves memory, same result).
+        slices: the ensemble split into this many slices of consecutive surrogates, each an
+        actor of `craft`'s executor (a Ray actor with `--backend ray`; without an executor, in
+        this process); 1 computes exactly the undivided ensemble, more the same up to float
+        rounding (the meta-gradients are summed in another order)."""
 
         budget: int = Field(50, ge=1)
         poison_choice: Literal["first", "random"] = "first"
@@ -137,6 +144,7 @@ class MetaPoison:
         craft_warmup: int = Field(5, ge=0)
         craft_milestones: tuple[int, ...] = (20, 40)
         chunk: int | None = Field(None, ge=1)
+        slices: int = Field(1, ge=1)
 
         @model_validator(mode="after")
         def _sorted_milestones(self) -> MetaPoison.Config:
@@ -144,6 +152,9 @@ class MetaPoison:
                 values = getattr(self, key)
                 if list(values) != sorted(values):
                     raise ValueError(f"{key} must be increasing, got {list(values)}")
+            if self.slices > self.ensemble:
+                raise ValueError(f"slices ({self.slices}) must be at most ensemble "
+                                 f"({self.ensemble}): every slice holds a surrogate")
             return self
 
     def __init__(self, model_factory: ModelFactory, *, config: Config | None = None, seed: int = 0,
@@ -187,18 +198,29 @@ class MetaPoison:
     def craft(self, train: ImageSet, poison_idx: Tensor, target_x: Tensor, adv_label: int, *,
               target_label: int | None = None, progress: StatusFn | None = None,
               checkpoint: Callable[[CraftState], None] | None = None,
-              resume: CraftState | None = None) -> Poisons:
+              resume: CraftState | None = None, executor: Executor | None = None,
+              cpus: int = 1) -> Poisons:
         """Craft δ and the colour grids of the training images `poison_idx` so that surrogates
         trained on the poisoned set classify `target_x` ([C, H, W] or [T, C, H, W]) as
         `adv_label`. `target_label` (the target's true class), if given, is checked against the
-        poison class. `checkpoint` receives the state after every step; `resume` continues one."""
-        crafter = _Crafter(self, _validate(self, train, poison_idx, target_x, adv_label,
-                                           target_label))
-        return crafter.run(progress=progress, checkpoint=checkpoint, resume=resume)
+        poison class. `checkpoint` receives the state after every step; `resume` continues one
+        (whatever the number of slices that saved it). The `slices` surrogate slices are actors
+        of `executor` (None: objects in this process), each holding `cpus` CPU cores."""
+        task = _validate(self, train, poison_idx, target_x, adv_label, target_label)
+        groups = member_groups(self.config.ensemble, self.config.slices)
+        shared = {"model_factory": self.model_factory, "config": self.config, "task": task,
+                  "recolor": self.recolor}
+        slices = (executor or LocalExecutor()).start_actors(
+            SurrogateSlice, [{"members": g} for g in groups], shared=shared, cpus=cpus)
+        try:
+            crafter = _Crafter(self, task, slices, groups)
+            return crafter.run(progress=progress, checkpoint=checkpoint, resume=resume)
+        finally:
+            slices.close()
 
 
 def _validate(attack: MetaPoison, train: ImageSet, poison_idx: Tensor, target_x: Tensor,
-              adv_label: int, target_label: int | None) -> _Task:
+              adv_label: int, target_label: int | None) -> CraftTask:
     """The inputs checked (one-line ShapeError/ConfigError naming the problem) and on the device."""
     c, dev = attack.config, attack.device
     if train.x.dim() != 4 or train.y.shape != (train.x.shape[0],):
@@ -226,32 +248,19 @@ def _validate(attack: MetaPoison, train: ImageSet, poison_idx: Tensor, target_x:
     slot_of = torch.full((n_train,), -1, dtype=torch.long)
     slot_of[idx] = torch.arange(len(idx))
     x = train.x.to(dev)
-    return _Task(x=x, y=train.y.to(dev), base=x[idx.to(dev)], slot_of=slot_of, idx=idx,
+    return CraftTask(x=x, y=train.y.to(dev), base=x[idx.to(dev)], slot_of=slot_of, idx=idx,
                  target=target.to(x), adv_label=int(adv_label))
 
 
-def _check_fit(ens: SurrogateEnsemble, task: _Task) -> None:
-    """Images the surrogate cannot take, or an adversarial class it does not have: one line."""
-    one = {n: p[0] for n, p in ens.params.items()}
-    try:
-        z = functional_call(ens.fmodel, one, (task.x[:2],))
-    except RuntimeError as exc:
-        raise ShapeError(f"images of size {list(task.x.shape[1:])} do not fit the surrogate: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if z.dim() != 2:
-        raise ShapeError(f"the surrogate must return logits [N, classes], got {tuple(z.shape)}")
-    if not 0 <= task.adv_label < z.shape[1]:
-        raise ConfigError(f"adversarial class {task.adv_label} is out of range: the surrogate "
-                          f"has {z.shape[1]} classes")
-
-
 class _Crafter:
-    """The crafting loop of one `MetaPoison.craft` call (state: δ, grid, Adam, the ensemble)."""
+    """The driver of one `MetaPoison.craft` call: δ, the grid, Adam, the random numbers, the
+    step schedule and the surrogates' ages; the surrogates themselves live in `slices`, slice i
+    holding the members groups[i] (see poisonlab.attacks.metapoison_slice)."""
 
-    def __init__(self, attack: MetaPoison, task: _Task) -> None:
+    def __init__(self, attack: MetaPoison, task: CraftTask, slices: Actors,
+                 groups: list[list[int]]) -> None:
         self.attack, self.c, self.task = attack, attack.config, task
-        self.ens = SurrogateEnsemble(attack.model_factory, self.c.ensemble, attack.device)
-        _check_fit(self.ens, task)
+        self.slices, self.groups = slices, groups
         self.gen = torch.Generator().manual_seed(attack.seed)
         self.recolor = attack.recolor
         n = len(task.base)
@@ -293,11 +302,21 @@ class _Crafter:
         self._reinitialise(list(range(c.ensemble)))
         for epoch in range(max(m * c.stagger for m in range(c.ensemble))):
             members = [m for m in range(c.ensemble) if m * c.stagger > epoch]
-            self._epoch(members, [self.attack.surrogate_lr(epoch)] * len(members), meta=None)
+            self._epoch(members, [self.attack.surrogate_lr(epoch)] * len(members), meta=False)
+
+    def _split(self, members: list[int]) -> list[list[int]]:
+        """For each slice, the positions in `members` of the members it holds."""
+        where = {m: i for i, group in enumerate(self.groups) for m in group}
+        out: list[list[int]] = [[] for _ in self.groups]
+        for pos, m in enumerate(members):
+            out[where[m]].append(pos)
+        return out
 
     def _reinitialise(self, members: list[int]) -> None:
         seeds = torch.randint(0, 2**62, (len(members),), generator=self.gen).tolist()
-        self.ens.reinitialise(members, seeds)
+        self.slices.call("reinitialise", [
+            {"members": [members[i] for i in rows], "seeds": [seeds[i] for i in rows]}
+            for rows in self._split(members)])
         for m in members:
             self.ages[m] = 0
 
@@ -308,11 +327,18 @@ class _Crafter:
             wrapped = [m for m, e in enumerate(epochs) if e == 0]
             if wrapped:
                 self._reinitialise(wrapped)
-        acc = _Accumulator(self.delta, self.grid, c.ensemble)
-        self._epoch(list(range(c.ensemble)), [a.surrogate_lr(e) for e in epochs], meta=acc)
-        self.delta.grad, self.grid.grad = acc.g_delta / c.ensemble, acc.g_grid / c.ensemble
+        parts = self._epoch(list(range(c.ensemble)), [a.surrogate_lr(e) for e in epochs],
+                            meta=True)
+        g_delta, g_grid = parts[0].g_delta, parts[0].g_grid  # the all-reduce: summed in order
+        for part in parts[1:]:
+            g_delta, g_grid = g_delta + part.g_delta, g_grid + part.g_grid
+        self.delta.grad = g_delta.to(self.delta) / c.ensemble
+        self.grid.grad = g_grid.to(self.grid) / c.ensemble
         self._adam_step(a.craft_lr(s))
-        return acc.losses()
+        losses = torch.full((c.ensemble,), math.nan)
+        for group, part in zip(self.groups, parts, strict=True):
+            losses[group] = part.losses
+        return losses
 
     def _adam_step(self, lr: float) -> None:
         """Adam on δ at lr/255 and on the grid at lr (see the module docstring), then project."""
@@ -327,89 +353,51 @@ class _Crafter:
             else:
                 self.grid.zero_()
 
-    def _epoch(self, members: list[int], lrs: list[float], meta: _Accumulator | None) -> None:
-        """One clean epoch for each of `members` (own shuffle, drop-last batches), with the
-        meta-gradient taken before the training step on every batch that holds poisons."""
-        c, t = self.c, self.task
-        n_batches = len(t.y) // c.batch_size
-        perms = torch.stack([torch.randperm(len(t.y), generator=self.gen)[: n_batches * c.batch_size]
+    def _epoch(self, members: list[int], lrs: list[float], meta: bool) -> list[MetaGradient]:
+        """One clean epoch for each of `members` (own shuffle, drop-last batches; the shuffles
+        drawn here, member by member, and handed to the slices holding them); with `meta`, each
+        slice's summed meta-gradient at the current δ and grid."""
+        c, n = self.c, len(self.task.y)
+        n_batches = n // c.batch_size
+        perms = torch.stack([torch.randperm(n, generator=self.gen)[: n_batches * c.batch_size]
                              for _ in members]).view(len(members), n_batches, c.batch_size)
-        who = torch.tensor(members, device=t.x.device)
-        lr_t = torch.tensor(lrs, dtype=t.x.dtype, device=t.x.device)
-        for b in range(n_batches):
-            if meta is not None:
-                self._meta_batch(who, perms, b, lr_t, meta)
-            ids = perms[:, b].to(t.x.device)
-            self.ens.train_step(who, t.x[ids], t.y[ids], t.target, lr_t)
+        split = self._split(members)
+        per_slice = [{"members": [members[i] for i in rows],
+                      "perms": perms if len(rows) == len(members) else perms[rows],
+                      "lrs": [lrs[i] for i in rows]} for rows in split]
+        common = {"delta": self.delta.detach(), "grid": self.grid.detach()} if meta else {}
+        parts = self.slices.call("epoch", per_slice, **common)
         for m in members:
             self.ages[m] += 1
-
-    def _meta_batch(self, who: Tensor, perms: Tensor, b: int, lrs: Tensor,
-                    acc: _Accumulator) -> None:
-        c, t = self.c, self.task
-        n_batches = perms.shape[1]
-        slots = t.slot_of[perms[:, b]]
-        rows = torch.nonzero((slots >= 0).any(1)).flatten()
-        if len(rows) == 0:
-            return
-        for chunk in rows.split(c.chunk or len(rows)):
-            stage = torch.stack([perms[chunk, (b + k) % n_batches]
-                                 for k in range(c.unroll_steps + 1)], 1).to(t.x.device)
-            xs, ys = t.x[stage], t.y[stage]
-            slot = slots[chunk].to(t.x.device)
-            poisons = poison_images(t.base, self.delta, self.grid, self.recolor)
-            x0 = torch.where((slot >= 0).view(*slot.shape, 1, 1, 1),
-                             poisons[slot.clamp(min=0)], xs[:, 0])
-            xs = torch.cat([x0.unsqueeze(1), xs[:, 1:]], 1)
-            losses = self.ens.adversarial_losses(who[chunk], xs, ys, t.target, lrs[chunk],
-                                                 t.adv_label)
-            objective = losses.sum()
-            if self.recolor is not None and c.smoothness > 0:
-                objective = objective + len(chunk) * c.smoothness * self.recolor.smoothness(self.grid)
-            acc.add(objective, who[chunk].cpu(), losses.detach().cpu(), self.recolor is not None)
+        return parts
 
     def state(self) -> CraftState:
-        """A detached copy of the crafting state after `self.step` steps (on the CPU)."""
+        """A detached copy of the crafting state after `self.step` steps (on the CPU); the
+        weights gathered from the slices in member order."""
+        parts = self.slices.call("params")
+        params = parts[0] if len(parts) == 1 else {
+            n: torch.cat([part[n] for part in parts]) for n in parts[0]}
         return CraftState(
             step=self.step, delta=self.delta.detach().cpu().clone(),
             grid=self.grid.detach().cpu().clone(), adam=copy.deepcopy(self.opt.state_dict()),
-            params={n: p.detach().cpu().clone() for n, p in self.ens.params.items()},
-            ages=list(self.ages), generator=self.gen.get_state(), history=list(self.history))
+            params=params, ages=list(self.ages), generator=self.gen.get_state(),
+            history=list(self.history))
 
     def _restore(self, state: CraftState) -> None:
+        m = self.c.ensemble
         if state.delta.shape != self.delta.shape or state.grid.shape != self.grid.shape or \
-                set(state.params) != set(self.ens.params) or len(state.ages) != self.c.ensemble:
+                len(state.ages) != m or any(p.dim() == 0 or p.shape[0] != m
+                                            for p in state.params.values()):
             raise ShapeError("resume state does not fit these poisons, settings or surrogate")
         with torch.no_grad():
             self.delta.copy_(state.delta)
             self.grid.copy_(state.grid)
         self.opt.load_state_dict(copy.deepcopy(state.adam))
-        for n, p in state.params.items():
-            self.ens.params[n] = p.to(self.ens.params[n]).clone()
+        whole = len(self.groups) == 1
+        self.slices.call("load", [  # each slice its members' rows (a copy, not a view)
+            {"params": state.params if whole else
+             {n: p[group[0]: group[-1] + 1].clone() for n, p in state.params.items()}}
+            for group in self.groups])
         self.ages, self.step = list(state.ages), state.step
         self.gen.set_state(state.generator)
         self.history = list(state.history)
-
-
-class _Accumulator:
-    """Meta-gradients summed over poison batches and surrogates; adversarial loss per surrogate."""
-
-    def __init__(self, delta: Tensor, grid: Tensor, members: int) -> None:
-        self.delta, self.grid = delta, grid
-        self.g_delta, self.g_grid = torch.zeros_like(delta), torch.zeros_like(grid)
-        self.total, self.count = torch.zeros(members, dtype=torch.float64), torch.zeros(members)
-
-    def add(self, objective: Tensor, who: Tensor, losses: Tensor, color: bool) -> None:
-        if color:
-            g_delta, g_grid = torch.autograd.grad(objective, [self.delta, self.grid])
-            self.g_grid += g_grid
-        else:
-            (g_delta,) = torch.autograd.grad(objective, [self.delta])
-        self.g_delta += g_delta
-        self.total.index_add_(0, who, losses.double())
-        self.count.index_add_(0, who, torch.ones(len(who)))
-
-    def losses(self) -> Tensor:
-        out = (self.total / self.count.clamp(min=1)).float()
-        out[self.count == 0] = math.nan
-        return out

@@ -19,7 +19,10 @@ architecture here has batch normalisation, which training.batched_models cannot 
 
 The pieces, each seeded from its own inputs and run on an executor (poisonlab.executors): the
 gradient-matching surrogates (per architecture), the crafting of every (attack, surrogate,
-target) (`craft_piece`), then every victim, baseline or poisoned (`victim_piece`). Everything
+target) (`craft_piece`), then every victim, baseline or poisoned (`victim_piece`). With
+`metapoison.slices` > 1 MetaPoison's craftings are not pieces: the driver crafts one target after
+another, each on that many surrogate-slice actors of the executor (Ray actors with `--backend
+ray`; in this process with `local`), and the other craftings follow as pieces. Everything
 is kept in the run: the driver records each finished piece as it arrives (poisons as safetensors
 Poisons files `poisons-<attack>-<arch>-t<id>`, each victim's predictions and accuracy
 `victim-...`, each surrogate `surrogate-<arch>`), and a piece keeps its own in-progress state
@@ -33,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
@@ -66,9 +70,9 @@ EXAMPLES = 6  # poisons shown beside their originals in the report
 
 
 def factory(arch: str, data: PoisonData) -> Callable[[], torch.nn.Module]:
-    """A builder of fresh `arch` networks for this data set."""
-    channels = int(data.train.x.shape[1])
-    return lambda: build_model(arch, data.num_classes, channels)
+    """A builder of fresh `arch` networks for this data set (holding only the architecture and
+    two numbers, not the data: Ray actors receive it pickled)."""
+    return partial(build_model, arch, int(data.num_classes), int(data.train.x.shape[1]))
 
 
 def check_feasible(cfg: StudyConfig, data: PoisonData) -> None:
@@ -138,8 +142,10 @@ class CraftJob:
 
 
 def craft_piece(job: CraftJob, *, data: PoisonData, cfg: StudyConfig, poison_idx: torch.Tensor,
-                adv: int, seed: int, progress: bool) -> tuple[Poisons, float]:
-    """(the poisons, seconds) of one crafting."""
+                adv: int, seed: int, progress: bool,
+                executor: Executor | None = None) -> tuple[Poisons, float]:
+    """(the poisons, seconds) of one crafting; MetaPoison's surrogate slices are actors of
+    `executor` (None: in this process)."""
     t0 = time.perf_counter()
     x, label = job.target.x, job.target.label
     if job.attack == "metapoison":
@@ -154,7 +160,7 @@ def craft_piece(job: CraftJob, *, data: PoisonData, cfg: StudyConfig, poison_idx
         with progress_bar(cfg.metapoison.craft_steps - done, f"MetaPoison target {job.target.id}",
                           enabled=progress) as bar:
             poisons = attack.craft(data.train, poison_idx, x, adv, target_label=label,
-                                   checkpoint=keep, resume=resume,
+                                   checkpoint=keep, resume=resume, executor=executor,
                                    progress=lambda status: bar.advance(status=status))
         return poisons, time.perf_counter() - t0
     torch.manual_seed(seed + 500 + job.j)
@@ -276,10 +282,15 @@ class Study:
             job.state.discard()
             self._add_seconds(f"craft_{job.attack}", result[1])
 
-        out = run_pieces(self.executor, craft_piece, jobs, load=load, save=save,
-                         shared=self._shared(cfg=self.cfg, poison_idx=self.poison_idx,
-                                             adv=self.adv), description="MetaPoison crafting")
-        return {key: r[0] for key, r in out.items()}
+        shared = self._shared(cfg=self.cfg, poison_idx=self.poison_idx, adv=self.adv)
+        sliced = {key: job for key, job in jobs.items()
+                  if job.attack == "metapoison" and self.cfg.metapoison.slices > 1}
+        out = run_pieces(None, partial(craft_piece, executor=self.executor), sliced, load=load,
+                         save=save, shared={**shared, "progress": self.progress})
+        out |= run_pieces(self.executor, craft_piece,
+                          {key: job for key, job in jobs.items() if key not in sliced}, load=load,
+                          save=save, shared=shared, description="MetaPoison crafting")
+        return {key: out[key][0] for key in jobs}
 
     def surrogates(self, js: list[int]) -> dict[int, dict[str, torch.Tensor]]:
         """Gradient matching's surrogates j in `js`: trained on the clean subset (kept in the

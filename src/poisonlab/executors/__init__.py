@@ -8,9 +8,18 @@ function must be importable at module level (Ray pickles it by reference) and mu
 from its inputs alone, so that a piece's result does not depend on where, when or after which
 other pieces it ran: that is what makes `local` and `ray` give the same numbers.
 
+An actor is a long-lived worker that keeps its own state between calls (a slice of MetaPoison's
+surrogate ensemble: weights that train a little every craft step). `Executor.start_actors(cls,
+inits, shared=...)` builds one `cls(**init, **shared)` per init and returns an `Actors` handle;
+`Actors.call(method, per_actor, **common)` calls `method(**per_actor[i], **common)` on every
+actor i and returns the results in actor order; `Actors.close()` ends them. `common` holds what
+every actor receives in this call (the current poisons), `per_actor` what differs between them.
+The methods must not modify their arguments: in this process all actors get the same objects.
+
 `local` (the default) runs the pieces one after the other in this process, in the given order,
-exactly as the code would without an executor. `ray` (the optional extra `poisonlab[ray]`) runs
-them as Ray tasks: poisonlab.executors.ray_backend. The core imports and works without Ray.
+exactly as the code would without an executor, and its actors are plain objects here, called
+one after the other. `ray` (the optional extra `poisonlab[ray]`) runs pieces as Ray tasks and
+actors as Ray actors: poisonlab.executors.ray_backend. The core imports and works without Ray.
 
 This layer sits just above the ground floor: it imports nothing of poisonlab but the ground
 modules, so evaluation/ can take an executor without importing anything above itself.
@@ -18,10 +27,14 @@ modules, so evaluation/ can take an executor without importing anything above it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 from poisonlab.errors import ConfigError
+from poisonlab.executors.actors import Actors, LocalActors
+
+__all__ = ["BACKENDS", "Actors", "Backend", "Executor", "LocalActors", "LocalExecutor",
+           "get_executor", "run_missing"]
 
 R = TypeVar("R")
 Backend = Literal["local", "ray"]
@@ -29,7 +42,7 @@ BACKENDS: tuple[str, ...] = ("local", "ray")
 
 
 class Executor(Protocol):
-    """Runs pieces; see the module docstring."""
+    """Runs pieces and actors; see the module docstring."""
 
     name: str
 
@@ -38,6 +51,12 @@ class Executor(Protocol):
             description: str = "") -> Iterator[tuple[str, R]]:
         """Call `fn(item, **shared)` for every `key: item`; yield `(key, result)` as each
         completes. `cpus`: the CPU cores one piece uses (its torch threads on Ray)."""
+        ...
+
+    def start_actors(self, cls: type, inits: Sequence[Mapping[str, Any]], *,
+                     shared: Mapping[str, Any] | None = None, cpus: int = 1) -> Actors:
+        """One actor `cls(**init, **shared)` per init, in that order; `cpus`: the CPU cores
+        each actor holds while it lives (its torch threads on Ray)."""
         ...
 
     def close(self) -> None:
@@ -56,6 +75,11 @@ class LocalExecutor:
         extra = dict(shared or {})
         for key, item in items.items():
             yield key, fn(item, **extra)
+
+    def start_actors(self, cls: type, inits: Sequence[Mapping[str, Any]], *,
+                     shared: Mapping[str, Any] | None = None,
+                     cpus: int = 1) -> LocalActors:  # noqa: ARG002
+        return LocalActors([cls(**init, **dict(shared or {})) for init in inits])
 
     def close(self) -> None:
         return None

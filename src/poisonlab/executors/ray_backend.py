@@ -19,6 +19,17 @@ retried. A poisonlab error raised in a piece is
 raised again on the driver as itself (not wrapped), so the CLI prints its one line. Leaving the
 iteration early cancels the pieces not yet finished.
 
+`start_actors(cls, inits, shared=..., cpus=c)`: one Ray actor per init, each reserving `c` CPUs
+for its whole life and running `c` torch threads; the values of `shared` are put into the object
+store once and every actor builds `cls(**init, **shared)` from the same references. In
+`Actors.call(method, per_actor, **common)` each `common` value is put once per call and handed to
+every actor by reference (the poisons of a craft step, sent once, not once per actor); the
+`per_actor` arguments travel with their actor's call. An actor is not restarted: its state (the
+weights it trained) would be lost, so a dead actor (killed, out of memory) is a one-line RunError
+naming it and the method. A poisonlab error raised by the constructor or a method is raised on
+the driver as itself. On the local instance, actors that need more CPUs in all than it has are a
+ConfigError (they would wait for ever); on a cluster they wait for free CPUs.
+
 The cluster's workers must be able to import poisonlab (and `fn`'s module): installed there, or
 on the PYTHONPATH the local instance inherits from this process.
 """
@@ -29,10 +40,11 @@ import atexit
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from poisonlab.errors import ConfigError, PoisonlabError, RunError
+from poisonlab.executors.actors import per_actor_arguments
 from poisonlab.progress import progress_bar
 
 R = TypeVar("R")
@@ -79,6 +91,88 @@ def _run_piece(fn: Callable[..., R], item: Any, cpus: int, names: tuple[str, ...
 
     torch.set_num_threads(max(1, cpus))
     return fn(item, **dict(zip(names, values, strict=True)))
+
+
+class _Host:
+    """Body of every actor: the actor's CPUs as torch threads, the object built by `build` (a
+    method, not the constructor, so that its errors come back like a task's), then its calls."""
+
+    def __init__(self, cpus: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, cpus))
+        self.obj: Any = None
+
+    def build(self, cls: type, init: Mapping[str, Any], names: tuple[str, ...],
+              *values: Any) -> None:
+        self.obj = cls(**init, **dict(zip(names, values, strict=True)))
+
+    def call(self, method: str, own: Mapping[str, Any], names: tuple[str, ...],
+             *values: Any) -> Any:
+        return getattr(self.obj, method)(**own, **dict(zip(names, values, strict=True)))
+
+
+def _raise_cause(exc: Exception) -> None:
+    """A poisonlab error inside a task or actor, raised as itself (not wrapped)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, PoisonlabError):
+        raise cause from None
+
+
+class RayActors:
+    """Ray actors started by `RayExecutor.start_actors`; see the module docstring."""
+
+    def __init__(self, ray: Any, cls: type, inits: Sequence[Mapping[str, Any]],
+                 shared: Mapping[str, Any] | None, cpus: int) -> None:
+        self._ray, self.name = ray, cls.__name__
+        host = ray.remote(_Host).options(num_cpus=cpus, max_restarts=0, max_task_retries=0)
+        names = tuple(shared or {})
+        refs = [ray.put(shared[k]) for k in names] if shared else []  # once for all actors
+        self._actors = [host.remote(cpus) for _ in inits]
+        try:
+            self._gather("the constructor", [a.build.remote(cls, dict(init), names, *refs)
+                                             for a, init in zip(self._actors, inits, strict=True)])
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    def call(self, method: str, per_actor: Sequence[Mapping[str, Any]] | None = None,
+             **common: Any) -> list[Any]:
+        args = per_actor_arguments(per_actor, len(self._actors))
+        names = tuple(common)
+        refs = [self._ray.put(common[k]) for k in names]  # once per call, shared by all actors
+        return self._gather(method, [a.call.remote(method, own, names, *refs)
+                                     for a, own in zip(self._actors, args, strict=True)])
+
+    def _gather(self, method: str, refs: list[Any]) -> list[Any]:
+        errors = self._ray.exceptions
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(self._ray.get(ref))
+            except errors.RayTaskError as exc:  # raised by the object itself
+                _raise_cause(exc)
+                raise
+            except errors.RayError as exc:  # its process died
+                raise RunError(f"actor {i} of {len(refs)} ({self.name}) was lost "
+                               f"({type(exc).__name__}) in {method}; actors are not "
+                               "restarted (their state would be lost)") from None
+        return out
+
+    def close(self) -> None:
+        """Kill the actors (idempotent); their CPUs return to the instance."""
+        actors, self._actors = self._actors, []
+        for actor in actors:
+            self._ray.kill(actor)
+
+    def __enter__(self) -> RayActors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RayExecutor:
@@ -144,14 +238,21 @@ class RayExecutor:
             for ref in pending:
                 ray.cancel(ref, force=True)
 
+    def start_actors(self, cls: type, inits: Sequence[Mapping[str, Any]], *,
+                     shared: Mapping[str, Any] | None = None, cpus: int = 1) -> RayActors:
+        """See poisonlab.executors.Executor.start_actors and the module docstring."""
+        have = self._ray.cluster_resources().get("CPU", 0)
+        if self.address is None and have < cpus * len(inits):
+            raise ConfigError(f"{len(inits)} actors of {cpus} CPUs need {cpus * len(inits)}, "
+                              f"the local Ray instance has {have:g} (--ray-cpus)")
+        return RayActors(self._ray, cls, inits, shared, cpus)
+
     def _result(self, ref: Any, key: str) -> Any:
         errors = self._ray.exceptions
         try:
             return self._ray.get(ref)
         except errors.RayTaskError as exc:  # raised by the piece itself
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, PoisonlabError):
-                raise cause from None
+            _raise_cause(exc)
             raise
         except errors.RayError as exc:  # its worker or node died more often than retried
             raise RunError(f"piece {key}: its Ray worker was lost ({type(exc).__name__}) on "

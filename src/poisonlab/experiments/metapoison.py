@@ -81,7 +81,8 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = Tr
     """Craft, train the victims, measure; write metrics.json, figures and report.html.
 
     The craftings and the victims are pieces run on `executor` (None: local), each recorded in
-    the run as it completes."""
+    the run as it completes; with `metapoison.slices` > 1 MetaPoison's craftings run on the
+    driver instead, one target after another, each on that many actors of `executor`."""
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
