@@ -246,3 +246,44 @@ def test_environment_failures_are_one_line(monkeypatch, capsys, exc, needle):
     assert cli.main([*SMOKE]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+SLOW_DECODE = '''
+import os, sys, time
+from poisonlab.cli import _sigterm_as_interrupt
+from poisonlab.data.image_folder import run_chunks
+
+def slow(chunk):
+    print(os.getpid(), flush=True)  # each worker says who it is, then decodes for a long time
+    time.sleep(60)
+    return chunk
+
+if __name__ == "__main__":
+    with _sigterm_as_interrupt():
+        try:
+            run_chunks(slow, [1, 2], workers=2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+'''
+
+
+def test_sigterm_during_a_parallel_decode_stops_the_workers(tmp_path):
+    """SIGTERM while the data set decodes in worker processes: one line, exit 130, and the
+    workers are stopped (they used to wait for ever as orphans, or finish a whole chunk)."""
+    script = tmp_path / "decode.py"
+    script.write_text(SLOW_DECODE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    workers = [int(proc.stdout.readline()) for _ in range(2)]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", err
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        time.sleep(0.1)
+    assert alive == [], f"workers {alive} outlived their parent"

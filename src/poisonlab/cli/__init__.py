@@ -11,11 +11,14 @@ already done is kept by the code that did it (runs are marked interrupted or fai
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import sqlite3
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -109,8 +112,32 @@ def _save_traceback(exc: BaseException) -> Path | None:
     return Path(name)
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends every command as Ctrl-C does (its clean-up runs, "error: interrupted"),
+    not by the default action, which skipped it (a data decode's worker processes went on as
+    orphans). Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="poisonlab", standalone_mode=False)

@@ -54,14 +54,24 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     if workers <= 1 or len(chunks) <= 1 or not can_fork:
         return [fn(c) for c in chunks]
     ctx = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
+                               initializer=_default_sigterm)
     try:
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
-                                 initializer=_default_sigterm) as pool:
-            return list(pool.map(fn, chunks))
+        return list(pool.map(fn, chunks))
     except BrokenProcessPool:
         # A worker died (killed, out of memory): decode here instead. multiprocessing.Pool
         # waited for the lost chunk for ever in that case; the executor notices.
         return [fn(c) for c in chunks]
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: stop the workers now. Leaving the pool's
+        # `with` block waits for them to finish their chunks, each a share of the whole data
+        # set, and a killed parent left them decoding as orphans. The executor has no public
+        # terminate before Python 3.14.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _default_sigterm() -> None:
