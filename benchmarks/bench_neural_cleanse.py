@@ -6,8 +6,9 @@ The same jobs run two ways, in one process, interleaved `--repeats` times:
   sequential  one reverse_engineer_triggers call per (restart, label) job (the original method's
               one-label-after-another loop)
   batched     one call for all jobs: every mini-batch stamped with every job's trigger goes
-              through the model once (the jobs follow the same paths: results equal up to float
-              error, printed)
+              through the model in groups of at most `max_images` stamped images (the jobs
+              follow the same paths: results equal up to float error, printed), once per
+              `--max-images` value
 
 The model is a small CNN trained for `--epochs` on `--train` images of CIFAR-10 (from
 --data-dir; random tensors without it) carrying a BadNets patch towards label 0, so the
@@ -16,7 +17,8 @@ seconds (CPU: this process, all threads), the ratio sequential / batched, the st
 anomaly index of the scan. Not a test: numbers depend on the machine and its load.
 
 Run: `PYTHONPATH=src .venv/bin/python benchmarks/bench_neural_cleanse.py [--data-dir DIR]
-[--samples 200] [--steps 40] [--batch-size 50] [--restarts 1 3] [--repeats 2] [--threads N]`.
+[--samples 200] [--steps 40] [--batch-size 50] [--restarts 1 3] [--repeats 2] [--threads N]
+[--max-images 256 4096]`.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def model_and_images(args) -> tuple[torch.nn.Module, torch.Tensor]:
 def run(way: str, model, x, cfg, restarts: int) -> tuple[float, float, list]:
     jobs = [(r, k) for r in range(restarts) for k in range(10)]
     wall, cpu = time.perf_counter(), time.process_time()
-    if way == "batched":
-        found = reverse_engineer_triggers(model, x, [k for _, k in jobs], cfg,
+    if way.startswith("batched"):
+        group = cfg.model_copy(update={"max_images": int(way.split("-")[1])})
+        found = reverse_engineer_triggers(model, x, [k for _, k in jobs], group,
                                           restarts=[r for r, _ in jobs])
     else:
         found = [reverse_engineer_triggers(model, x, [k], cfg, restarts=[r])[0]
@@ -83,6 +86,7 @@ def main() -> None:
     p.add_argument("--restarts", type=int, nargs="+", default=[1, 3])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-images", type=int, nargs="+", default=[256, 4096])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +94,8 @@ def main() -> None:
     model, x = model_and_images(args)
     cfg = ScanConfig(steps=args.steps, batch_size=args.batch_size).detection().inversion
     for restarts in args.restarts:
-        times: dict[str, list[tuple[float, float]]] = {"sequential": [], "batched": []}
+        times: dict[str, list[tuple[float, float]]] = {"sequential": []}
+        times.update({f"batched-{m}": [] for m in args.max_images})
         found: dict[str, list] = {}
         for _ in range(args.repeats):
             for way in times:
@@ -106,13 +111,15 @@ def main() -> None:
             steps = sum(f.steps_run for f in found[way])
             cand = d.candidate
             index = float(d.anomaly_index[cand]) if cand is not None else 0.0
-            print(f"  {way:10s} wall {wall:7.1f} s  cpu {cpu:7.1f} s  job-steps {steps:5d}  "
+            print(f"  {way:13s} wall {wall:7.1f} s  cpu {cpu:7.1f} s  job-steps {steps:5d}  "
                   f"{d.status}, candidate label {cand} index {index:.2f}")
-        diff = max(float((a.trigger.mask - b.trigger.mask).abs().max())
-                   for a, b in zip(found["sequential"], found["batched"], strict=True))
-        print(f"  ratio sequential / batched: wall {med['sequential'][0] / med['batched'][0]:.2f}"
-              f", cpu {med['sequential'][1] / med['batched'][1]:.2f}; largest mask difference "
-              f"{diff:.2e}")
+        for way in times:
+            if way == "sequential":
+                continue
+            diff = max(float((a.trigger.mask - b.trigger.mask).abs().max())
+                       for a, b in zip(found["sequential"], found[way], strict=True))
+            print(f"  sequential / {way}: wall {med['sequential'][0] / med[way][0]:.2f}, cpu "
+                  f"{med['sequential'][1] / med[way][1]:.2f}; largest mask difference {diff:.2e}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
