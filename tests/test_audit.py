@@ -41,13 +41,48 @@ def test_scan_flags_the_backdoor_target_from_python(glyphs14, backdoored, tmp_pa
     assert isinstance(report, ScanReport) and list(report.checks) == ["backdoor"]
     check = report.backdoor
     assert isinstance(check, BackdoorResult) and check.detected and check.target == TARGET
-    assert check.verdict.startswith(f"backdoor: SUSPECTED, target label {TARGET} (")
+    # Both detectors run by default; the verdict says which fired, on which label.
+    assert check.detectors == ["nc", "mmbd"] and check.detected_by == ["nc", "mmbd"]
+    assert check.verdict.startswith(f"backdoor: SUSPECTED by neural cleanse (label {TARGET}, "
+                                    "index ")
+    assert f"and MM-BD (label {TARGET}, p = " in check.verdict
+    assert check.notes[0].startswith(f"neural cleanse: SUSPECTED, target label {TARGET} (")
+    assert check.notes[1].startswith(f"MM-BD: SUSPECTED, target label {TARGET} (")
     summary = report.to_dict()
     assert summary["samples"] == 64 and summary["backdoor"]["flagged"] == [TARGET]
     assert summary["backdoor"]["labels"][TARGET]["class"] == str(TARGET)
+    mm = summary["backdoor"]["mm_bd"]
+    assert mm["target"] == TARGET and mm["p_value"] < 0.05 and len(mm["margins"]) == 10
+    assert summary["backdoor"]["combined"] == {
+        "status": "detected", "detected_by": ["nc", "mmbd"],
+        "targets": {"nc": TARGET, "mmbd": TARGET}, "verdict": check.verdict}
     assert check.figure is None and report.membership is None  # no report folder: no files
     section = check.section()
-    assert section.heading == "Backdoor (Neural Cleanse)" and len(section.tables[0].rows) == 10
+    assert section.heading == "Backdoor (Neural Cleanse, MM-BD)"
+    assert [t.caption for t in section.tables] == ["Neural Cleanse", "MM-BD"]
+    assert all(len(t.rows) == 10 for t in section.tables)
+
+
+def test_scan_with_one_detector_keeps_its_own_verdict(glyphs14, backdoored):  # noqa: F811
+    _, test = glyphs14
+    config = ScanConfig(samples=64, steps=60, batch_size=16, detectors="nc")
+    check = scan(backdoored, clean=test, config=config, input_shape=(1, 14, 14)).backdoor
+    assert check.mm_bd is None and check.detectors == ["nc"]
+    # Neural Cleanse alone: its verdict line as before MM-BD was added.
+    assert check.verdict.startswith(f"backdoor: SUSPECTED, target label {TARGET} (")
+    assert check.section().heading == "Backdoor (Neural Cleanse)"
+    assert "mm_bd" not in check.to_dict()
+    only = scan(backdoored, clean=test, config=ScanConfig(detectors=["mmbd"]),
+                input_shape=(1, 14, 14)).backdoor
+    assert only.detection is None and only.detected_by == ["mmbd"] and only.target == TARGET
+    assert only.verdict.startswith(f"backdoor: SUSPECTED by MM-BD (label {TARGET}, p = ")
+    summary = only.to_dict()
+    assert "flagged" not in summary and summary["mm_bd"]["target"] == TARGET
+    # Order and repeats do not matter; unknown names are refused with the key.
+    assert ScanConfig(detectors="mmbd, nc,nc").detectors == ("nc", "mmbd")
+    for bad in ("nc,ac", "", []):
+        with pytest.raises(ConfigError, match="detectors"):
+            ScanConfig(detectors=bad)
 
 
 def test_membership_check_detects_leakage_from_python(files, tmp_path):  # noqa: F811
@@ -120,6 +155,8 @@ PURIFY = ["purify", "missing-model.safetensors", "--arch", "tiny_cnn", "--datase
         (SCAN, "--restarts", "0"),
         (SCAN, "--band", "-1"),
         (SCAN, "--band", "nan"),
+        (SCAN, "--detectors", "nc,strip"),
+        (SCAN, "--detectors", ""),
         (PURIFY, "--restarts", "0"),
         (PURIFY, "--inversion-steps", "0"),
         (PURIFY, "--epochs", "0"),
