@@ -98,7 +98,8 @@ def main() -> None:
         est = estimate_costs(cfg, data_dirs, log)
         train_h = est["train_cpu_seconds"] / 3600
         print(f"\n{est['models']} models: training ≈ {est['train_cpu_seconds']:.0f} CPU-s "
-              f"({train_h:.2f} CPU-h; ≈ {train_h / 2:.2f} h on 2 cores in parallel)")
+              f"({train_h:.2f} h on one core, the way this script trains them: one after "
+              "another)")
         for d, sec in est["detect_cpu_seconds"].items():
             print(f"  {d} × {est['seeds']} seeds ≤ {sec:.0f} CPU-s ({sec / 3600:.2f} CPU-h)")
         write_json(args.out / "estimate.json", est)

@@ -38,6 +38,10 @@ def test_specs_are_seeded_balanced_and_complete():
     assert len(bd) == 20 and len(clean) == 20
     assert Counter(s.family for s in bd) == {f: 5 for f in FAMILIES}
     assert sorted(Counter(s.dataset for s in bd).values()) == [6, 7, 7]
+    pairs = Counter((s.family, s.dataset) for s in bd)  # every family on every data set
+    assert len(pairs) == 12 and set(pairs.values()) == {1, 2}
+    for family in FAMILIES:
+        assert sorted(n for (f, _), n in pairs.items() if f == family) == [1, 2, 2]
     assert sorted(Counter(s.dataset for s in clean).values()) == [6, 7, 7]
     for s in bd:
         assert 0 <= s.target < 10 and 0.05 <= s.poison_rate <= 0.2
