@@ -4,6 +4,7 @@ values before any work."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -41,13 +42,95 @@ def test_scan_flags_the_backdoor_target_from_python(glyphs14, backdoored, tmp_pa
     assert isinstance(report, ScanReport) and list(report.checks) == ["backdoor"]
     check = report.backdoor
     assert isinstance(check, BackdoorResult) and check.detected and check.target == TARGET
-    assert check.verdict.startswith(f"backdoor: SUSPECTED, target label {TARGET} (")
+    # Both detectors run by default; the verdict says which fired, on which label.
+    assert check.detectors == ["nc", "mmbd"] and check.detected_by == ["nc", "mmbd"]
+    assert check.verdict.startswith(f"backdoor: SUSPECTED by neural cleanse (label {TARGET}, "
+                                    "index ")
+    assert f"and MM-BD (label {TARGET}, p = " in check.verdict
+    assert check.notes[0].startswith(f"neural cleanse: SUSPECTED, target label {TARGET} (")
+    assert check.notes[1].startswith(f"MM-BD: SUSPECTED, target label {TARGET} (")
     summary = report.to_dict()
     assert summary["samples"] == 64 and summary["backdoor"]["flagged"] == [TARGET]
     assert summary["backdoor"]["labels"][TARGET]["class"] == str(TARGET)
+    mm = summary["backdoor"]["mm_bd"]
+    assert mm["target"] == TARGET and mm["p_value"] < 0.05 and len(mm["margins"]) == 10
+    assert summary["backdoor"]["combined"] == {
+        "status": "detected", "detected_by": ["nc", "mmbd"],
+        "targets": {"nc": TARGET, "mmbd": TARGET}, "verdict": check.verdict}
     assert check.figure is None and report.membership is None  # no report folder: no files
     section = check.section()
-    assert section.heading == "Backdoor (Neural Cleanse)" and len(section.tables[0].rows) == 10
+    assert section.heading == "Backdoor (Neural Cleanse, MM-BD)"
+    assert [t.caption for t in section.tables] == ["Neural Cleanse", "MM-BD"]
+    assert all(len(t.rows) == 10 for t in section.tables)
+
+
+def test_scan_with_one_detector_keeps_its_own_verdict(glyphs14, backdoored):  # noqa: F811
+    _, test = glyphs14
+    config = ScanConfig(samples=64, steps=60, batch_size=16, detectors="nc")
+    check = scan(backdoored, clean=test, config=config, input_shape=(1, 14, 14)).backdoor
+    assert check.mm_bd is None and check.detectors == ["nc"]
+    # Neural Cleanse alone: its verdict line as before MM-BD was added.
+    assert check.verdict.startswith(f"backdoor: SUSPECTED, target label {TARGET} (")
+    assert check.section().heading == "Backdoor (Neural Cleanse)"
+    assert "mm_bd" not in check.to_dict()
+    only = scan(backdoored, clean=test, config=ScanConfig(detectors=["mmbd"]),
+                input_shape=(1, 14, 14)).backdoor
+    assert only.detection is None and only.detected_by == ["mmbd"] and only.target == TARGET
+    assert only.verdict.startswith(f"backdoor: SUSPECTED by MM-BD (label {TARGET}, p = ")
+    summary = only.to_dict()
+    assert "flagged" not in summary and summary["mm_bd"]["target"] == TARGET
+    # Order and repeats do not matter; unknown names are refused with the key.
+    assert ScanConfig(detectors="mmbd, nc,nc").detectors == ("nc", "mmbd")
+    for bad in ("nc,ac", "", []):
+        with pytest.raises(ConfigError, match="detectors"):
+            ScanConfig(detectors=bad)
+
+
+def _mm(margins: list[float]):
+    from poisonlab.defenses.mm_bd import MMBDResult, mm_bd_verdict
+
+    margins = torch.tensor([margins], dtype=torch.float64)
+    null, log_p = mm_bd_verdict(margins)
+    return MMBDResult(margins, 0.05, null, log_p)
+
+
+@pytest.mark.parametrize(("nc_index", "mm_top", "verdict", "note"), [
+    (3.0, 90.0, "backdoor: SUSPECTED by neural cleanse (label 4, index 3.00) and MM-BD (label 2, "
+     "p = ", "the detectors name different labels: neural cleanse 4, MM-BD 2"),
+    (1.2, 90.0, "backdoor: SUSPECTED by MM-BD (label 2, p = ", "; neural cleanse: none (largest "
+     "index 1.20 for label 4)"),
+    (2.2, 90.0, "backdoor: SUSPECTED by MM-BD (label 2, p = ", "; neural cleanse: inconclusive "
+     "(label 4, index 2.20 within threshold 2 ± 0.5)"),
+    (3.0, 31.0, "backdoor: SUSPECTED by neural cleanse (label 4, index 3.00); MM-BD: none "
+     "(largest margin for label 2, p = 0.", None),
+    (2.2, 31.0, "backdoor: INCONCLUSIVE, neural cleanse: label 4, index 2.20 within threshold "
+     "2 ± 0.5; MM-BD: none (largest margin for label 2, p = 0.", "more --restarts"),
+    (1.2, 31.0, "backdoor: none detected by neural cleanse (largest index 1.20 for label 4) or "
+     "MM-BD (largest margin for label 2, p = 0.", None),
+])
+def test_the_combined_verdict_says_which_detector_fired(nc_index, mm_top, verdict, note):
+    from poisonlab.defenses.neural_cleanse import DetectionResult
+    from test_neural_cleanse import _index_norms
+
+    detection = DetectionResult([], _index_norms(nc_index)[None], threshold=2.0, band=0.5)
+    mm = _mm([28.0, 30.0, mm_top, 27.0, 29.5, 26.0, 30.5, 28.5, 27.5, 29.0])
+    check = BackdoorResult(detection, [str(k) for k in range(10)], mm_bd=mm)
+    assert check.verdict.startswith(verdict), check.verdict
+    if note is not None and note.startswith("; "):
+        assert note in check.verdict, check.verdict
+    elif note is not None:
+        assert any(line.startswith(note) for line in check.notes), check.notes
+    fired = (["nc"] if nc_index > 2.5 else []) + (["mmbd"] if mm_top > 50 else [])
+    assert check.detected_by == fired and check.detected == bool(fired)
+    assert check.target == (4 if "nc" in fired else 2 if fired else None)
+
+
+def test_p_values_print_where_the_float_underflows():
+    from poisonlab.audit.backdoor import format_p
+
+    assert format_p(math.log(0.31)) == "0.31" and format_p(math.log(3.1e-5)) == "3.1e-05"
+    assert format_p(-2000.0) == "2.6e-869"  # e^-2000 = 10^-868.59
+    assert format_p(-math.inf) == "0"
 
 
 def test_membership_check_detects_leakage_from_python(files, tmp_path):  # noqa: F811
@@ -120,6 +203,8 @@ PURIFY = ["purify", "missing-model.safetensors", "--arch", "tiny_cnn", "--datase
         (SCAN, "--restarts", "0"),
         (SCAN, "--band", "-1"),
         (SCAN, "--band", "nan"),
+        (SCAN, "--detectors", "nc,strip"),
+        (SCAN, "--detectors", ""),
         (PURIFY, "--restarts", "0"),
         (PURIFY, "--inversion-steps", "0"),
         (PURIFY, "--epochs", "0"),

@@ -226,8 +226,8 @@ def test_bad_trigger_files_are_refused_before_any_work(model28, trigger_files, c
         (["--trigger", str(trigger_files["pattern"]), "--trigger-mask",
           str(tmp_path / "junk.png")], "--trigger-mask", "cannot read it as an image"),
         (["--trigger", str(tmp_path / "absent.png")],
-         "--trigger", "absent.png: neither a known trigger (badnets, blend, grid, trojan) nor a "
-         "file"),
+         "--trigger", "absent.png: neither a known trigger (badnets, blend, grid, sig, trojan, "
+         "warp) nor a file"),
         (["--trigger", str(trigger_files["pattern"]), "--trigger-mask",
           str(tmp_path / "absent.png")], "--trigger-mask", "absent.png: no such file"),
     ]

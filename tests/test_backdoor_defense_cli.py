@@ -69,11 +69,20 @@ def test_scan_flags_the_target_and_writes_a_report(files, capsys, tmp_path):
                  "--samples", "64", "--steps", "60", "--batch-size", "16", "--report", str(report),
                  "--json", "--quiet"])
     assert code == 0
-    result = last_json(capsys)
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["backdoor"]["flagged"] == [TARGET]
     assert result["backdoor"]["labels"][TARGET]["anomaly_index"] > 2
+    assert result["backdoor"]["mm_bd"]["target"] == TARGET
+    assert result["backdoor"]["combined"]["detected_by"] == ["nc", "mmbd"]
+    verdict = result["backdoor"]["combined"]["verdict"]
+    assert verdict.startswith(f"backdoor: SUSPECTED by neural cleanse (label {TARGET}, "
+                              f"class{TARGET}, index ")  # the folder names the classes
+    assert f"MM-BD (label {TARGET}, class{TARGET}, p = " in verdict
+    assert "SUSPECTED by neural cleanse" in out and "max margin" in out  # printed, with MM-BD's
     assert (report / "report.html").stat().st_size > 1000
     assert (report / "neural_cleanse_triggers.png").exists()
+    assert (report / "mm_bd_inputs.png").exists()
     assert json.loads((report / "scan.json").read_text())["backdoor"]["flagged"] == [TARGET]
 
 

@@ -8,13 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from poisonlab.config import Settings
 from poisonlab.data.types import ImageSet
+from poisonlab.defenses.mm_bd import MMBD
 from poisonlab.defenses.neural_cleanse import InversionConfig, NeuralCleanse
 from poisonlab.report.html import Section
+
+# The backdoor check's detectors by option name: Neural Cleanse (Wang et al., S&P 2019) and
+# MM-BD (Wang, Xiang, Miller, Kesidis, S&P 2024).
+DETECTORS = {"nc": "neural cleanse", "mmbd": "MM-BD"}
 
 
 class ScanConfig(Settings):
@@ -29,6 +34,10 @@ class ScanConfig(Settings):
     restarts: independent random starts per label; a label's size is the smallest found, and
         the index's spread over the restarts is reported.
     band: a largest index within threshold ± band is reported as inconclusive; flagged above.
+    detectors: the backdoor check's detectors, "nc" (Neural Cleanse, on the clean sample) and/or
+        "mmbd" (MM-BD, no clean data: each class's maximum margin); a comma-separated string or
+        a list, kept in the order of DETECTORS.
+    mm_bd: MM-BD's settings (its defaults: 8 starts, 300 Adam steps, alpha 0.05).
     records: at most this many records from each membership record set, drawn with the seed
         (None: all of a file or folder, 1000 of a data-set split).
     label_only: also run the label-only membership attack.
@@ -40,8 +49,24 @@ class ScanConfig(Settings):
     threshold: float = Field(2.0, gt=0, allow_inf_nan=False)
     restarts: int = Field(3, ge=1, le=100)
     band: float = Field(0.5, ge=0, allow_inf_nan=False)
+    detectors: tuple[str, ...] = tuple(DETECTORS)
+    mm_bd: MMBD.Config = Field(default_factory=MMBD.Config)
     records: int | None = Field(None, ge=1)
     label_only: bool = False
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _known_detectors(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"detectors must be names ({', '.join(DETECTORS)}), comma-separated")
+        names = [str(n).strip() for n in value]
+        unknown = [n for n in names if n not in DETECTORS]
+        if unknown or not names:
+            raise ValueError(f"unknown detector '{unknown[0] if unknown else ''}' (known: "
+                             f"{', '.join(DETECTORS)}, comma-separated)")
+        return tuple(n for n in DETECTORS if n in names)
 
     def detection(self) -> NeuralCleanse.Config:
         """The Neural Cleanse settings these stand for (the rest: Neural Cleanse's defaults)."""

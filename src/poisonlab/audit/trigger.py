@@ -1,8 +1,8 @@
 """The trigger the user suspects, and scan's "trigger" check: how often it sends clean images to a
 target label.
 
-A trigger is named (badnets, blend, grid, trojan: poisonlab.attacks.triggers.make_trigger) or a
-file, read once into a `TriggerSource` and built for the model's input shape:
+A trigger is named (badnets, blend, grid, trojan, sig, warp:
+poisonlab.attacks.triggers.make_trigger) or a file, read once into a `TriggerSource` and built for the model's input shape:
 - an image (PNG, JPEG, ...; read with Pillow, as grayscale or RGB to match the model): without a
   mask, a pattern p = pixels / 255 added to the images, x' = clip(x + p, 0, 1); with a mask
   image (grayscale, m = pixels / 255), x' = (1 − m)·x + m·p;
@@ -29,7 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from poisonlab.attacks.backdoor_injection import triggered_set
-from poisonlab.attacks.triggers import TRIGGERS, AdditiveTrigger, MaskTrigger, Trigger, make_trigger
+from poisonlab.attacks.triggers import (
+    SEEDED_TRIGGERS,
+    TRIGGERS,
+    AdditiveTrigger,
+    MaskTrigger,
+    Trigger,
+    make_trigger,
+)
 from poisonlab.audit.checks import CheckResult, ScanContext
 from poisonlab.errors import ConfigError, DataError, ShapeError
 from poisonlab.report.html import Section, Table
@@ -84,11 +91,12 @@ class TriggerSource:
 
     def build(self, shape: Sequence[int], seed: int = 0) -> Trigger:
         """The trigger for images of (C, H, W) `shape`: a named one built for it (blend draws
-        its pattern with `seed`), a file's checked against it (ShapeError when it differs)."""
+        its pattern with `seed`, as does warp its field), a file's checked against it (ShapeError
+        when it differs)."""
         shape = tuple(int(v) for v in shape)
         if self.pattern is None:
-            return make_trigger(self.name, shape, **({"seed": seed} if self.name == "blend"
-                                                     else {}))
+            return make_trigger(self.name, shape, **({"seed": seed} if self.name in
+                                                     SEEDED_TRIGGERS else {}))
         c, h, w = shape
         pattern = self.pattern
         if tuple(pattern.shape[1:]) != (h, w) or (

@@ -5,7 +5,8 @@ scan MODEL --arch NAME [--data DIR | --dataset NAME] [--members R --non-members 
     Loads the weights safely (safetensors, or torch.load(weights_only=True)), runs each check of
     poisonlab.audit.CHECKS and prints a verdict; writes a report folder (report.html, scan.json,
     figures). Exit code 0 whatever the verdict; --json prints the result as one JSON object on
-    the last line. "backdoor" (Neural Cleanse) needs clean images (--data or --dataset);
+    the last line. "backdoor" (Neural Cleanse and MM-BD, --detectors) needs clean images (--data
+    or --dataset; MM-BD takes only their shape);
     "membership" needs a member and a non-member record set (record files, see
     poisonlab.data.records, or splits of --dataset). By default every check whose inputs are
     given runs; --check picks some. "trigger" needs clean images and --trigger (a named trigger
@@ -158,6 +159,11 @@ def scan_command(
     band: Annotated[float | None, typer.Option("--band", help="A largest anomaly index within "
                                                "threshold ± band is reported as inconclusive "
                                                "(default 0.5; 0: a flat yes/no).")] = None,
+    detectors: Annotated[str | None, typer.Option("--detectors", help="The backdoor check's "
+                                                  "detectors, comma-separated: nc (Neural "
+                                                  "Cleanse, on the clean images), mmbd (MM-BD: "
+                                                  "each class's maximum logit margin, no clean "
+                                                  "data) (default: nc,mmbd).")] = None,
     similarity: Annotated[float | None, typer.Option("--similarity", help="--encoder: mean "
                                                      "pairwise cosine a trigger must reach "
                                                      "(default 0.99).")] = None,
@@ -181,7 +187,8 @@ def scan_command(
 
     Each check runs when its inputs are given (--check picks some):
 
-    backdoor: Neural Cleanse on clean images (--data DIR, or the test split of --dataset NAME).
+    backdoor: Neural Cleanse on clean images (--data DIR, or the test split of --dataset NAME)
+    and MM-BD (each class's maximum margin, no clean data); --detectors picks them.
 
     membership: can a loss-threshold attack tell --members (training records) from --non-members?
     Record sets are .safetensors files or image folders, or splits of --dataset
@@ -200,7 +207,7 @@ def scan_command(
                         members_split, "--non-members-split": non_members_split, "--records":
                         records, "--label-only": label_only, "--check": check, "--trigger":
                         trigger, "--trigger-mask": trigger_mask, "--target": target,
-                        "--band": band})
+                        "--band": band, "--detectors": detectors})
         enc_config = settings(EncoderAuditConfig, encoder_settings(
             samples=samples, steps=steps, batch_size=batch_size, threshold=threshold,
             restarts=restarts, similarity=similarity), ENCODER_OPTIONS)
@@ -210,7 +217,7 @@ def scan_command(
         return
     refuse_options({"--similarity": similarity}, ENCODER_ONLY)
     given = {"samples": samples, "steps": steps, "batch_size": batch_size, "threshold": threshold,
-             "restarts": restarts, "band": band}
+             "restarts": restarts, "band": band, "detectors": detectors}
     config = settings(ScanConfig, {
         **{k: v for k, v in given.items() if v is not None},
         "records": records, "label_only": label_only}, SCAN_OPTIONS)
@@ -247,7 +254,7 @@ def scan_command(
 
 SCAN_OPTIONS = {"samples": "--samples", "steps": "--steps", "batch_size": "--batch-size",
                 "threshold": "--threshold", "records": "--records", "restarts": "--restarts",
-                "band": "--band"}
+                "band": "--band", "detectors": "--detectors"}
 PURIFY_OPTIONS = {"inversion.steps": "--inversion-steps", "finetune.epochs": "--epochs",
                   "ce_weight": "--ce-weight", "distill_weight": "--distill-weight",
                   "fraction": "--clean-fraction", "steps": "--steps",
@@ -356,7 +363,7 @@ def _print_check(check_result: CheckResult) -> None:
     console = terminal()
     section = check_result.section()
     for table in section.tables:
-        console.print(rich_table(table, title=section.heading))
+        console.print(rich_table(table, title=table.caption or section.heading))
     console.print(check_result.text())
 
 

@@ -1,7 +1,8 @@
 """Figures and report sections of `scan` and `purify` (poisonlab.audit).
 
 The backdoor check renders Neural Cleanse's reverse-engineered triggers (mask and stamped
-pattern per label) and a table of mask sizes and anomaly indices; the membership check renders
+pattern per label) and a table of mask sizes and anomaly indices, and MM-BD's maximum-margin
+input per class and a table of the margins; the membership check renders
 its attacks' ROC curves on log-log axes and a table of AUC, TPR at low FPR and p-values.
 """
 
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from poisonlab.defenses.mm_bd import MMBDResult
 from poisonlab.defenses.neural_cleanse import DetectionResult
 from poisonlab.metrics import roc_auc, roc_points
 from poisonlab.report.html import Section, Table
@@ -57,15 +59,51 @@ def trigger_grid(path: Path, detection: DetectionResult) -> Path:
     return save_figure(fig, path)
 
 
-def backdoor_section(verdict: str, detection: DetectionResult, classes: Sequence[str],
-                     figure: Path | None) -> Section:
-    """The Neural Cleanse verdict, the per-label table and the trigger grid."""
-    rows = [[r.label, classes[r.label], float(detection.norms[r.label]),
-             float(detection.anomaly_index[r.label]),
-             "FLAGGED" if r.label in detection.flagged else ""] for r in detection.results]
-    return Section("Backdoor (Neural Cleanse)", paragraphs=[verdict],
-                   tables=[Table(["label", "class", "mask L1", "anomaly index", ""], rows)],
-                   figures=[figure] if figure is not None else [])
+def margin_grid(path: Path, result: MMBDResult) -> Path:
+    """MM-BD's input of largest margin for every class, in one row; the flagged class carries a
+    '*' and every title its margin."""
+    inputs = result.inputs
+    k = result.num_classes
+    fig, axes = new_figure(1.3 * k, 1.6, nrows=1, ncols=k, squeeze=False)
+    for label in range(k):
+        ax = axes[0, label]
+        img = inputs[label].clamp(0, 1)
+        ax.imshow(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(),
+                  cmap="gray", vmin=0, vmax=1)
+        star = "*" if label == result.target else ""
+        ax.set_title(f"{label}{star} {float(result.margins[label]):.3g}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    return save_figure(fig, path)
+
+
+def backdoor_section(verdict: str, detection: DetectionResult | None, classes: Sequence[str],
+                     figure: Path | None, *, mm_bd: MMBDResult | None = None,
+                     mm_bd_figure: Path | None = None, notes: Sequence[str] = ()) -> Section:
+    """The verdict (and `notes`), Neural Cleanse's per-label table and trigger grid, MM-BD's
+    per-class table and inputs (each when it ran)."""
+    tables, figures, names = [], [], []
+    if detection is not None:
+        rows = [[r.label, classes[r.label], float(detection.norms[r.label]),
+                 float(detection.anomaly_index[r.label]),
+                 "FLAGGED" if r.label in detection.flagged else ""] for r in detection.results]
+        caption = "Neural Cleanse" if mm_bd is not None else None
+        tables.append(Table(["label", "class", "mask L1", "anomaly index", ""], rows, caption))
+        figures += [figure] if figure is not None else []
+        names.append("Neural Cleanse")
+    if mm_bd is not None:
+        rows = []
+        for label in range(mm_bd.num_classes):
+            low, high = mm_bd.spread(label)
+            rows.append([label, classes[label], float(mm_bd.margins[label]), low, high,
+                         "FLAGGED" if label == mm_bd.target else ""])
+        tables.append(Table(["label", "class", "max margin", "lowest start", "highest start",
+                             ""], rows, "MM-BD"))
+        figures += [mm_bd_figure] if mm_bd_figure is not None else []
+        names.append("MM-BD")
+    return Section(f"Backdoor ({', '.join(names)})", paragraphs=[verdict, *notes],
+                   tables=tables, figures=figures)
 
 
 def membership_section(verdict: str, attacks: Sequence[ScoredAttack], members: int,
