@@ -1,6 +1,6 @@
 """Benchmark: backdoor detectors on a zoo of backdoored and clean models nobody here has seen.
 
-Trains the zoo of poisonlab.evaluation.detection_zoo (by default 20 backdoored + 20 clean small
+Trains the zoo of poisonlab.audit.detection_zoo (by default 20 backdoored + 20 clean small
 CNNs on mnist, cifar10 and the glyphs; patch, blend, sig and warp triggers; poison rates 0.05–0.2)
 into --out, then runs every detector (Neural Cleanse and MM-BD at `scan`'s default settings) on
 every model for every --seeds, and prints per detector TPR and FPR at its default threshold, the
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from poisonlab.config import resolve_config
-from poisonlab.evaluation.detection_zoo import (
+from poisonlab.audit.detection_zoo import (
     ZooConfig,
     estimate_costs,
     roc_figure,
@@ -41,6 +40,7 @@ from poisonlab.evaluation.detection_zoo import (
     summary_tables,
     write_json,
 )
+from poisonlab.config import resolve_config
 from poisonlab.progress import terminal
 from poisonlab.report.html import Table, rich_table
 

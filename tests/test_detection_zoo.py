@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from poisonlab.errors import ConfigError
-from poisonlab.evaluation.detection_zoo import (
+from poisonlab.audit.detection_zoo import (
     FAMILIES,
     ModelSpec,
     ZooConfig,
@@ -25,6 +24,7 @@ from poisonlab.evaluation.detection_zoo import (
     summary_tables,
     write_json,
 )
+from poisonlab.errors import ConfigError
 
 
 def test_specs_are_seeded_balanced_and_complete():
