@@ -31,15 +31,9 @@ from pathlib import Path
 
 import torch
 
-from poisonlab.audit.detection_zoo import (
-    ZooConfig,
-    estimate_costs,
-    roc_figure,
-    run_zoo,
-    summarize,
-    summary_tables,
-    write_json,
-)
+from poisonlab.audit.detection_zoo import estimate_costs, run_zoo, write_json
+from poisonlab.audit.zoo_specs import ZooConfig
+from poisonlab.audit.zoo_summary import roc_figure, summarize, summary_tables
 from poisonlab.config import resolve_config
 from poisonlab.progress import terminal
 from poisonlab.report.html import Table, rich_table

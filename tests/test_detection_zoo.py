@@ -11,19 +11,14 @@ import pytest
 import torch
 
 from poisonlab.audit.detection_zoo import (
-    FAMILIES,
-    ModelSpec,
-    ZooConfig,
-    build_trigger,
     detection_path,
-    generate_specs,
     model_paths,
     prepare_zoo,
     run_zoo,
-    summarize,
-    summary_tables,
     write_json,
 )
+from poisonlab.audit.zoo_specs import FAMILIES, ModelSpec, ZooConfig, build_trigger, generate_specs
+from poisonlab.audit.zoo_summary import summarize, summary_tables
 from poisonlab.errors import ConfigError
 
 
