@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - typer on the click package
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
 from poisonlab.errors import PoisonlabError
+from poisonlab.runs.record import sigterm_to_interrupt
 
 app = typer.Typer(
     name="poisonlab",
@@ -112,10 +113,6 @@ def _save_traceback(exc: BaseException) -> Path | None:
     return Path(name)
 
 
-def _sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt("terminated by SIGTERM")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
     with _sigterm_as_interrupt():
@@ -130,7 +127,7 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     try:
         yield
     finally:

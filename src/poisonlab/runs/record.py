@@ -246,7 +246,7 @@ class Run:
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self._prev_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        self._prev_sigterm = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
         self._sigterm_installed = True
 
     def _restore_sigterm(self) -> None:
@@ -322,7 +322,7 @@ class StateFile:
         self.path.unlink(missing_ok=True)
 
 
-def _sigterm_to_interrupt(signum, frame) -> None:
+def sigterm_to_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt("terminated by SIGTERM")
 
 
