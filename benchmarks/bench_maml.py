@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from poisonlab.attacks.support_backdoor import SupportBackdoor
 from poisonlab.models import build_model
-from poisonlab.models.cnn4 import cnn4_forward_tasks
+from poisonlab.models.cnn4 import cnn4_forward_tasks, cnn4_forward_tasks_matmul
+from poisonlab.training.compiled_maml import compiled_meta_gradient
 from poisonlab.training.maml import default_workers, map_task_chunks, meta_gradient
 
 WAYS, SHOTS, BATCH = 5, 5, 32
@@ -84,6 +85,66 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     best, _ = timed(lambda: a @ b, repeats)
     return 2 * n**3 / best
+
+
+def bench_compiled(rounds: int, chunk: int | None, workers: int) -> dict:
+    """Loop, today's batched path and the compiled graph side by side: interleaved rounds, medians
+    (so a change of load hits all three alike); the compile time of the first call."""
+    torch.manual_seed(0)
+    module = build_model("cnn4", WAYS, 1)
+    theta = {k: v.detach().clone().requires_grad_() for k, v in module.state_dict().items()}
+    plain = {k: v.detach() for k, v in theta.items()}
+    sx, sy, qx, qy = make_tasks(BATCH)
+    compiled = compiled_meta_gradient(cnn4_forward_tasks_matmul)
+    t0 = time.perf_counter()
+    compiled(plain, sx, sy, qx, qy, 0.5)
+    first = time.perf_counter() - t0
+    variants = {
+        "loop": lambda: torch.autograd.grad(loop_meta_loss(module, theta, sx, sy, qx, qy, 0.5),
+                                            list(theta.values())),
+        "batched": lambda: meta_gradient(cnn4_forward_tasks, theta, sx, sy, qx, qy, 0.5,
+                                         chunk=chunk, workers=workers),
+        "compiled": lambda: compiled(plain, sx, sy, qx, qy, 0.5),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"compile_first_call_s": first, "compiled_meta_iteration_s": med["compiled"],
+            "compiled_vs_loop": med["loop"] / med["compiled"],
+            "batched_vs_loop_same_rounds": med["loop"] / med["batched"],
+            "compile_break_even_iterations": first / max(med["batched"] - med["compiled"], 1e-9)}
+
+
+def compiled_accuracy(seeds: int) -> dict:
+    """Max relative meta-gradient difference from a float64 loop, per seed: the float32 loop's and
+    the compiled graph's (float32 rounding alone moves this computation by 1e-3 to 1e-2)."""
+    compiled = compiled_meta_gradient(cnn4_forward_tasks_matmul)
+    loop_err, comp_err = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        module = build_model("cnn4", WAYS, 1)
+        theta = {k: v.detach().clone().requires_grad_() for k, v in module.state_dict().items()}
+        sx, sy, qx, qy = make_tasks(BATCH, seed=seed)
+        ref = torch.autograd.grad(
+            loop_meta_loss(module.double(), {k: v.double() for k, v in theta.items()},
+                           sx.double(), sy, qx.double(), qy, 0.5), list(theta.values()))
+        module.float()
+        loop = torch.autograd.grad(loop_meta_loss(module, theta, sx, sy, qx, qy, 0.5),
+                                   list(theta.values()))
+        comp = list(compiled({k: v.detach() for k, v in theta.items()}, sx, sy, qx, qy, 0.5)[2]
+                    .values())
+        loop_err.append(_max_rel(loop, ref))
+        comp_err.append(_max_rel(comp, ref))
+    return {"loop_f32_rel_err_per_seed": loop_err, "compiled_f32_rel_err_per_seed": comp_err}
+
+
+def _max_rel(grads, ref) -> float:
+    return max(float((a.double() - b).abs().max() / b.abs().max())
+               for a, b in zip(grads, ref, strict=True) if b.abs().max() > 1e-4)
 
 
 def bench_meta(repeats: int, chunk: int | None, workers: int) -> dict:
@@ -169,6 +230,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=4, help="tasks per chunk (0: all at once)")
     parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--compiled", action="store_true",
+                        help="also the compiled meta-gradient (compiles for minutes at first)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the compiled accuracy study")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     chunk = args.chunk or None
@@ -176,11 +240,16 @@ def main() -> None:
            "matmul_peak_gflops": matmul_peak() / 1e9}
     out |= bench_meta(args.repeats, chunk, args.workers)
     out |= bench_attack(args.repeats, chunk, args.workers)
+    if args.compiled:
+        out |= bench_compiled(max(3, args.repeats), chunk, args.workers)
+        out |= compiled_accuracy(args.seeds)
     out["meta_fraction_of_peak"] = out["meta_gflops_per_s"] / out["matmul_peak_gflops"]
     if args.json:
         print(json.dumps(out))
         return
     for k, v in out.items():
+        if isinstance(v, list):
+            v = " ".join(f"{x:.2g}" for x in v)
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
     print("speed target (meta-training >= 2x the loop):",
           "met" if out["meta_speedup"] >= 2 else "NOT met")

@@ -80,3 +80,36 @@ def cnn4_forward_tasks(params: dict[str, Tensor], x: Tensor) -> Tensor:
         out = F.relu(out)
     feats = out.mean(dim=(2, 3)).reshape(n, b, -1).transpose(0, 1)  # [B, n, hidden]
     return torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
+
+
+def _patches(out: Tensor, tasks: int, channels: int) -> tuple[Tensor, int, int]:
+    """The 3×3, stride-2, padding-1 patches of out [n, B·C, H, W] as [n, B, C·9, H'·W'] (im2col by
+    nine strided slices of the padded input, which a compiler fuses; F.unfold it does not)."""
+    n, _, h, w = out.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    padded = F.pad(out, (1, 2 * wo - w, 1, 2 * ho - h))
+    cols = torch.stack([padded[..., i:i + 2 * ho:2, j:j + 2 * wo:2]
+                        for i in range(3) for j in range(3)], dim=2)  # [n, B·C, 9, H', W']
+    return cols.reshape(n, tasks, channels * 9, ho * wo), ho, wo
+
+
+def cnn4_forward_tasks_matmul(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """`cnn4_forward_tasks` with every convolution as patches × weights (one batched matrix
+    product per layer), the form `poisonlab.training.compiled_maml` compiles. Same layout, same
+    numbers up to float rounding (equal in float64)."""
+    b, n, c, h, w = x.shape
+    out = x.transpose(0, 1).reshape(n, b * c, h, w)
+    for i in range(LAYERS):
+        weight = params[f"body.{3 * i}.weight"]
+        hidden, c = weight.shape[1], weight.shape[2]
+        cols, ho, wo = _patches(out, b, c)
+        z = torch.einsum("bok,nbkl->nbol", weight.reshape(b, hidden, c * 9), cols)
+        z = z + params[f"body.{3 * i}.bias"][None, :, :, None]
+        z = F.batch_norm(
+            z.reshape(n, b * hidden, ho * wo), None, None,
+            params[f"body.{3 * i + 1}.weight"].reshape(-1),
+            params[f"body.{3 * i + 1}.bias"].reshape(-1), training=True, eps=BN_EPS,
+        )
+        out = F.relu(z).view(n, b * hidden, ho, wo)
+    feats = out.mean(dim=(2, 3)).reshape(n, b, -1).transpose(0, 1)
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
