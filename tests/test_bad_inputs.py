@@ -97,6 +97,12 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
                           ("--threshold",)),
         "lr inf": ([*SMOKE, "--set", "train.lr=.inf"], ("train.lr",)),
         "seed 10^22": ([*SMOKE, "--seed", "10000000000000000000000"], ("seed",)),
+        "budget nan": (["craft", "gradient-matching", "--budget", "nan", "--data", str(tmp),
+                        "--target", str(tmp / "file"), "--adv-class", "1", "--out",
+                        str(tmp / "o")], ("--budget", "not a finite number")),
+        "band inf": (["scan", str(_model_file(tmp)), *glyph_scan, "--band", "inf"],
+                     ("--band", "not a finite number")),
+        "threads 10^6": ([*SMOKE, "--set", "threads=1000000"], ("threads",)),
         "unknown key": ([*SMOKE, "--set", "train.nope=1"], ("train.nope",)),
         # 2. unusable outputs, refused before any work
         "out under /proc": ([*SMOKE, "--out", "/proc/poisonlab/x"], ("--out",)),
@@ -110,6 +116,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "string labels": (["data", "info", "cifar10", "--data-dir", str(_cifar_batches(
             tmp, "str", {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}))],
             ("labels must be integers",)),
+        "ragged labels": (["data", "info", "cifar10", "--data-dir", str(_cifar_batches(
+            tmp, "ragged", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, [2, 3]]}))],
+            ("not a flat list of integers",)),
         # 6. one line for every kind of failure
         "circular yaml": ([*SMOKE, "--config", str(tmp / "alias.yaml")], ("alias.yaml",)),
         "malformed yaml": ([*SMOKE, "--config", str(tmp / "bad.yaml")], ("bad.yaml",)),
@@ -130,9 +139,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     }
 
 
-CASES = ["threshold nan", "lr inf", "seed 10^22", "unknown key", "out under /proc",
-         "out is a file", "out dangling", "zero-stride batch", "hex-amplified batch",
-         "string labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
+CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "threads 10^6",
+         "unknown key", "out under /proc", "out is a file", "out dangling", "zero-stride batch",
+         "hex-amplified batch", "string labels", "ragged labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
          "int8 weights", "nan weights", "missing data dir"]
 
@@ -234,7 +243,11 @@ def test_an_unexpected_exception_is_one_line_with_a_saved_traceback(tmp_path, mo
     (OSError(28, "No space left on device", "/runs/x/checkpoints/m.safetensors"),
      "/runs/x/checkpoints/m.safetensors: No space left on device"),
     (MemoryError(), "out of memory"),
-], ids=["disk full", "memory"])
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 3600000000000 bytes."), "out of memory"),
+    (RuntimeError("unable to mmap 4752304 bytes from file <x.safetensors>: Cannot allocate "
+                  "memory (12)"), "out of memory"),
+], ids=["disk full", "memory", "torch allocation", "mmap"])
 def test_environment_failures_are_one_line(monkeypatch, capsys, exc, needle):
     from poisonlab import cli
     from poisonlab.cli import run as run_cli
@@ -287,3 +300,13 @@ def test_sigterm_during_a_parallel_decode_stops_the_workers(tmp_path):
                  and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
         time.sleep(0.1)
     assert alive == [], f"workers {alive} outlived their parent"
+
+
+def test_a_downsample_factor_larger_than_the_images_is_refused():
+    from poisonlab.data.types import ImageSet
+    from poisonlab.errors import ShapeError
+
+    images = ImageSet(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
+    assert images.downsampled(2).x.shape == (2, 1, 14, 14)
+    with pytest.raises(ShapeError, match="downsample factor 1000 is larger than the 28x28"):
+        images.downsampled(1000)

@@ -285,7 +285,7 @@ def test_restricted_unpickler_reads_plain_data():
     assert loaded[b"k"] == data[b"k"] and np.array_equal(loaded[b"a"], data[b"a"])
 
 
-@pytest.mark.parametrize("tamper", ["shape", "dtype", "labels", "classes"])
+@pytest.mark.parametrize("tamper", ["shape", "dtype", "labels", "classes", "deep json"])
 def test_a_tampered_cache_entry_is_dropped_and_rebuilt(tmp_path, tamper):
     """A cache entry that is not what the loader builds is never trusted: deleted, rebuilt."""
     import json
@@ -305,8 +305,10 @@ def test_a_tampered_cache_entry_is_dropped_and_rebuilt(tmp_path, tamper):
         tensors["x_train"] = tensors["x_train"].float() / 255
     elif tamper == "labels":
         tensors["y_test"] = tensors["y_test"] + 10
-    else:
+    elif tamper == "classes":
         sidecar.write_text(json.dumps({"classes": ["a", "b"]}))
+    else:  # nested past the JSON decoder's recursion limit
+        sidecar.write_text('{"classes": ' + "[" * 100_000 + "]" * 100_000 + "}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, entry)
     again = load_cifar10(folder)
     _check_against(again, batches)

@@ -64,6 +64,9 @@ def check_seed(seed: int) -> int:
 
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an Adam moment decay rate
+# torch intra-op threads (0: torch's default). Bounded: each thread reserves memory, and a million
+# of them failed in the allocator rather than in validation.
+Threads = Annotated[int, Field(ge=0, le=1024)]
 
 
 class BaseConfig(Settings):

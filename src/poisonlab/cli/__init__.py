@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import signal
 import sqlite3
@@ -22,15 +23,16 @@ import threading
 import traceback
 from pathlib import Path
 
+import torch
 import typer
 import yaml
 from safetensors import SafetensorError
 from typer import Abort, Exit
 
 try:  # typer >= 0.2x carries its own copy of click
-    from typer._click.exceptions import ClickException, UsageError
+    from typer._click.exceptions import BadParameter, ClickException, UsageError
 except ImportError:  # pragma: no cover - typer on the click package
-    from click.exceptions import ClickException, UsageError
+    from click.exceptions import BadParameter, ClickException, UsageError
 
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
@@ -65,6 +67,28 @@ def _register_all() -> None:
 _register_all()
 
 
+def finite_floats(command) -> None:
+    """Every option and argument of `command` and its subcommands refuses NaN and ±inf: no
+    comparison with NaN is ever true, so a NaN threshold or budget would pass every range check
+    and silently change a verdict. One check on the parsed values of every parameter, so no
+    command can forget it (and none depends on how typer converts floats)."""
+    for param in getattr(command, "params", []):
+        param.process_value = _checked(param, param.process_value)
+    for sub in getattr(command, "commands", {}).values():
+        finite_floats(sub)
+
+
+def _checked(param, process_value):
+    def process(ctx, value):
+        value = process_value(ctx, value)
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise BadParameter(f"{item} is not a finite number", ctx=ctx, param=param)
+        return value
+
+    return process
+
+
 def one_line(text: str) -> str:
     """A message as one line: its lines joined with '; ', blank ones dropped."""
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -90,14 +114,24 @@ def user_error(exc: BaseException) -> str | None:
         return _os_message(exc)
     if isinstance(exc, sqlite3.Error):
         return f"run index: {type(exc).__name__}: {one_line(str(exc))}"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or _allocation_failure(exc):
         return "out of memory" + (f": {one_line(str(exc))}" if str(exc) else "") + \
-            " (use a smaller preset, batch or data subset)"
+            " (use a smaller preset, model, batch or data subset)"
     if isinstance(exc, yaml.YAMLError):
         return f"invalid YAML: {one_line(str(exc))}"
     if isinstance(exc, SafetensorError):
         return f"invalid safetensors file: {one_line(str(exc))}"
     return None
+
+
+def _allocation_failure(exc: BaseException) -> bool:
+    """torch reports a failed allocation (a model or batch too large for the memory, a mapping
+    the system refused) as RuntimeError, not MemoryError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "Cannot allocate memory" in text)
 
 
 def _save_traceback(exc: BaseException) -> Path | None:
@@ -136,6 +170,7 @@ def _sigterm_as_interrupt():
 
 def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
+    finite_floats(command)
     try:
         code = command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
         if isinstance(code, int) and code:  # typer turns Ctrl-C into exit code 130, returned

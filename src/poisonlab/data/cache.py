@@ -148,7 +148,7 @@ def load_cached(key: str, expected: Expected | None = None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         tensors = load_file(tensor_path)
-    except (OSError, ValueError, SafetensorError):
+    except (OSError, ValueError, RecursionError, SafetensorError):  # deep JSON: RecursionError
         return None
     if expected is not None and (not isinstance(meta, dict)
                                  or expected.problem(tensors, meta) is not None):

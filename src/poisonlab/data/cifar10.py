@@ -159,7 +159,11 @@ def _python_batch(read: _Reader, name: str, where: Path) -> tuple[torch.Tensor, 
     batch = safe_loads(read(name), source)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{source} is not a CIFAR-10 batch (no b'data' and b'labels' keys)")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    data = batch[b"data"]
+    try:
+        labels = np.asarray(batch[b"labels"])
+    except (ValueError, TypeError) as exc:  # ragged or nested lists
+        raise DataError(f"{source}: labels are not a flat list of integers") from exc
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != RECORD_BYTES - 1 or labels.shape != (data.shape[0],):
         raise DataError(f"{source}: expected uint8 data [N, 3072] and N labels")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from poisonlab.errors import ShapeError
+
 
 @dataclass
 class FewShotData:
@@ -54,6 +56,9 @@ class ImageSet:
         """The images average-pooled by `factor` (itself when factor is 1)."""
         if factor == 1:
             return self
+        if factor > min(self.x.shape[-2:]):
+            raise ShapeError(f"downsample factor {factor} is larger than the "
+                             f"{self.x.shape[-2]}x{self.x.shape[-1]} images")
         return ImageSet(torch.nn.functional.avg_pool2d(self.x, factor), self.y)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from poisonlab.config import Threads
 from poisonlab.device import default_device, seed_everything
 from poisonlab.evaluation.backdoor import (
     ProtocolConfig,
@@ -40,7 +41,7 @@ class Config(ProtocolConfig):
     """The protocol's settings (ProtocolConfig; defaults: the papers'), plus `threads` (torch
     intra-op threads; 0 keeps torch's default) and the figure settings."""
 
-    threads: int = Field(0, ge=0)
+    threads: Threads = 0
     figures: FigureConfig = Field(default_factory=FigureConfig)
 
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
+from poisonlab.config import Threads
 from poisonlab.device import default_device, seed_everything
 from poisonlab.evaluation.badencoder_protocol import ProtocolConfig, evaluate
 from poisonlab.report import badencoder as report
@@ -35,7 +35,7 @@ class Config(ProtocolConfig):
     """The protocol's settings (defaults: the papers'), plus `threads` (torch intra-op threads;
     0 keeps torch's default)."""
 
-    threads: int = Field(0, ge=0)
+    threads: Threads = 0
 
 
 PRESETS: dict[str, dict] = {

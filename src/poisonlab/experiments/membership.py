@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from poisonlab.config import BaseConfig
+from poisonlab.config import BaseConfig, Threads
 from poisonlab.device import seed_everything
 from poisonlab.evaluation.membership import MembershipResult, evaluate
 from poisonlab.evaluation.membership_config import StudyConfig
@@ -36,7 +35,7 @@ class Config(BaseConfig, StudyConfig):
     """The study's settings (poisonlab.evaluation.membership_config.StudyConfig), the seed, and
     threads: torch intra-op threads (0 keeps torch's default)."""
 
-    threads: int = Field(0, ge=0)
+    threads: Threads = 0
 
 
 PRESETS: dict[str, dict] = {

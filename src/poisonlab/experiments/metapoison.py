@@ -16,9 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from poisonlab.config import BaseConfig
+from poisonlab.config import BaseConfig, Threads
 from poisonlab.device import seed_everything
 from poisonlab.evaluation.metapoison import check_feasible, evaluate
 from poisonlab.evaluation.metapoison_config import StudyConfig
@@ -37,7 +36,7 @@ class Config(BaseConfig, StudyConfig):
     gradient_matching = GradientMatching.Config), the seed, and threads: torch intra-op threads
     (0 keeps torch's default)."""
 
-    threads: int = Field(0, ge=0)
+    threads: Threads = 0
 
 
 _SMOKE_VICTIM = {"epochs": 2, "batch_size": 20, "lr": 0.05, "schedule": "none"}
