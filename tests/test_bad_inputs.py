@@ -310,3 +310,19 @@ def test_a_downsample_factor_larger_than_the_images_is_refused():
     assert images.downsampled(2).x.shape == (2, 1, 14, 14)
     with pytest.raises(ShapeError, match="downsample factor 1000 is larger than the 28x28"):
         images.downsampled(1000)
+
+
+@pytest.mark.parametrize("pixels", [150, 250], ids=["past the limit (PIL warns)", "past twice"])
+def test_an_image_past_the_decompression_bomb_limit_is_refused(monkeypatch, pixels):
+    import io
+
+    from PIL import Image
+
+    from poisonlab.data.image_folder import open_image
+    from poisonlab.errors import DataError
+
+    buffer = io.BytesIO()
+    Image.new("L", (pixels // 10, 10)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match="cannot decode image bomb.png"):
+        open_image("bomb.png", buffer.getvalue())

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -91,12 +92,17 @@ def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:
 
 
 def open_image(name: str, source: bytes | Path) -> Image.Image:
-    """Open and fully decode one image; unreadable or corrupt data is a DataError naming it."""
+    """Open and fully decode one image; unreadable or corrupt data is a DataError naming it, and
+    so is an image past PIL's decompression-bomb limit (PIL only warns up to twice the limit:
+    a file of a few kB that decodes to gigabytes is refused, not decoded)."""
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise DataError(f"cannot decode image {name}: {exc}") from exc
     return image
 

@@ -276,7 +276,8 @@ def mm_bd_verdict(margins: torch.Tensor, alpha: float = 0.05) -> tuple[NullFit |
     if k < 3:
         raise ConfigError(f"MM-BD needs at least 3 classes (a null of at least 2), got {k}")
     if not torch.isfinite(margins).all():
-        raise ConfigError("MM-BD margins must be finite")
+        raise ConfigError("MM-BD: the model's logit margins are not finite (NaN or overflow: "
+                          "are its weights this large?), so MM-BD cannot judge it")
     order = margins.argsort(descending=True)
     r_max = float(margins[order[0]])
     null_values = margins[order[1:]].tolist()
