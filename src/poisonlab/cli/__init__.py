@@ -30,13 +30,13 @@ from safetensors import SafetensorError
 from typer import Abort, Exit
 
 try:  # typer >= 0.2x carries its own copy of click
-    from typer._click.exceptions import BadParameter, ClickException, UsageError
+    from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # pragma: no cover - typer on the click package
-    from click.exceptions import BadParameter, ClickException, UsageError
+    from click.exceptions import ClickException, UsageError
 
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
-from poisonlab.errors import PoisonlabError
+from poisonlab.errors import ConfigError, PoisonlabError
 from poisonlab.runs.record import sigterm_to_interrupt
 
 app = typer.Typer(
@@ -83,7 +83,8 @@ def _checked(param, process_value):
         value = process_value(ctx, value)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
-                raise BadParameter(f"{item} is not a finite number", ctx=ctx, param=param)
+                name = param.opts[0] if getattr(param, "opts", None) else param.name
+                raise ConfigError(f"{name} {item}: not a finite number")
         return value
 
     return process
