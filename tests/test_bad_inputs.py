@@ -326,3 +326,18 @@ def test_an_image_past_the_decompression_bomb_limit_is_refused(monkeypatch, pixe
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DataError, match="cannot decode image bomb.png"):
         open_image("bomb.png", buffer.getvalue())
+
+
+def test_numeric_class_folders_are_labelled_by_their_number(tmp_path):
+    """Folders 0..10 are labels 0..10 (the --members help promises it), not text order 0,1,10,2."""
+    from PIL import Image
+
+    from poisonlab.data.image_folder import class_order, scan_image_folder
+
+    for name in map(str, range(11)):
+        (tmp_path / name).mkdir()
+        Image.new("L", (4, 4)).save(tmp_path / name / "a.png")
+    classes, files = scan_image_folder(tmp_path)
+    assert classes == [str(i) for i in range(11)]
+    assert all(Path(path).parent.name == str(label) for path, label in files)
+    assert class_order(["cat", "10", "2"]) == ["10", "2", "cat"]  # not all numbers: text order

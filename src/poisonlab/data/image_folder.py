@@ -150,12 +150,23 @@ def decode_images(
     return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def class_order(names) -> list[str]:
+    """Class folder names in label order: by number when every name is a decimal integer (so
+    folders 0, 1, ..., 10 are labels 0..10, not the text order 0, 1, 10, 2), else sorted as text."""
+    names = list(names)
+    if names and all(n.isdecimal() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Classes (sorted sub-folder names) and every (image path, label), in a fixed order."""
+    """Classes (sub-folder names in `class_order`) and every (image path, label), in a fixed
+    order."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_order(p.name for p in root.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {root} has no class sub-folders")
     files: list[tuple[Path, int]] = []
