@@ -25,12 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad
 
 from poisonlab.data.cache import cache_dir
-from poisonlab.training.maml import Params, TaskForward, task_losses
+from poisonlab.training.maml import Params, TaskForward, expand_params, query_loss, task_losses
 
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -58,16 +57,14 @@ def functional_meta_gradient(
     tasks = support_x.shape[0]
 
     def outer(theta: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        params = {k: v.expand(tasks, *v.shape) for k, v in theta.items()}
+        params = expand_params(theta, tasks)
         for _ in range(steps):
             g = grad(lambda p: task_losses(forward, p, support_x, support_y).sum())(params)
             if first_order:
                 g = {k: v.detach() for k, v in g.items()}
             params = {k: params[k] - inner_lr * g[k] for k in params}
-        logits = forward(params, query_x)
-        loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
-        acc = (logits.argmax(-1) == query_y).float().mean(1)
-        return loss, (loss.detach(), acc.detach())
+        loss, acc = query_loss(forward, params, query_x, query_y)
+        return loss, (loss.detach(), acc)
 
     grads, (loss, acc) = grad(outer, has_aux=True)(theta)
     return loss, acc, grads

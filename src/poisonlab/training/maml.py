@@ -87,10 +87,15 @@ def meta_loss(
     """MAML's outer loss (mean query loss after adaptation) and the per-task query accuracy [B]."""
     batched = expand_params(theta, support_x.shape[0])
     adapted = adapt(forward, batched, support_x, support_y, steps, inner_lr, not first_order)
+    return query_loss(forward, adapted, query_x, query_y)
+
+
+def query_loss(forward: TaskForward, adapted: Params, query_x: Tensor,
+               query_y: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean query loss under the adapted weights and the per-task query accuracy [B]."""
     logits = forward(adapted, query_x)
     loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
-    acc = (logits.argmax(-1) == query_y).float().mean(1)
-    return loss, acc.detach()
+    return loss, (logits.argmax(-1) == query_y).float().mean(1).detach()
 
 
 def default_workers(device: torch.device | str = "cpu") -> int:
