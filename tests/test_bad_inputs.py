@@ -267,7 +267,9 @@ from poisonlab.cli import _sigterm_as_interrupt
 from poisonlab.data.image_folder import run_chunks
 
 def slow(chunk):
-    print(os.getpid(), flush=True)  # each worker says who it is, then decodes for a long time
+    # each worker says who it is in ONE write (a print is two writes when stdout is unbuffered,
+    # and two workers' lines then interleave), then decodes for a long time
+    os.write(1, f"{os.getpid()}\n".encode())
     time.sleep(60)
     return chunk
 
