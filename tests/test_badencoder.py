@@ -81,7 +81,8 @@ def _encoder_with_bn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8))
 
 
-def test_injection_step_leaves_batchnorm_head_and_clean_encoder_bit_identical():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_injection_step_leaves_batchnorm_head_and_clean_encoder_bit_identical(bf16):
     enc, head = _encoder_with_bn(), nn.Linear(8, 4)
     with torch.no_grad():
         for m in enc.modules():  # non-trivial statistics and affine values
@@ -93,7 +94,7 @@ def test_injection_step_leaves_batchnorm_head_and_clean_encoder_bit_identical():
     enc.train()  # the caller's mode is kept; the attack works on copies
     before, head_before = copy.deepcopy(enc.state_dict()), copy.deepcopy(head.state_dict())
     x = torch.rand(8, *SHAPE)
-    res = BadEncoder(epochs=1, batch_size=8, lr=0.1).inject(
+    res = BadEncoder(epochs=1, batch_size=8, lr=0.1, bf16=bf16).inject(
         enc, x, x[0], badencoder_patch(SHAPE), head=head)
     assert res.steps == 1 and enc.training
     for key, value in enc.state_dict().items():
@@ -109,6 +110,7 @@ def test_injection_step_leaves_batchnorm_head_and_clean_encoder_bit_identical():
         assert torch.equal(head.state_dict()[key], value)
         assert torch.equal(res.head.state_dict()[key], value)
     assert all(p.requires_grad for p in res.encoder.parameters())  # flags given back
+    assert all(p.dtype == torch.float32 for p in res.encoder.parameters())  # mixed, not cast
     assert set(res.history) == {"loss", "loss0", "loss1", "loss2"}
     h = res.history
     assert h["loss"][0] == pytest.approx(h["loss0"][0] + h["loss1"][0] + h["loss2"][0], abs=1e-5)
@@ -135,7 +137,8 @@ def test_the_two_asr_definitions_on_a_hand_computed_case():
     assert asr == pytest.approx(1.0) and asr_all == pytest.approx(4 / 6)
 
 
-def test_small_injection_raises_asr_far_above_the_clean_encoders():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_small_injection_raises_asr_far_above_the_clean_encoders(bf16):
     """The reference's settings (lr 1e-3, momentum 0.9, weight decay 5e-4, λ1 = λ2 = 1, augmented
     reference copies) on 128 shadow images, batch 32, 20 epochs (80 SGD steps). What this tiny
     encoder needs, found while writing the test: global max pooling (with a global average a 10×10
@@ -144,14 +147,15 @@ def test_small_injection_raises_asr_far_above_the_clean_encoders():
     features in the first steps; a 10× larger lr collapses it too); about 80 steps (after 20, L0
     still sits on a plateau and ASR depends on the seed); and a target whose texture the patch does
     not already resemble (for the stripes of class 1 the clean encoder's ASR is already high,
-    which the ASR-B assertion would catch)."""
+    which the ASR-B assertion would catch). In bfloat16 mixed precision the attack must work the
+    same."""
     g = torch.Generator().manual_seed(0)
     shadow = textures(128, g).x
     train, test = textures(400, g), textures(200, g)
     enc = tiny_encoder(shadow)
     trigger, target = badencoder_patch(SHAPE), 0
     reference = train.x[train.y == target][:1]
-    res = BadEncoder(epochs=20, batch_size=32).inject(enc, shadow, reference, trigger)
+    res = BadEncoder(epochs=20, batch_size=32, bf16=bf16).inject(enc, shadow, reference, trigger)
     assert res.history["loss0"][-1] < res.history["loss0"][0]
     task = DownstreamTask("textures", SupervisedData(train, test, list("abcd")), target)
     cfg = DownstreamConfig(epochs=30, batch_size=32, lr=1e-3)

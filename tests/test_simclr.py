@@ -217,16 +217,19 @@ def _tiny_encoder(seed: int = 0) -> Encoder:
     return build_encoder("resnet18", base_channels=4)
 
 
-def test_simclr_steps_lower_the_loss():
-    # Binary shapes; views that differ by flip and grayscale only, so a few steps must learn.
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_simclr_steps_lower_the_loss(bf16):
+    # Binary shapes; views that differ by flip and grayscale only, so a few steps must learn,
+    # in bfloat16 mixed precision too (the weights stay float32).
     masks = (torch.rand(32, 1, 4, 4, generator=_gen()) < 0.5).float()
     x = F.interpolate(masks, size=(16, 16), mode="nearest").expand(32, 3, 16, 16).clone()
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", base_channels=8)
-    result = SimCLR(epochs=6, batch_size=32, knn_every=0, device="cpu",
+    result = SimCLR(epochs=6, batch_size=32, knn_every=0, device="cpu", bf16=bf16,
                     augment={"crop": False, "jitter_p": 0.0}).train(encoder, x, progress=False)
     loss = result.history["loss"]
     assert len(loss) == 6 and loss[-1] < loss[0] - 0.5
+    assert all(p.dtype == torch.float32 for p in result.encoder.parameters())
     assert not result.encoder.training and not result.head.training
 
 

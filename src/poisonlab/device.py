@@ -30,3 +30,12 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bfloat16 mixed precision on `device` when `enabled` (a no-op context otherwise): matrix
+    products and convolutions run in bfloat16, reductions and losses stay float32. On CPUs with
+    AMX or AVX-512 BF16 it roughly halves a ResNet training step; weights stay float32."""
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
