@@ -375,3 +375,30 @@ def test_a_worker_that_dies_does_not_hang_decoding():
     from poisonlab.data.image_folder import run_chunks
 
     assert run_chunks(_die_in_a_worker, [[1, 2], [3], [4, 5]], workers=2) == [[2, 4], [6], [8, 10]]
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("_MEMBER_LIMIT", r"member cifar-10-batches-py/data_batch_1 unpacks to \d+ bytes, more than"),
+    ("_TOTAL_LIMIT", r"unpacks to more than \d+ bytes, more than a CIFAR-10 archive holds"),
+])
+def test_an_archive_that_unpacks_past_the_format_bounds_is_refused(tmp_path, monkeypatch,
+                                                                    limit, message):
+    """The member sizes are checked from the tar headers before anything is unpacked (a 2 MB
+    archive of zeros declaring a 1.5 GB member used to be decompressed whole into memory)."""
+    monkeypatch.setenv("POISONLAB_CACHE", str(tmp_path / "cache"))
+    _write_python_batches(tmp_path / "root" / "cifar-10-batches-py")
+    archive = _targz(tmp_path / "root" / "cifar-10-batches-py", tmp_path / "c.tar.gz")
+    batch = (tmp_path / "root" / "cifar-10-batches-py" / "data_batch_1").stat().st_size
+    monkeypatch.setattr(cifar10, limit, batch - 1 if limit == "_MEMBER_LIMIT" else 3 * batch)
+    with pytest.raises(DataError, match=message):
+        load_cifar10(archive)
+
+
+def test_archive_members_other_than_the_batches_are_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("POISONLAB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "root" / "cifar-10-batches-py"
+    batches = _write_python_batches(folder)
+    (folder / "notes.bin").write_bytes(b"\0" * 40_000)  # larger than the limit below, never read
+    archive = _targz(folder, tmp_path / "c.tar.gz")
+    monkeypatch.setattr(cifar10, "_MEMBER_LIMIT", 30_000)
+    _check_against(load_cifar10(archive), batches)

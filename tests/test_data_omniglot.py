@@ -177,3 +177,19 @@ def test_split_scales_to_other_banks_or_takes_explicit_sizes():
     assert [len(t) for t in explicit] == [6, 2, 2]
     with pytest.raises(ConfigError, match="summing to num_classes=10"):
         split_omniglot_classes(num_classes=10, sizes=(6, 2, 1))
+
+
+def test_a_zip_member_past_the_format_bound_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
+    """The declared size of each drawing is checked before it is read (a 2 MB zip with a 1.5 GB
+    member of zeros used to be unpacked into memory)."""
+    monkeypatch.setenv("POISONLAB_CACHE", str(tmp_path / "cache"))  # the same drawings, unread
+    zips = _tiny_release(tmp_path / "zips")
+    largest = max(i.file_size for i in zipfile.ZipFile(zips / "images_background.zip").infolist())
+    monkeypatch.setattr(omniglot, "_MEMBER_LIMIT", largest - 1)
+    with pytest.raises(DataError, match=r"images_background.zip: member .*\.png unpacks to "
+                                        r"\d+ bytes, more than the \d+ bytes any Omniglot file"):
+        load_omniglot(zips, workers=1)
+    monkeypatch.setattr(omniglot, "_MEMBER_LIMIT", largest)
+    monkeypatch.setattr(omniglot, "_TOTAL_LIMIT", 10 * largest)
+    with pytest.raises(DataError, match="unpacks to more than"):
+        load_omniglot(zips, workers=1)

@@ -15,8 +15,6 @@ made of the source's checksum (archives) or file sizes and times (folders).
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import tarfile
 import zlib
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poisonlab.data.archive import ArchiveBudget
 from poisonlab.data.cache import cached_supervised, file_digest, make_key, supervised_layout
 from poisonlab.data.image_folder import IMAGE_EXTENSIONS, decode_images
 from poisonlab.data.safe_pickle import safe_loads
@@ -110,16 +109,20 @@ def _fingerprint(source: Path) -> str:
     return "stat:" + make_key("tree", *sorted(lines))
 
 
-def _archive_members(path: Path) -> dict[str, bytes]:
-    """Every regular file of a (gzipped) tar, by its path inside the archive, read in memory."""
+# The largest member of a CIFAR-10 archive is a 30.7 MB batch, the whole data set 180 MB.
+_MEMBER_LIMIT, _TOTAL_LIMIT = 64 * 2**20, 1024 * 2**20
+
+
+def _archive_members(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """The regular files of a (gzipped) tar whose path inside the archive is `wanted`, read in
+    memory from a stream (the archive is never decompressed whole), sizes checked first."""
+    budget = ArchiveBudget(path, "CIFAR-10", _MEMBER_LIMIT, _TOTAL_LIMIT)
+    members = {}
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        members = {}
-        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        with tarfile.open(path, mode="r:*") as tf:
             for member in tf:
-                if member.isfile():
+                if member.isfile() and wanted(member.name):
+                    budget.take(member.name, member.size)
                     members[member.name] = tf.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path} is not a readable tar archive: {exc}") from exc
@@ -136,7 +139,10 @@ def _batch_reader(source: Path) -> _Reader:
             return path.read_bytes()
 
         return read_file
-    by_name = {m.rsplit("/", 1)[-1]: (m, data) for m, data in _archive_members(source).items()}
+    names = {*(f"{b}{suffix}" for b in (*TRAIN_BATCHES, TEST_BATCH) for suffix in ("", ".bin")),
+             "batches.meta", "batches.meta.txt"}
+    members = _archive_members(source, lambda member: member.rsplit("/", 1)[-1] in names)
+    by_name = {m.rsplit("/", 1)[-1]: (m, data) for m, data in members.items()}
 
     def read_member(name: str) -> bytes:
         if name not in by_name:
@@ -215,10 +221,14 @@ def _folder_items(source: Path) -> dict[str, list[tuple[str, bytes | Path, str]]
     """Per split, sorted (name for errors, bytes or path, class) of every image."""
     splits: dict[str, list[tuple[str, bytes | Path, str]]] = {"train": [], "test": []}
     if source.is_file():
-        for member, data in _archive_members(source).items():
+        def is_image(member: str) -> bool:
             parts = member.split("/")
-            if len(parts) >= 3 and parts[-3] in splits and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-                splits[parts[-3]].append((f"{source}:{member}", data, parts[-2]))
+            return (len(parts) >= 3 and parts[-3] in splits
+                    and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
+
+        for member, data in _archive_members(source, is_image).items():
+            parts = member.split("/")
+            splits[parts[-3]].append((f"{source}:{member}", data, parts[-2]))
     else:
         for split, items in splits.items():
             for class_dir in sorted((source / split).iterdir()):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from poisonlab.data.archive import ArchiveBudget
 from poisonlab.data.cache import Expected, file_digest, load_cached, make_key, save_cached
 from poisonlab.data.image_folder import default_workers, open_image, run_chunks, split_chunks
 from poisonlab.data.types import FewShotData
@@ -119,14 +120,20 @@ def _list_characters(src: _Source) -> list[_Character]:
     return _group_characters(src, members)
 
 
+# An Omniglot drawing is a PNG of under 1 KB, a whole set under 6 MB.
+_MEMBER_LIMIT, _TOTAL_LIMIT = 2**20, 256 * 2**20
+
+
 def _read_bytes(src: _Source, characters: list[_Character]) -> list[tuple[str, bytes]]:
     files = [f for _, fs in characters for f in fs]
     if not src.is_zip:
         return [(name, Path(loc).read_bytes()) for name, loc in files]
     items = []
+    budget = ArchiveBudget(src.path, "Omniglot", _MEMBER_LIMIT, _TOTAL_LIMIT)
     with _open_zip(src.path) as zf:
         for name, member in files:
             try:
+                budget.take(member, zf.getinfo(member).file_size)
                 items.append((name, zf.read(member)))
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
                 raise DataError(f"corrupt zip member {name}: {exc}") from exc
