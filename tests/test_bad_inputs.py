@@ -343,3 +343,19 @@ def test_numeric_class_folders_are_labelled_by_their_number(tmp_path):
     assert classes == [str(i) for i in range(11)]
     assert all(Path(path).parent.name == str(label) for path, label in files)
     assert class_order(["cat", "10", "2"]) == ["10", "2", "cat"]  # not all numbers: text order
+
+
+def test_python_warnings_reach_the_terminal_as_one_line_each_once(capsys):
+    """A warning (a run index that cannot be written, say) used to print the raising file, line
+    and code line, once per call site: six raw lines for one problem."""
+    import warnings
+
+    from poisonlab.cli import _warnings_as_lines
+
+    with _warnings_as_lines():
+        for _ in range(3):
+            warnings.warn("cannot update the run index\n  x.sqlite", stacklevel=1)
+        warnings.warn("another problem", stacklevel=1)
+    assert capsys.readouterr().err == ("warning: cannot update the run index x.sqlite\n"
+                                       "warning: another problem\n")
+

@@ -373,7 +373,8 @@ def test_pool_workers_forked_inside_a_run_keep_the_default_sigterm(tmp_path):
         assert run_chunks(_sigterm_is_default, [0, 1, 2, 3], workers=2) == [True] * 4
 
 
-@pytest.mark.parametrize("damage", [b"", b"this is not an sqlite database" * 40])
+@pytest.mark.parametrize("damage", [b"", b"this is not an sqlite database" * 40, "dangling"],
+                         ids=["empty", "not a database", "dangling symlink"])
 def test_an_unusable_index_is_set_aside_and_rebuilt(tmp_path, capsys, damage):
     from poisonlab.runs import list_runs
     from poisonlab.runs.index import index_path
@@ -388,7 +389,11 @@ def test_an_unusable_index_is_set_aside_and_rebuilt(tmp_path, capsys, damage):
             ids.append(run.id)
     for side in ("-wal", "-shm"):
         index_path(tmp_path).with_name("index.sqlite" + side).unlink(missing_ok=True)
-    index_path(tmp_path).write_bytes(damage)
+    if damage == "dangling":  # `runs list` listed nothing, each run index write warned
+        index_path(tmp_path).unlink()
+        index_path(tmp_path).symlink_to(tmp_path / "gone" / "index.sqlite")
+    else:
+        index_path(tmp_path).write_bytes(damage)
     assert sorted(r["run_id"] for r in list_runs(tmp_path)) == sorted(ids)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rebuilt" in err

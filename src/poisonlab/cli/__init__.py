@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,8 +151,25 @@ def _save_traceback(exc: BaseException) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _warnings_as_lines():
         return _main(argv)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """A Python warning reaches the terminal as one `warning: MESSAGE` line, each message once
+    (not as the source file, line number and code line of whoever raised it)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager

@@ -95,7 +95,7 @@ def _with_retry(action: Callable[[sqlite3.Connection], T], root: Path) -> T:
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 1.0)
                 continue
-            if recovered or not path.exists():
+            if recovered or not (path.exists() or path.is_symlink()):  # a dangling link too
                 raise RunError(f"cannot update the run index {path}: {exc}") from None
             _set_aside(root, str(exc))
             recovered = True
@@ -188,7 +188,7 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
     root = runs_root(root)
     if not root.is_dir():
         return []
-    if not index_path(root).exists():
+    if not index_path(root).exists() and not index_path(root).is_symlink():
         rebuild_index(root)
 
     def read(conn: sqlite3.Connection) -> list[tuple]:
