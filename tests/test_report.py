@@ -101,3 +101,20 @@ def test_rich_table_shows_the_same_values():
 )  # fmt: skip
 def test_format_value(value, text):
     assert format_value(value) == text
+
+
+@pytest.mark.parametrize("epsilons", [[0.0, 0.1, 0.3], [0.0], [0.05, 0.3]],
+                         ids=["with the baseline", "baseline only", "all positive"])
+def test_ba_asr_figure_takes_an_epsilon_of_zero_without_a_warning(tmp_path, epsilons):
+    """ε = 0 (the unattacked baseline) on the log axis made matplotlib warn on every run."""
+    import warnings
+
+    from poisonlab.evaluation.fewshot_results import EpsilonRow, FewShotResult
+    from poisonlab.report.fewshot import plot_ba_asr
+
+    rows = [EpsilonRow(e, 0.9 - e, 0.01, 0.9 - e, 0.01, e, 0.01, None, None, 0.5) for e in epsilons]
+    result = FewShotResult(10, "p", "b", 1.0, 0.95, 0.01, 0.1, 0.01, 0.9, 0.01, rows, rows[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_ba_asr(tmp_path / "ba.png", result)
+    assert (tmp_path / "ba.png").read_bytes()[:4] == b"\x89PNG"

@@ -91,8 +91,13 @@ def plot_ba_asr(path: Path, result: FewShotResult) -> None:
     if cross is not None:
         ax.plot(*cross, marker="X", ms=12, color="black", ls="none",
                 label=f"BA = ASR at ε ≈ {cross[0]:.3f}")
-    ax.set(xlabel="ε (L∞ budget)", ylabel="fraction", xscale="log", ylim=(0, 1.02),
+    ax.set(xlabel="ε (L∞ budget)", ylabel="fraction", ylim=(0, 1.02),
            title="Backdoor accuracy and attack success vs ε")
+    positive = [e for e in eps if e > 0]
+    if len(positive) == len(eps):
+        ax.set_xscale("log")
+    else:  # ε = 0 (the unattacked baseline) has no place on a log axis: linear up to the least ε
+        ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
