@@ -359,3 +359,9 @@ def test_python_warnings_reach_the_terminal_as_one_line_each_once(capsys):
     assert capsys.readouterr().err == ("warning: cannot update the run index x.sqlite\n"
                                        "warning: another problem\n")
 
+
+
+def test_an_error_naming_a_path_with_control_characters_stays_one_printable_line(tmp_path):
+    r = poisonlab("run", "membership", "--config", str(tmp_path / "a\x1b[2J\nb.yaml"), cwd=tmp_path)
+    err = one_line_error(r, "a\\x1b[2J")
+    assert "\x1b" not in err

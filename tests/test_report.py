@@ -118,3 +118,16 @@ def test_ba_asr_figure_takes_an_epsilon_of_zero_without_a_warning(tmp_path, epsi
         warnings.simplefilter("error")
         plot_ba_asr(tmp_path / "ba.png", result)
     assert (tmp_path / "ba.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_control_characters_in_names_are_shown_escaped():
+    """A class folder named with an ANSI escape or a newline was printed raw into the terminal
+    table (recolouring or breaking it); it is shown as its escapes."""
+    from poisonlab.errors import printable
+
+    name = "cat\x1b[31m\nred\u202e"
+    assert printable(name) == "cat\\x1b[31m\\nred\\u202e"
+    console = Console(record=True, width=120)
+    console.print(rich_table({"columns": ["class", name], "rows": [[name, 1.0]]}, title=name))
+    text = console.export_text()
+    assert "\x1b" not in text and "\u202e" not in text and text.count("cat\\x1b[31m\\nred") == 3

@@ -4,6 +4,15 @@ Raise one of these at every boundary where input from outside (a file, a config 
 command-line argument) can be wrong. The message names the bad file, key or value.
 """
 
+import unicodedata
+
+
+def printable(text: str) -> str:
+    """`text` with its control and format characters (newlines, ANSI escapes, bidirectional
+    overrides: from a folder or file name, say) written as escapes, so it prints as it is."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+
 
 class PoisonlabError(Exception):
     """Base class: a user-facing problem, printed as a single line without a traceback."""

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - typer on the click package
 
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
-from poisonlab.errors import ConfigError, PoisonlabError
+from poisonlab.errors import ConfigError, PoisonlabError, printable
 from poisonlab.runs.record import sigterm_to_interrupt
 
 app = typer.Typer(
@@ -92,8 +92,9 @@ def _checked(param, process_value):
 
 
 def one_line(text: str) -> str:
-    """A message as one line: its lines joined with '; ', blank ones dropped."""
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    """A message as one line: its lines joined with '; ', blank ones dropped, other control
+    characters escaped."""
+    return printable("; ".join(line.strip() for line in str(text).splitlines() if line.strip()))
 
 
 def _os_message(exc: OSError) -> str:
@@ -162,7 +163,7 @@ def _warnings_as_lines():
     seen: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = " ".join(str(message).split())
+        text = one_line(" ".join(str(message).split()))
         if text not in seen:
             seen.add(text)
             print(f"warning: {text}", file=sys.stderr)
@@ -208,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
         message = user_error(exc)
         if message is not None:
             if message:
-                print(f"error: {message}", file=sys.stderr)
+                print(f"error: {one_line(message)}", file=sys.stderr)
             return 2
         saved = _save_traceback(exc)
         where = f"; traceback saved to {saved}" if saved else ""

@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from poisonlab.errors import RunError
+from poisonlab.errors import RunError, printable
 from poisonlab.runs.layout import atomic_write_text
 
 _MIME = {
@@ -77,7 +77,7 @@ def format_value(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return str(value)
+    return printable(str(value))  # a class folder's name may hold escapes or newlines
 
 
 def as_table(table: Table | Mapping[str, Any]) -> Table:
@@ -175,14 +175,15 @@ def _figure_html(path: Path) -> str:
 def rich_table(table: Table | Mapping[str, Any], title: str | None = None) -> RichTable:
     """The same table for the terminal (numbers right-aligned)."""
     table = as_table(table)
-    out = RichTable(title=title or table.caption)
+    title = title or table.caption
+    out = RichTable(title=printable(title) if title else None)
     numeric = [
         all(isinstance(r[i], (int, float)) or r[i] is None for r in table.rows if i < len(r))
         and any(isinstance(r[i], (int, float)) for r in table.rows if i < len(r))
         for i in range(len(table.columns))
     ]
     for name, is_num in zip(table.columns, numeric, strict=True):
-        out.add_column(Text(str(name)), justify="right" if is_num else "left")
+        out.add_column(Text(printable(str(name))), justify="right" if is_num else "left")
     for row in table.rows:
         out.add_row(*(Text(format_value(v)) for v in row))
     return out
