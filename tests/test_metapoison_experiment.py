@@ -189,6 +189,12 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                            "do not fit the surrogate"),
         "empty folder": (["--data", str(tmp / "empty"), *base], "no class sub-folders"),
         "unreadable": (["--data", str(broken), *base], "cannot decode image"),
+        "target class 10": (["--data", str(data), *base, "--target-class", "10"],
+                            "--target-class 10 is out of range"),
+        "target class -2": (["--data", str(data), *base, "--target-class", "-2"],
+                            "--target-class -2 is out of range"),
+        "target class not its folder's": (["--data", str(data), *base, "--target-class", "2"],
+                                          "contradicts the target's class folder class0"),
     }
 
 

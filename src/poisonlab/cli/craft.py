@@ -67,14 +67,22 @@ def load_target(path: Path, like: ImageSet) -> torch.Tensor:
 
 
 def target_class(path: Path, data_dir: Path, classes: list[str], given: int | None) -> int | None:
-    """The target's true class: given, else its class folder when it lies inside DIR."""
-    if given is not None:
-        return given
+    """The target's true class: its class folder when it lies inside DIR, else `given`; a given
+    class out of range or other than the folder's is refused."""
+    if given is not None and not 0 <= given < len(classes):
+        raise ConfigError(f"--target-class {given} is out of range: {data_dir} has "
+                          f"{len(classes)} classes")
     try:
         rel = path.resolve().relative_to(data_dir.resolve())
     except ValueError:
-        return None
-    return classes.index(rel.parts[0]) if len(rel.parts) > 1 and rel.parts[0] in classes else None
+        return given
+    if len(rel.parts) < 2 or rel.parts[0] not in classes:
+        return given
+    folder = classes.index(rel.parts[0])
+    if given is not None and given != folder:
+        raise ConfigError(f"--target-class {given} contradicts the target's class folder "
+                          f"{rel.parts[0]} (class {folder})")
+    return folder
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
