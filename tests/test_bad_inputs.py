@@ -108,6 +108,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "out under /proc": ([*SMOKE, "--out", "/proc/poisonlab/x"], ("--out",)),
         "out is a file": ([*SMOKE, "--out", str(tmp / "file")], ("--out",)),
         "out dangling": ([*SMOKE, "--out", str(tmp / "dangling")], ("--out",)),
+        "purify over its input": (["purify", str(_model_file(tmp)), "--arch", "tiny_cnn",
+                                   "--dataset", "glyphs", "--out", str(_model_file(tmp))],
+                                  ("is the suspect model itself",)),
         # 4. untrusted data cannot ask for unbounded resources
         "zero-stride batch": (["data", "info", "cifar10", "--data-dir", str(_evil_cifar(tmp))],
                               ("data_batch_1", "numpy.ndarray")),
@@ -140,7 +143,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
 
 
 CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "threads 10^6",
-         "unknown key", "out under /proc", "out is a file", "out dangling", "zero-stride batch",
+         "unknown key", "out under /proc", "out is a file", "out dangling", "purify over its input",
+         "zero-stride batch",
          "hex-amplified batch", "string labels", "ragged labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
          "int8 weights", "nan weights", "missing data dir"]

@@ -316,6 +316,9 @@ def purify_command(
     `scan` does (an inconclusive scan's candidate label is used, and said so)."""
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
+    if out.exists() and model.exists() and out.samefile(model):
+        raise ConfigError(f"--out {out} is the suspect model itself: write the purified weights "
+                          "to another file (the suspect is evidence)")
     suspect = TriggerSource.parse(trigger, trigger_mask)
     if suspect is not None and test_data is None and dataset is None:
         raise ConfigError("--trigger is measured on a clean test set: give --test-data DIR (or "
