@@ -87,6 +87,7 @@ class _Hex:
 def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     (tmp / "file").write_text("x")
     (tmp / "dangling").symlink_to(tmp / "nowhere")
+    (tmp / "c.ini").write_text("[train]\nlr = 0.1\n")
     (tmp / "alias.yaml").write_text("train: &x {lr: *x}\n")
     (tmp / "bad.yaml").write_text("train: {lr: [unclosed\n")
     (tmp / "deep.json").write_text('{"train": ' + "[" * 100_000 + "]" * 100_000 + "}")
@@ -108,6 +109,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "out under /proc": ([*SMOKE, "--out", "/proc/poisonlab/x"], ("--out",)),
         "out is a file": ([*SMOKE, "--out", str(tmp / "file")], ("--out",)),
         "out dangling": ([*SMOKE, "--out", str(tmp / "dangling")], ("--out",)),
+        "out empty": ([*SMOKE, "--out", ""], ("--out: an empty value",)),
+        "runs list on a file": (["runs", "list", "--out", str(tmp / "file")],
+                                ("is not a folder of runs",)),
+        "ini config": ([*SMOKE, "--config", str(tmp / "c.ini")], ("c.ini: .ini is not a config",)),
+        "folder as config": ([*SMOKE, "--config", str(tmp)], ("is a folder",)),
         "purify over its input": (["purify", str(_model_file(tmp)), "--arch", "tiny_cnn",
                                    "--dataset", "glyphs", "--out", str(_model_file(tmp))],
                                   ("is the suspect model itself",)),
@@ -143,7 +149,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
 
 
 CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "threads 10^6",
-         "unknown key", "out under /proc", "out is a file", "out dangling", "purify over its input",
+         "unknown key", "out under /proc", "out is a file", "out dangling", "out empty", "runs list on a file",
+         "ini config", "folder as config", "purify over its input",
          "zero-stride batch",
          "hex-amplified batch", "string labels", "ragged labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
@@ -177,6 +184,33 @@ def test_resume_refuses_new_settings(finished):
     for extra in (["--seed", "3"], ["--set", "train.lr=0.1"], ["--preset", "cpu"]):
         one_line_error(poisonlab("run", "membership", "--resume", run_id, *extra, cwd=cwd),
                        "--resume", extra[0])
+
+
+def test_resume_refuses_another_data_dir(finished, tmp_path):
+    """`--resume ID --data-dir X` used to read X silently, whatever the run had started on."""
+    cwd, _ = finished
+    one_line_error(poisonlab("run", "membership", "--resume", _first_run(cwd).name, "--data-dir",
+                             str(tmp_path), cwd=cwd), "started without --data-dir",
+                   "cannot change the data of a resumed run")
+
+
+def test_a_resumed_run_reads_the_data_dir_it_started_on(tmp_path):
+    from poisonlab.cli.run import _resumed_data_dir
+    from poisonlab.errors import ConfigError, DataError
+    from poisonlab.experiments import get_experiment
+    from poisonlab.runs import Run
+
+    exp = get_experiment("membership")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run = Run.create("membership", exp.Config(), root=tmp_path / "runs", data_dir=tmp_path / "a")
+    assert _resumed_data_dir(run, None) == tmp_path / "a"
+    assert _resumed_data_dir(run, tmp_path / "a") == tmp_path / "a"
+    with pytest.raises(ConfigError, match="started on --data-dir .*/a: --data-dir .*/b cannot"):
+        _resumed_data_dir(run, tmp_path / "b")
+    (tmp_path / "a").rmdir()
+    with pytest.raises(DataError, match="which no longer exists"):
+        _resumed_data_dir(run, None)
 
 
 def test_a_run_in_use_cannot_be_resumed_twice(finished):

@@ -147,11 +147,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json", "")
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a mapping from a .yaml/.yml, .toml or .json file (other extensions: YAML)."""
+    """Read a mapping from a .yaml/.yml, .toml or .json file (no extension: YAML)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix.lower() not in _CONFIG_SUFFIXES:
+        raise ConfigError(f"config file {path}: {path.suffix} is not a config format (use "
+                          f"{', '.join(s for s in _CONFIG_SUFFIXES if s)})")
     try:
         text = path.read_text(encoding="utf-8")
         data = _parse_text(text, path.suffix.lower())

@@ -68,23 +68,27 @@ def _register_all() -> None:
 _register_all()
 
 
-def finite_floats(command) -> None:
-    """Every option and argument of `command` and its subcommands refuses NaN and ±inf: no
+def check_values(command) -> None:
+    """Every option and argument of `command` and its subcommands refuses NaN and ±inf (no
     comparison with NaN is ever true, so a NaN threshold or budget would pass every range check
-    and silently change a verdict. One check on the parsed values of every parameter, so no
-    command can forget it (and none depends on how typer converts floats)."""
+    and silently change a verdict) and an empty value (`--out ""` is the current folder to a
+    Path). One check on the values of every parameter, so no command can forget it (and none
+    depends on how typer converts them)."""
     for param in getattr(command, "params", []):
         param.process_value = _checked(param, param.process_value)
     for sub in getattr(command, "commands", {}).values():
-        finite_floats(sub)
+        check_values(sub)
 
 
 def _checked(param, process_value):
     def process(ctx, value):
+        name = param.opts[0] if getattr(param, "opts", None) else param.name
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, str) and not item.strip():
+                raise ConfigError(f"{name}: an empty value")
         value = process_value(ctx, value)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
-                name = param.opts[0] if getattr(param, "opts", None) else param.name
                 raise ConfigError(f"{name} {item}: not a finite number")
         return value
 
@@ -190,7 +194,7 @@ def _sigterm_as_interrupt():
 
 def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
-    finite_floats(command)
+    check_values(command)
     try:
         code = command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
         if isinstance(code, int) and code:  # typer turns Ctrl-C into exit code 130, returned

@@ -28,6 +28,25 @@ RayCpusOpt = typer.Option(None, "--ray-cpus", help="CPUs of the Ray instance sta
                           "(default: all).")
 
 
+def _resumed_data_dir(run: Run, given: Path | None) -> Path | None:
+    """The data folder a resumed run reads: the one it started on (recorded in run.json); a
+    different --data-dir would mix two data sets in one run and is refused. (A run recorded
+    before run.json kept it reads the --data-dir given.)"""
+    if "data_dir" not in run.info:
+        return given
+    recorded = run.info["data_dir"]
+    if given is None:
+        if recorded is not None and not Path(recorded).exists():
+            raise DataError(f"run {run.id} read {recorded}, which no longer exists: restore it "
+                            "there (a resume must read the same data)")
+        return Path(recorded) if recorded is not None else None
+    if recorded is None or Path(recorded) != given.resolve():
+        started = f"on --data-dir {recorded}" if recorded else "without --data-dir"
+        raise ConfigError(f"run {run.id} was started {started}: --data-dir {given} cannot "
+                          "change the data of a resumed run (omit --data-dir)")
+    return given
+
+
 def execute(name: str, preset: str | None = None, config: Path | None = None,
             sets: list[str] | None = None, data_dir: Path | None = None, out: Path | None = None,
             seed: int | None = None, resume: str | None = None, model: str | None = None,
@@ -55,6 +74,7 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         run = Run.open(resume, root=out)
         if run.experiment != name:
             raise ConfigError(f"run {run.id} is a '{run.experiment}' run, not '{name}'")
+        data_dir = _resumed_data_dir(run, data_dir)
         cfg = validate_config(exp.Config, run.config)
     else:
         cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])
@@ -72,7 +92,7 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         if accepts(exp, "executor"):
             extra["executor"] = executor
         if resume is None:
-            run = Run.create(name, cfg, root=out)
+            run = Run.create(name, cfg, root=out, data_dir=data_dir)
         metrics = run_trial(exp, cfg, run, data_dir, progress=progress, **extra)
     finally:
         if own and executor is not None:

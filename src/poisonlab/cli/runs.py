@@ -14,6 +14,7 @@ import yaml
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
@@ -40,6 +41,14 @@ def _emit_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
 
+def _root(out: Path | None) -> Path:
+    """The runs folder of --out (or its default); a file there is refused, not shown empty."""
+    root = runs_root(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is not a folder of runs")
+    return root
+
+
 @runs_app.command("list")
 def list_command(
     out: OutOption = None,
@@ -52,7 +61,7 @@ def list_command(
     as_json: JsonOption = False,
 ) -> None:
     """List runs, oldest first, with their status and headline metrics."""
-    root = runs_root(out)
+    root = _root(out)
     mark_stale(root)
     if sweep is not None:
         sweep = resolve_sweep(root, sweep)
@@ -62,7 +71,8 @@ def list_command(
         return
     console = terminal()
     if not rows:
-        console.print(f"no runs under {root}" + (f" for '{experiment}'" if experiment else ""))
+        console.print(f"no runs under {root}" + (f" for '{experiment}'" if experiment else "")
+                      + ("" if root.exists() else " (the folder does not exist)"))
         return
     title = f"runs under {root}" + (f", sweep {sweep}" if sweep else "")
     table = RichTable(title=title)
@@ -85,7 +95,7 @@ def show_command(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run: its record, config, metrics, checkpoints and figures."""
-    run = get_run(runs_root(out), run_id)
+    run = get_run(_root(out), run_id)
     if as_json:
         _emit_json(run)
         return
@@ -117,7 +127,7 @@ def compare_command(
     as_json: JsonOption = False,
 ) -> None:
     """Metrics of several runs side by side, plus the config keys that differ."""
-    table = compare_runs(runs_root(out), run_ids)
+    table = compare_runs(_root(out), run_ids)
     if as_json:
         _emit_json(table)
         return

@@ -98,10 +98,11 @@ class Run:
 
     @classmethod
     def create(cls, experiment: str, config: BaseModel, root: Path | str | None = None, *,
-               sweep: Mapping[str, Any] | None = None) -> Run:
+               sweep: Mapping[str, Any] | None = None, data_dir: Path | None = None) -> Run:
         """Make a new run directory for `experiment` with the resolved `config`. `sweep`: the
         sweep this run is a point of (`{"id": ..., "point": ...}` and what else describes the
-        point), kept in run.json so the index can be rebuilt with its sweep grouping."""
+        point), kept in run.json so the index can be rebuilt with its sweep grouping.
+        `data_dir`: the data folder it reads, kept (absolute) so a resume reads the same."""
         if not _SAFE_NAME.match(experiment):
             raise RunError(
                 f"bad experiment name '{experiment}': use letters, digits, '_', '-', '.'"
@@ -127,6 +128,7 @@ class Run:
         }
         if sweep is not None:
             info["sweep"] = to_jsonable(dict(sweep))
+        info["data_dir"] = str(Path(data_dir).resolve()) if data_dir is not None else None
         run = cls(path, info, cfg, resumed=False)
         run._save_info()
         return run
