@@ -237,3 +237,16 @@ def test_purify_inversion_steps_0_is_one_line_in_a_subprocess(tmp_path):
     assert proc.stderr.startswith("error: --inversion-steps 0: ")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("meta", ["[1.5, 28, 28]", '"abc"', "null", "{}", "[1, 28]", "[0, 28, 28]",
+                                  "[true, 28, 28]", "not json"])
+def test_input_shape_metadata_that_is_not_three_positive_integers_is_refused(meta):
+    """[1.5, 28, 28] used to be read as [1, 28, 28]; "abc", null and {} were silently ignored."""
+    from poisonlab.audit.model import input_shape
+    from poisonlab.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match=r"input_shape metadata of m.safetensors is .*not \[C, H, W\]"):
+        input_shape("small_cnn", {"input_shape": meta}, None, 1, "m.safetensors")
+    assert input_shape("small_cnn", {"input_shape": meta}, 14, 1) == (1, 14, 14)  # overridden
+    assert input_shape("small_cnn", {"input_shape": "[1, 28, 28]"}, None, 1) == (1, 28, 28)

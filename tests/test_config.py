@@ -103,7 +103,10 @@ def test_unknown_preset_lists_valid_ones():
             "invalid config: attack.epsilon: Input should be greater than or equal to 0 (got -1)",
         ),
         ("ways=1", "invalid config: ways: Input should be greater than or equal to 2 (got 1)"),
-        ("lr=fast", "invalid config: lr: Input should be a valid number"),
+        ("lr=fast", "invalid config: lr: expected a number, not text (got 'fast')"),
+        # pydantic alone reads true as 1 and '7' as 7: a typo became a value
+        ("seed=true", "invalid config: seed: expected a number, not true or false (got true)"),
+        ("ways='7'", "invalid config: ways: expected a number, not text (got '7')"),
         ("colour=red", "invalid config: colour: unknown key (valid keys: seed, ways, lr,"),
         ("attack.eps=1", "invalid config: attack.eps: unknown key (valid keys: epsilon, targets)"),
         ("attack=3", "invalid config: attack: Input should be a valid dictionary"),
@@ -187,3 +190,10 @@ def test_dump_yaml_round_trips(tmp_path):
     file.write_text(dump_yaml(cfg))
     assert resolve_config(DemoConfig, {}, file=file) == cfg
     assert dump_yaml(cfg).splitlines()[0] == "seed: 0"  # declaration order, not sorted
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("-2E+2", -200.0), ("3.", 3.0), (".5", 0.5)])
+def test_exponent_floats_are_numbers(text, value):
+    """YAML 1.1 (PyYAML) reads 1e-3 as text; with numbers refused as text it must be a number."""
+    assert resolve_config(DemoConfig, PRESETS, overrides=[f"lr={text}"]).lr == value
+

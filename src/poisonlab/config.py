@@ -21,12 +21,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from poisonlab.errors import ConfigError
 
@@ -39,6 +41,20 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number setting takes a number: not true (which pydantic reads as 1) and not a
+        string ('7' in quotes, which it reads as 7), so a typo cannot become a value."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _is_number_type(field.annotation):
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for item in items:
+                if isinstance(item, (bool, str)):
+                    raise ValueError("expected a number, not "
+                                     + ("true or false" if isinstance(item, bool) else "text"))
+        return value
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -49,6 +65,17 @@ class Settings(BaseModel):
     # Tells pydantic this __init__ only wraps its own, so `model_validate` and nested sections
     # keep pydantic's validation (and its dotted error locations) instead of calling it.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """int or float, optionally None, or a list or tuple of them."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        return bool(args) and all(_is_number_type(a) for a in args)
+    args = get_args(annotation) if origin in (Union, UnionType) else (annotation,)
+    kinds = [a for a in args if a is not type(None)]
+    return bool(kinds) and all(a in (int, float) for a in kinds)
 
 
 SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
@@ -190,6 +217,17 @@ class _TreeLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 and every user as a number.
+_TreeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_TreeLoader)  # noqa: S506 - a SafeLoader subclass
 
@@ -230,7 +268,8 @@ def describe_validation_error(cls: type[BaseModel], exc: ValidationError,
         elif err["type"] == "missing":
             parts.append(f"{loc}: required value is missing")
         else:
-            parts.append(f"{loc}: {err['msg']} (got {_short(err.get('input'))})")
+            message = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {message} (got {_short(err.get('input'))})")
     return f"invalid {what}: " + "; ".join(parts)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from poisonlab.errors import ConfigError, ModelFileError
+from poisonlab.errors import ConfigError, ModelFileError, printable
 from poisonlab.models import build_model
 from poisonlab.runs.checkpoints import load_into, load_weights, match_key_names
 
@@ -115,14 +115,16 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
         return InputShape((channels, image_size, image_size), "given")
     if "input_shape" in meta:
         try:
-            shape = tuple(int(v) for v in json.loads(meta["input_shape"]))
-        except (ValueError, TypeError, OverflowError, RecursionError):
+            shape = json.loads(meta["input_shape"])
+        except (ValueError, RecursionError):
             shape = None
-        if shape is not None:
-            if len(shape) != 3 or min(shape) < 1:
-                raise ModelFileError(f"the input_shape metadata of {path} is "
-                                     f"{meta['input_shape']}, not [C, H, W]")
-            return InputShape(shape, "file")
+        # exact integers only: [1.5, 28, 28] was read as [1, 28, 28], "abc" or {} ignored
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(type(v) is int and v >= 1 for v in shape)):
+            raise ModelFileError(f"the input_shape metadata of {path} is "
+                                 f"{printable(meta['input_shape'][:80])}, not [C, H, W] of "
+                                 "positive integers (pass --image-size to override it)")
+        return InputShape(tuple(shape), "file")
     for prefix, size in DEFAULT_SIZE.items():
         if arch.startswith(prefix):
             return InputShape((channels, size, size), "default")
