@@ -3,6 +3,7 @@ values before any work."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -250,3 +251,25 @@ def test_input_shape_metadata_that_is_not_three_positive_integers_is_refused(met
         input_shape("small_cnn", {"input_shape": meta}, None, 1, "m.safetensors")
     assert input_shape("small_cnn", {"input_shape": meta}, 14, 1) == (1, 14, 14)  # overridden
     assert input_shape("small_cnn", {"input_shape": "[1, 28, 28]"}, None, 1) == (1, 28, 28)
+
+
+def test_degenerate_inputs_get_no_verdict(files):  # noqa: F811
+    """An all-zero model came out INCONCLUSIVE, the same records as members and non-members
+    "not detected", and 20 non-members reported a TPR "at 0.1% FPR" (really at 0%)."""
+    from poisonlab.errors import DataError, ModelFileError
+
+    model, shape = load_model(files["model"], "tiny_cnn")
+    members, _ = load_records(files["members"])
+    non_members, _ = load_records(files["non_members"])
+    with pytest.raises(DataError, match="are also in .*two disjoint sets"):
+        scan(model, records=RecordSets(members, members), input_shape=shape)
+    zero = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    with pytest.raises(ModelFileError, match="same output for all .* images"):
+        scan(zero, records=RecordSets(members, non_members), input_shape=shape)
+    few = non_members.subset(torch.arange(20))
+    verdict = scan(model, records=RecordSets(members, few), input_shape=shape).membership.verdict
+    assert "TPR at 0.1% FPR not measurable with 20 non-members" in verdict
+    assert "TPR at 1% FPR not measurable with 20 non-members" in verdict

@@ -109,7 +109,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "out under /proc": ([*SMOKE, "--out", "/proc/poisonlab/x"], ("--out",)),
         "out is a file": ([*SMOKE, "--out", str(tmp / "file")], ("--out",)),
         "out dangling": ([*SMOKE, "--out", str(tmp / "dangling")], ("--out",)),
-        "out empty": ([*SMOKE, "--out", ""], ("--out: an empty value",)),
+        "out empty": ([*SMOKE, "--out", ""], ("--out '': an empty value",)),
         "runs list on a file": (["runs", "list", "--out", str(tmp / "file")],
                                 ("is not a folder of runs",)),
         "ini config": ([*SMOKE, "--config", str(tmp / "c.ini")], ("c.ini: .ini is not a config",)),

@@ -15,6 +15,7 @@ leaks when a service hides its scores. Leakage is "detected" when a one-sided Ma
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from poisonlab.audit.checks import CheckResult, RecordSets, ScanContext
 from poisonlab.audit.data import check_images, load_clean
 from poisonlab.data.records import load_records
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import ConfigError, DataError, ShapeError
-from poisonlab.metrics import membership_metrics
+from poisonlab.errors import ConfigError, DataError, ModelFileError, ShapeError
+from poisonlab.metrics import MEMBERSHIP_FPRS, membership_metrics
 from poisonlab.report.audit import membership_section, roc_figure
 from poisonlab.report.html import Section
 from poisonlab.training.supervised import predict_logits
@@ -109,7 +110,13 @@ def _split(split: str | None, dataset: str | None, data_dir: Path | None, seed: 
 
 def check_record_sets(sets: RecordSets, model: nn.Module, shape: tuple,
                       num_classes: int) -> None:
-    """ShapeError unless every record fits the model: shape, channels, labels, output."""
+    """ShapeError unless every record fits the model: shape, channels, labels, output; a
+    DataError when the two sets share records (the same folder given twice, say)."""
+    both = _record_overlap(sets)
+    if both > 0.01 * min(len(sets.members), len(sets.non_members)):  # a stray duplicate is kept
+        raise DataError(f"{both} of the records of {sets.members_source} are also in "
+                        f"{sets.non_members_source}: the membership check compares two "
+                        "disjoint sets")
     for images, source in ((sets.members, sets.members_source),
                            (sets.non_members, sets.non_members_source)):
         check_images(images, shape, source)
@@ -135,6 +142,29 @@ def check_output(model: nn.Module, images: ImageSet, source: str, num_classes: i
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise ShapeError(f"the model's output {tuple(out.shape)} on {source} is not "
                          f"[records, {num_classes}]")
+
+
+def check_responsive(model: nn.Module, images: ImageSet, source: str, n: int = 64) -> None:
+    """ModelFileError when the model gives the same logits for every one of `n` images: its
+    output does not depend on the input (all-zero weights, say), so every check would be a
+    verdict about nothing (such a model used to come out INCONCLUSIVE, or "not detected")."""
+    out = predict_logits(model, images.x[:n]).double()
+    if len(out) > 1 and float((out.max(0).values - out.min(0).values).max()) \
+            <= 1e-9 * (1.0 + float(out.abs().max())):
+        raise ModelFileError(f"the model gives the same output for all {len(out)} images of "
+                             f"{source} tried (constant or all-zero weights?): nothing can be "
+                             "measured on it")
+
+
+def _record_overlap(sets: RecordSets) -> int:
+    """How many member records are, image and label, also among the non-members."""
+    def keys(images: ImageSet) -> set[bytes]:
+        x = images.x.contiguous().numpy()
+        y = images.y.numpy()
+        return {hashlib.sha256(x[i].tobytes() + int(y[i]).to_bytes(8, "little")).digest()
+                for i in range(len(x))}
+
+    return len(keys(sets.members) & keys(sets.non_members))
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -204,11 +234,15 @@ class MembershipResult(CheckResult):
     @property
     def verdict(self) -> str:
         state = "DETECTED" if self.detected else "not detected"
-        best = self.attacks[0]
+        best, negatives = self.attacks[0], len(self.sets.non_members)
+        # a TPR at FPR f needs at least 1/f non-members: with fewer, the smallest FPR above
+        # zero is 1/negatives and "TPR at 0.1% FPR" would be the TPR at 0% FPR, mislabelled
+        rates = [f"TPR {100 * best.metrics[f'tpr_at_fpr_{fpr:g}']:.1f}% at {100 * fpr:g}% FPR"
+                 if negatives * fpr >= 1 else f"TPR at {100 * fpr:g}% FPR not measurable with "
+                 f"{negatives} non-members" for fpr in MEMBERSHIP_FPRS]
         return (f"membership leakage: {state} ({best.attack} attack: AUC "
-                f"{best.metrics['auc']:.3f}, TPR {100 * best.metrics['tpr_at_fpr_0.001']:.1f}% "
-                f"at 0.1% FPR, {100 * best.metrics['tpr_at_fpr_0.01']:.1f}% at 1% FPR; "
-                f"{len(self.sets.members)} members, {len(self.sets.non_members)} non-members)")
+                f"{best.metrics['auc']:.3f}, {', '.join(rates)}; "
+                f"{len(self.sets.members)} members, {negatives} non-members)")
 
     @property
     def notes(self) -> list[str]:

@@ -25,6 +25,7 @@ from poisonlab.audit.membership import (
     MembershipResult,
     check_output,
     check_record_sets,
+    check_responsive,
     membership_check,
 )
 from poisonlab.audit.trigger import TriggerResult, TriggerScanContext, trigger_check
@@ -152,6 +153,7 @@ def scan(model: nn.Module, *, clean: ImageSet | None = None, records: RecordSets
         raise ConfigError(f"--target {target} is not a label of the model (0..{k - 1})")
     if records is not None:
         check_record_sets(records, model, shape, k)
+    check_responsive(model, some, clean_source if clean is not None else records.members_source)
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
     if clean is not None:

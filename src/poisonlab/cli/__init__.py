@@ -85,7 +85,7 @@ def _checked(param, process_value):
         name = param.opts[0] if getattr(param, "opts", None) else param.name
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, str) and not item.strip():
-                raise ConfigError(f"{name}: an empty value")
+                raise ConfigError(f"{name} '': an empty value")
         value = process_value(ctx, value)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
