@@ -144,6 +144,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
                          ("dtype int8",)),
         "nan weights": (["scan", str(_model_file(tmp, nan=True)), *glyph_scan],
                         ("NaN or infinite",)),
+        "ways 1000 (a late check)": (["run", "fewshot-backdoor", "--preset", "smoke", "-q", "--set",
+                                      "meta.ways=1000"], ("meta.ways=1000",)),
+        "top_k 1000 (a late check)": ([*SMOKE, "--set", "defense.top_k.k=1000", "--set",
+                                       "defense.defenses=[top_k]"], ("defense.top_k.k=1000",)),
         "missing data dir": ([*SMOKE, "--data-dir", str(tmp / "absent")], ("absent",)),
     }
 
@@ -154,7 +158,8 @@ CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "thr
          "zero-stride batch",
          "hex-amplified batch", "string labels", "ragged labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
-         "int8 weights", "nan weights", "missing data dir"]
+         "int8 weights", "nan weights", "missing data dir", "ways 1000 (a late check)",
+         "top_k 1000 (a late check)"]
 
 
 @pytest.mark.parametrize("case", CASES)

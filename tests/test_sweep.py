@@ -414,3 +414,14 @@ def test_ray_gives_the_local_numbers_and_a_killed_worker_costs_only_its_piece(
         ours = json.loads((tmp_path / result["points"][label] / "metrics.json").read_text())
         local = json.loads((plain_root / plain["points"][label] / "metrics.json").read_text())
         assert ours["headline"] == pytest.approx(local["headline"], abs=1e-6)
+
+
+def test_an_unknown_metric_stops_a_new_sweep_after_its_first_point(tmp_path):
+    """`--metric bogus` used to be found only after every point had run; the first point's
+    metrics name it, and that point stays recorded for the next call."""
+    code, _, err = cli(sweep_args(tmp_path, "--metric", "no_such_metric"))
+    assert code == 2 and err.strip().startswith("error: --metric no_such_metric"), err
+    done = [p for p in run_dirs(tmp_path) if info(p)["status"] == "completed"]
+    assert len(done) == 1
+    code, out, _ = cli(sweep_args(tmp_path))
+    assert code == 0 and len(json.loads(out.strip().splitlines()[-1])["computed"]) == 3

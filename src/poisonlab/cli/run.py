@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import typer
 
 from poisonlab.config import replace, resolve_config, validate_config
-from poisonlab.errors import ConfigError, DataError
+from poisonlab.errors import ConfigError, DataError, PoisonlabError
 from poisonlab.executors import BACKENDS, Executor, get_executor
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.experiments.trial import accepts, run_trial
@@ -26,6 +27,15 @@ RayAddressOpt = typer.Option(None, "--ray-address", help="Join this Ray cluster 
                              "ray://host:port or auto) instead of starting one here.")
 RayCpusOpt = typer.Option(None, "--ray-cpus", help="CPUs of the Ray instance started here "
                           "(default: all).")
+
+
+def _nothing_computed(run: Run) -> bool:
+    """Whether a run holds no result yet: no metrics, checkpoint, state or figure (a setting
+    the data refuses, found once the data is loaded, leaves nothing worth keeping)."""
+    if (run.path / "metrics.json").exists():
+        return False
+    return not any(p.is_file() for sub in ("checkpoints", "figures")
+                   for p in (run.path / sub).rglob("*"))
 
 
 def _resumed_data_dir(run: Run, given: Path | None) -> Path | None:
@@ -93,7 +103,12 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
             extra["executor"] = executor
         if resume is None:
             run = Run.create(name, cfg, root=out, data_dir=data_dir)
-        metrics = run_trial(exp, cfg, run, data_dir, progress=progress, **extra)
+        try:
+            metrics = run_trial(exp, cfg, run, data_dir, progress=progress, **extra)
+        except PoisonlabError:
+            if resume is None and _nothing_computed(run):
+                shutil.rmtree(run.path, ignore_errors=True)  # a bad input, not a failed run
+            raise
     finally:
         if own and executor is not None:
             executor.close()

@@ -20,6 +20,7 @@ from poisonlab.report.sweep import summary_table
 from poisonlab.runs import runs_root
 from poisonlab.runs.layout import prepare_output, to_jsonable
 from poisonlab.sweeps import Sweep, parse_grid, run_sweep, summarise, write_summary
+from poisonlab.sweeps.summary import choose_metrics
 
 
 def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
@@ -42,7 +43,7 @@ def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
     try:
         root = prepare_output(runs_root(out), directory=True)
         outcome = run_sweep(plan, root, executor=executor, data_dir=data_dir, on_point=said,
-                            progress=not quiet)
+                            progress=not quiet, check=lambda m: choose_metrics(metrics, [m]))
     finally:
         executor.close()
     summary = summarise(outcome, metrics)

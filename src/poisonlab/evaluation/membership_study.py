@@ -109,6 +109,10 @@ def check_feasible(cfg: StudyConfig, data: SupervisedData) -> None:
                           f"target's train.epochs={cfg.train.epochs}")
     if "dp_sgd" in cfg.defense.defenses:
         dp_compatible(build(cfg.arch, data))
+    k = cfg.defense.top_k.k
+    if "top_k" in cfg.defense.defenses and k > data.num_classes:
+        raise ConfigError(f"defense.top_k.k={k} exceeds the {data.num_classes} classes of the "
+                          "data set")
 
 
 def build(arch: str, data: SupervisedData, dropout: float = 0.0) -> torch.nn.Module:

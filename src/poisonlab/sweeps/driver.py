@@ -115,11 +115,14 @@ def prepare_points(plan: Sweep, root: Path | str | None = None) -> dict[str, Pat
 
 def run_sweep(plan: Sweep, root: Path | str | None = None, *, executor: Executor | None = None,
               data_dir: Path | None = None, on_point: PointCallback | None = None,
-              cpus: int = 1, progress: bool = False) -> SweepOutcome:
+              cpus: int = 1, progress: bool = False,
+              check: Callable[[dict], None] | None = None) -> SweepOutcome:
     """Run the points of `plan` that have not completed; see the module docstring.
 
     `executor`: where pieces run (None: this process, in order). `on_point(label, run_info,
-    done, total)` is called as each point is recorded; `cpus`: the cores of one piece;
+    done, total)` is called as each point is recorded; `check(metrics)` on the first metrics
+    there are (a recorded point's, else the first computed), so a request the metrics cannot
+    meet (an unknown --metric) stops the sweep after one point, not all; `cpus`: the cores of one piece;
     `progress`: the executor's progress bar, where it has one. An interrupted or failed piece
     stops the sweep; what completed stays recorded and the next call goes on from there."""
     root = prepare_output(runs_root(root), directory=True)
@@ -127,12 +130,12 @@ def run_sweep(plan: Sweep, root: Path | str | None = None, *, executor: Executor
     folder.mkdir(parents=True, exist_ok=True)
     with driving(folder):
         atomic_write_text(folder / "sweep.json", json.dumps(plan.record(), indent=2) + "\n")
-        return _drive(plan, root, folder, executor, data_dir, on_point, cpus, progress)
+        return _drive(plan, root, folder, executor, data_dir, on_point, cpus, progress, check)
 
 
 def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
            data_dir: Path | None, on_point: PointCallback | None, cpus: int,
-           progress: bool) -> SweepOutcome:
+           progress: bool, check: Callable[[dict], None] | None) -> SweepOutcome:
     outcome = SweepOutcome(plan, root, folder, prepare_points(plan, root))
     todo: dict[str, dict] = {}
     for label, path in outcome.runs.items():
@@ -142,6 +145,9 @@ def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
         else:
             todo[label] = {"path": str(path), "label": label,
                            "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
+
+    if check is not None and outcome.metrics:
+        check(next(iter(outcome.metrics.values())))
 
     def record(label: str, metrics: dict) -> None:
         path = outcome.runs[label]
@@ -154,6 +160,8 @@ def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
         outcome.computed.append(label)
         if on_point is not None:
             on_point(label, info, len(outcome.metrics), len(outcome.runs))
+        if check is not None and len(outcome.metrics) == 1:  # the first point, recorded
+            check(metrics)
 
     run_missing(executor, run_point, todo, record, shared={"progress": False}, cpus=cpus,
                 description=f"sweep {plan.id}" if progress else "")
