@@ -273,3 +273,21 @@ def test_degenerate_inputs_get_no_verdict(files):  # noqa: F811
     verdict = scan(model, records=RecordSets(members, few), input_shape=shape).membership.verdict
     assert "TPR at 0.1% FPR not measurable with 20 non-members" in verdict
     assert "TPR at 1% FPR not measurable with 20 non-members" in verdict
+
+
+def test_neural_cleanse_is_kept_when_mm_bd_cannot_finish(glyphs14, backdoored, monkeypatch):  # noqa: F811
+    """On extreme weights MM-BD's margins overflow after Neural Cleanse has finished: the scan
+    used to end in the error and lose Neural Cleanse's result."""
+    from poisonlab.defenses.mm_bd import MMBD
+
+    def overflow(self, *args, **kwargs):
+        raise ConfigError("MM-BD: the model's logit margins are not finite")
+
+    monkeypatch.setattr(MMBD, "detect", overflow)
+    _, test = glyphs14
+    config = ScanConfig(samples=64, steps=10, batch_size=16)
+    check = scan(backdoored, clean=test, config=config, input_shape=(1, 14, 14)).backdoor
+    assert check.detection is not None and check.mm_bd is None and check.detectors == ["nc"]
+    assert check.verdict.endswith("; MM-BD could not run")
+    assert check.notes[0] == "MM-BD could not run: MM-BD: the model's logit margins are not finite"
+    assert check.to_dict()["mm_bd_error"].startswith("MM-BD: the model's logit margins")

@@ -23,6 +23,7 @@ from typing import Any
 from poisonlab.audit.checks import DETECTORS, CheckResult, ScanContext
 from poisonlab.defenses.mm_bd import MMBD, MMBDResult
 from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
+from poisonlab.errors import PoisonlabError
 from poisonlab.progress import progress_bar
 from poisonlab.report.audit import backdoor_section, margin_grid, trigger_grid
 from poisonlab.report.html import Section
@@ -49,13 +50,15 @@ class BackdoorResult(CheckResult):
     names of its labels and the figures (None when no report folder was given).
 
     detection: Neural Cleanse's; mm_bd: MM-BD's; figure: Neural Cleanse's trigger grid;
-    mm_bd_figure: each class's maximum-margin input."""
+    mm_bd_figure: each class's maximum-margin input; mm_bd_error: why MM-BD could not finish
+    after Neural Cleanse had (its result is kept, the verdict says MM-BD is missing)."""
 
     detection: DetectionResult | None
     classes: list[str]
     figure: Path | None = None
     mm_bd: MMBDResult | None = None
     mm_bd_figure: Path | None = None
+    mm_bd_error: str | None = None
     name = "backdoor"
 
     @property
@@ -105,7 +108,8 @@ class BackdoorResult(CheckResult):
     @property
     def verdict(self) -> str:
         if self.mm_bd is None:
-            return self._nc_line("backdoor")
+            missing = f"; {DETECTORS['mmbd']} could not run" if self.mm_bd_error else ""
+            return self._nc_line("backdoor") + missing
         parts = {"nc": self._nc_short, "mmbd": self._mm_short}
         fired = self.detected_by
         quiet = [name for name in self.detectors if name not in fired]
@@ -127,7 +131,7 @@ class BackdoorResult(CheckResult):
 
     @property
     def notes(self) -> list[str]:
-        lines = []
+        lines = [f"{DETECTORS['mmbd']} could not run: {self.mm_bd_error}"] if self.mm_bd_error else []
         if self.mm_bd is not None:
             if self.detection is not None:
                 lines.append(self._nc_line(DETECTORS["nc"]))
@@ -216,7 +220,7 @@ class BackdoorResult(CheckResult):
     def section(self) -> Section:
         return backdoor_section(self.verdict, self.detection, self.classes, self.figure,
                                 mm_bd=self.mm_bd, mm_bd_figure=self.mm_bd_figure,
-                                notes=self.notes if self.mm_bd is not None else ())
+                                notes=self.notes if self.mm_bd is not None or self.mm_bd_error else ())
 
     def to_dict(self) -> dict[str, Any]:
         """Neural Cleanse's summary at the top (its keys as before MM-BD was added, when it
@@ -233,6 +237,8 @@ class BackdoorResult(CheckResult):
             for row in mm["margins"]:
                 row["class"] = self.classes[row["label"]]
             summary["mm_bd"] = mm
+        if self.mm_bd_error is not None:
+            summary["mm_bd_error"] = self.mm_bd_error
         summary["combined"] = {"status": self.status, "detected_by": self.detected_by,
                                "targets": self.targets, "verdict": self.verdict}
         return summary
@@ -243,7 +249,7 @@ def backdoor_check(ctx: ScanContext) -> BackdoorResult:
     sample, MM-BD on the model alone (the input shape is the clean images')."""
     k = len(ctx.classes)
     detectors = ctx.config.detectors
-    detection = mm_bd = None
+    detection = mm_bd = error = None
     figure = mm_figure = None
     if "nc" in detectors:
         detector = NeuralCleanse(config=ctx.config.detection(), seed=ctx.seed)
@@ -255,9 +261,14 @@ def backdoor_check(ctx: ScanContext) -> BackdoorResult:
             figure = trigger_grid(ctx.report_dir / TRIGGER_FIGURE, detection)
     if "mmbd" in detectors:
         mm = MMBD(config=ctx.config.mm_bd, seed=ctx.seed)
-        with progress_bar(mm.config.steps, "mm-bd", enabled=ctx.progress) as bar:
-            mm_bd = mm.detect(ctx.model, k, tuple(ctx.clean.x.shape[1:]),
-                              progress=lambda status: bar.advance(status=status))
-        if ctx.report_dir is not None and mm_bd.inputs is not None:
+        try:
+            with progress_bar(mm.config.steps, "mm-bd", enabled=ctx.progress) as bar:
+                mm_bd = mm.detect(ctx.model, k, tuple(ctx.clean.x.shape[1:]),
+                                  progress=lambda status: bar.advance(status=status))
+        except PoisonlabError as exc:  # non-finite margins, say: keep what Neural Cleanse found
+            if detection is None:
+                raise
+            error = str(exc)
+        if ctx.report_dir is not None and mm_bd is not None and mm_bd.inputs is not None:
             mm_figure = margin_grid(ctx.report_dir / MARGIN_FIGURE, mm_bd)
-    return BackdoorResult(detection, ctx.classes, figure, mm_bd, mm_figure)
+    return BackdoorResult(detection, ctx.classes, figure, mm_bd, mm_figure, error)

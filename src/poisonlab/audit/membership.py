@@ -149,6 +149,9 @@ def check_responsive(model: nn.Module, images: ImageSet, source: str, n: int = 6
     output does not depend on the input (all-zero weights, say), so every check would be a
     verdict about nothing (such a model used to come out INCONCLUSIVE, or "not detected")."""
     out = predict_logits(model, images.x[:n]).double()
+    if not torch.isfinite(out).all():
+        raise ModelFileError(f"the model's outputs on {source} are not finite (NaN or overflow: "
+                             "damaged or extreme weights?): nothing can be measured on it")
     if len(out) > 1 and float((out.max(0).values - out.min(0).values).max()) \
             <= 1e-9 * (1.0 + float(out.abs().max())):
         raise ModelFileError(f"the model gives the same output for all {len(out)} images of "
