@@ -128,6 +128,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "ragged labels": (["data", "info", "cifar10", "--data-dir", str(_cifar_batches(
             tmp, "ragged", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, [2, 3]]}))],
             ("not a flat list of integers",)),
+        "empty batch": (["data", "info", "cifar10", "--data-dir", str(_cifar_batches(
+            tmp, "empty", {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}))],
+            ("data_batch_1 holds no records",)),
+        "folder as model": (["scan", str(tmp), *glyph_scan], ("is a folder, not a weights file",)),
         # 6. one line for every kind of failure
         "circular yaml": ([*SMOKE, "--config", str(tmp / "alias.yaml")], ("alias.yaml",)),
         "malformed yaml": ([*SMOKE, "--config", str(tmp / "bad.yaml")], ("bad.yaml",)),
@@ -156,7 +160,7 @@ CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "thr
          "unknown key", "out under /proc", "out is a file", "out dangling", "out empty", "runs list on a file",
          "ini config", "folder as config", "purify over its input",
          "zero-stride batch",
-         "hex-amplified batch", "string labels", "ragged labels", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
+         "hex-amplified batch", "string labels", "ragged labels", "empty batch", "folder as model", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
          "int8 weights", "nan weights", "missing data dir", "ways 1000 (a late check)",
          "top_k 1000 (a late check)"]

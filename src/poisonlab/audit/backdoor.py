@@ -189,7 +189,7 @@ class BackdoorResult(CheckResult):
                     f"{self._index(cand)}) is within {band}")
         if cand is None:
             return f"{who}: none detected (all labels' triggers are the same size, {band})"
-        return (f"{who}: none detected (largest index {self._index(cand)} for label {cand}, "
+        return (f"{who}: none detected (largest {self._index(cand)} for label {cand}, "
                 f"{band})")
 
     def _mm_line(self) -> str:

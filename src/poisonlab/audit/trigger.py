@@ -119,7 +119,7 @@ class TriggerSource:
         mask = self.mask
         if mask.shape[0] not in (1, c):
             raise ShapeError(f"the mask of --trigger {self.name} has {mask.shape[0]} channels; "
-                             f"it needs 1 or {c}")
+                             f"it needs {'1' if c == 1 else f'1 or {c}'}")
         return MaskTrigger(mask, pattern, name=name)
 
 

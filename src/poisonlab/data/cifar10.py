@@ -170,6 +170,8 @@ def _python_batch(read: _Reader, name: str, where: Path) -> tuple[torch.Tensor, 
         labels = np.asarray(batch[b"labels"])
     except (ValueError, TypeError) as exc:  # ragged or nested lists
         raise DataError(f"{source}: labels are not a flat list of integers") from exc
+    if labels.size == 0:  # np.asarray([]) is float64: "labels must be integers" misled
+        raise DataError(f"{source} holds no records")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != RECORD_BYTES - 1 or labels.shape != (data.shape[0],):
         raise DataError(f"{source}: expected uint8 data [N, 3072] and N labels")

@@ -113,6 +113,8 @@ def _storable(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_weights(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a weights file: (name → tensor on CPU, header metadata). Never runs pickled code."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file {path} is a folder, not a weights file")
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     suffix = path.suffix.lower()
