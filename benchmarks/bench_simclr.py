@@ -1,7 +1,7 @@
 """Benchmark: seconds per SimCLR epoch on a 10,000-image CIFAR-10 subset, per encoder and thread count.
 
 For each encoder (CIFAR-stem ResNet-18 at base widths 16/32/64, ResNet-20) and each thread count,
-runs `SimCLR.train` for one epoch on `--steps` batches of the subset (0: the whole subset) and
+and precision (float32, bf16 autocast; side by side), runs `SimCLR.train` for one epoch on `--steps` batches of the subset (0: the whole subset) and
 scales the measured time to the subset's size; it also times the two views' augmentation alone
 and feature extraction (what the kNN monitor costs per image), and estimates a 50,000-image epoch
 with its kNN monitor (50,000-image bank + 10,000 test queries).
@@ -42,14 +42,15 @@ def data_dir() -> Path:
 
 
 def time_epoch(name: str, x: torch.Tensor, batch: int, steps: int,
-               channels_last: bool) -> tuple[float, float]:
+               channels_last: bool, bf16: bool = False) -> tuple[float, float]:
     """(wall, process CPU) seconds for one epoch over all of `x`, measured on `steps` batches
     (0: all of them). On a loaded machine CPU seconds / threads approximates an idle machine's
     wall time."""
     arch, kwargs = ENCODERS[name]
     used = x if steps == 0 else x[: steps * batch]
     torch.manual_seed(0)
-    trainer = SimCLR(epochs=1, batch_size=batch, knn_every=0, channels_last=channels_last, device="cpu")
+    trainer = SimCLR(epochs=1, batch_size=batch, knn_every=0, channels_last=channels_last,
+                     bf16=bf16, device="cpu")
     # Warm-up: the first backward pass of a process pays one-time set-up costs.
     trainer.train(build_encoder(arch, **kwargs), used[:batch], progress=False)
     encoder = build_encoder(arch, **kwargs)
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=4, help="batches measured per epoch (0: all)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--precision", nargs="+", default=["float32", "bf16"],
+                        choices=["float32", "bf16"], help="measured side by side")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -97,14 +100,15 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         aug = time_augment(x, args.batch)
-        for name in args.encoders:
+        for name, precision in ((n, p) for n in args.encoders for p in args.precision):
             load = os.getloadavg()[0]
-            epoch, cpu = time_epoch(name, x, args.batch, args.steps, args.channels_last)
+            epoch, cpu = time_epoch(name, x, args.batch, args.steps, args.channels_last,
+                                    precision == "bf16")
             per_image = time_encode(name, x)
             full = epoch * 50_000 / len(x) + per_image * 60_000
             idle = cpu / threads * 50_000 / len(x) + per_image * 60_000 * cpu / threads / epoch
             rows.append({
-                "encoder": name, "threads": threads, "batch": args.batch,
+                "encoder": name, "precision": precision, "threads": threads, "batch": args.batch,
                 "epoch_seconds_10k": round(epoch, 1), "epoch_cpu_seconds_10k": round(cpu, 1),
                 "augment_seconds_per_step": round(aug, 3),
                 "encode_ms_per_image": round(per_image * 1e3, 3),
@@ -113,7 +117,7 @@ def main() -> None:
             })
             if not args.json:
                 r = rows[-1]
-                print(f"{name:14s} threads={threads} batch={args.batch}: {r['epoch_seconds_10k']:7.1f} s/epoch (10k, "
+                print(f"{name:14s} {precision:7s} threads={threads} batch={args.batch}: {r['epoch_seconds_10k']:7.1f} s/epoch (10k, "
                       f"CPU {r['epoch_cpu_seconds_10k']:.1f} s), "
                       f"augment {r['augment_seconds_per_step']:.3f} s/step, encode {r['encode_ms_per_image']:.3f} ms/img, "
                       f"50k epoch + kNN {r['epoch_plus_knn_seconds_50k'] / 60:.1f} min "
