@@ -412,3 +412,9 @@ def test_an_error_naming_a_path_with_control_characters_stays_one_printable_line
     r = poisonlab("run", "membership", "--config", str(tmp_path / "a\x1b[2J\nb.yaml"), cwd=tmp_path)
     err = one_line_error(r, "a\\x1b[2J")
     assert "\x1b" not in err
+
+
+def test_a_refused_setting_leaves_no_output_folder(tmp_path):
+    one_line_error(poisonlab(*SMOKE, "--out", str(tmp_path / "new"), "--set", "train.lr=.inf",
+                             cwd=tmp_path), "train.lr")
+    assert not (tmp_path / "new").exists()

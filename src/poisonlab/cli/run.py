@@ -72,8 +72,6 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
     exp = get_experiment(name)
     if data_dir is not None and not data_dir.exists():  # even a preset that needs no data
         raise DataError(f"--data-dir {data_dir} does not exist")
-    if out is not None and resume is None:
-        prepare_output(out, directory=True)
     if resume is not None:
         changes = [flag for flag, value in (("--preset", preset), ("--config", config),
                                             ("--set", sets), ("--seed", seed))
@@ -90,6 +88,8 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])
         if seed is not None:
             cfg = replace(cfg, seed=seed)
+        if out is not None:  # after the settings: a refused setting leaves no folder behind
+            prepare_output(out, directory=True)
     extra = {}
     if model is not None:
         if not accepts(exp, "model"):
