@@ -316,7 +316,7 @@ from poisonlab.data.image_folder import run_chunks
 def slow(chunk):
     # each worker says who it is in ONE write (a print is two writes when stdout is unbuffered,
     # and two workers' lines then interleave), then decodes for a long time
-    os.write(1, f"{os.getpid()}\n".encode())
+    os.write(1, f"{os.getpid()}\\n".encode())
     time.sleep(60)
     return chunk
 
@@ -418,3 +418,14 @@ def test_a_refused_setting_leaves_no_output_folder(tmp_path):
     one_line_error(poisonlab(*SMOKE, "--out", str(tmp_path / "new"), "--set", "train.lr=.inf",
                              cwd=tmp_path), "train.lr")
     assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_while_the_command_starts_is_one_line_and_exit_130(tmp_path):
+    """SIGTERM while the CLI is still importing torch ended the process silently."""
+    proc = subprocess.Popen([sys.executable, "-m", "poisonlab", *SMOKE], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "POISONLAB_RUNS": str(tmp_path / "runs")})
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)

@@ -1,0 +1,5 @@
+"""`python -m poisonlab`: the poisonlab command."""
+
+from poisonlab.launch import entry
+
+entry()
