@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"audit", "experiments"},
     {"sweeps"},
     {"cli"},
+    {"launch", "__main__"},  # the console script: a SIGTERM handler, then the CLI's import
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
