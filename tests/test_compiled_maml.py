@@ -64,3 +64,83 @@ def test_compiled_meta_gradient_is_as_close_to_float64_as_eager_float32():
         comp_err.append(max(float((c.double() - r).abs().max() / s)
                             for c, r, s in zip(comp, ref, scale, strict=True) if s > 1e-4))
     assert max(comp_err) <= 4 * max(eager_err), (comp_err, eager_err)
+
+
+def _meta_run(compile_mode: str, iterations: int = 4):
+    import dataclasses
+
+    from poisonlab.data.glyphs import load_glyphs
+    from poisonlab.training.meta_trainer import MetaTrainConfig, meta_train
+
+    bank = load_glyphs(num_classes=30, samples=10, seed=0)
+    bank = dataclasses.replace(bank, images=bank.images.double())
+    train, val = bank.subset(range(20)), bank.subset(range(20, 30))
+    torch.manual_seed(0)
+    theta = {k: v.detach().double()
+             for k, v in build_model("cnn4", 3, 1, hidden=8).state_dict().items()}
+    s = MetaTrainConfig(ways=3, shots=2, queries=2, meta_batch=4, iterations=iterations,
+                        eval_every=iterations, val_tasks=4, compile=compile_mode)
+    logged: list[str] = []
+    state = meta_train(cnn4_forward_tasks, theta, train, val, s, progress=False,
+                       log=logged.append, compiled_forward=cnn4_forward_tasks_matmul)
+    return theta, state, logged
+
+
+def test_meta_train_with_compile_on_takes_the_graph_path_and_trains_as_eager(monkeypatch):
+    """The wiring, without paying for a compile: the graph is the functional meta-gradient run
+    uncompiled, which must train θ as the eager path does (the same sampled tasks). In float64:
+    the convolution biases before BatchNorm have a zero gradient up to rounding, and Adam turns
+    float32 rounding noise (near its ε) into full-size steps; θ moves by ~1e-2, so 1e-8 is agreement."""
+    from poisonlab.training import compiled_maml
+
+    calls = []
+
+    def uncompiled(forward):
+        def graph(*args):
+            calls.append(1)
+            return functional_meta_gradient(forward, *args)
+        return graph
+
+    monkeypatch.setattr(compiled_maml, "compiled_meta_gradient", uncompiled)
+    start, eager, eager_log = _meta_run("off")
+    _, graph, graph_log = _meta_run("on")
+    assert len(calls) == 4 and any("compiled graph" in m for m in graph_log)
+    assert not any("compiled graph" in m for m in eager_log)
+    for k in start:
+        assert not torch.equal(graph.theta[k], start[k])
+        assert torch.allclose(graph.theta[k], eager.theta[k], rtol=0, atol=1e-8), k
+
+
+def test_compile_auto_compiles_only_long_cpu_runs_and_on_needs_a_compiled_form():
+    from poisonlab.errors import ConfigError
+    from poisonlab.training.meta_trainer import COMPILE_BREAK_EVEN, MetaTrainConfig, use_compiled
+
+    auto, on, off = (MetaTrainConfig(compile=c) for c in ("auto", "on", "off"))
+    assert use_compiled(auto, COMPILE_BREAK_EVEN, "cpu", True)
+    assert not use_compiled(auto, COMPILE_BREAK_EVEN - 1, "cpu", True)
+    assert not use_compiled(auto, COMPILE_BREAK_EVEN, "cpu", False)
+    assert not use_compiled(auto, COMPILE_BREAK_EVEN, "cuda", True)
+    assert use_compiled(on, 1, "cpu", True) and not use_compiled(off, 10**6, "cpu", True)
+    with pytest.raises(ConfigError, match="meta.compile=on"):
+        use_compiled(on, 1, "cpu", False)
+    with pytest.raises(ConfigError, match="compile"):
+        MetaTrainConfig(compile="yes")
+
+
+def test_a_failing_compile_falls_back_to_eager_under_auto_and_raises_under_on(monkeypatch):
+    from poisonlab.training import compiled_maml, meta_trainer
+
+    def broken(forward):
+        def graph(*args):
+            raise RuntimeError("no C++ compiler")
+        return graph
+
+    monkeypatch.setattr(compiled_maml, "compiled_meta_gradient", broken)
+    monkeypatch.setattr(meta_trainer, "COMPILE_BREAK_EVEN", 1)
+    start, eager, _ = _meta_run("off")
+    _, auto, log = _meta_run("auto")
+    assert any("compiling failed (RuntimeError)" in m for m in log)
+    for k in start:
+        assert torch.equal(auto.theta[k], eager.theta[k])
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        _meta_run("on")

@@ -167,8 +167,18 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypat
     assert main(["run", "fewshot-backdoor", "--preset", "smoke", "--out", str(tmp_path), *FAST]) != 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
-    code = main(["run", "fewshot-backdoor", "--out", str(tmp_path), "--resume", run_dir.name, "-q"])
+    # --no-compile is allowed on a resume: the same math, only eager
+    code = main(["run", "fewshot-backdoor", "--out", str(tmp_path), "--resume", run_dir.name, "-q",
+                 "--no-compile"])
     assert code == 0
     assert saved == [5, 10]  # continued at iteration 5, not from scratch
     assert "resuming meta-training at iteration 5" in (run_dir / "log.txt").read_text()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_no_compile_is_refused_by_an_experiment_that_compiles_nothing(tmp_path, capsys):
+    code = main(["run", "badencoder", "--preset", "smoke", "--out", str(tmp_path), "--no-compile",
+                 "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--no-compile" in err
+    assert not any(tmp_path.iterdir())  # refused before a run folder opened

@@ -61,14 +61,15 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
             sets: list[str] | None = None, data_dir: Path | None = None, out: Path | None = None,
             seed: int | None = None, resume: str | None = None, model: str | None = None,
             progress: bool = True, *, backend: str = "local", ray_address: str | None = None,
-            ray_cpus: int | None = None,
+            ray_cpus: int | None = None, no_compile: bool = False,
             executor: Executor | None = None) -> tuple[Run, dict, object]:
     """Resolve the config (before any work), open the run, run the trial; return (run, metrics, module).
 
     The pieces run on `executor` when given (the caller closes it), else on the one named by
     `backend` (with `ray_address`, `ray_cpus`), built before the run opens and closed after it;
     an experiment whose `run` takes no executor runs locally (asking it for another backend is
-    a ConfigError)."""
+    a ConfigError). `no_compile` keeps every computation eager (`meta.compile=off`; allowed on a
+    resume: the same math, only the float rounding's order differs)."""
     exp = get_experiment(name)
     if data_dir is not None and not data_dir.exists():  # even a preset that needs no data
         raise DataError(f"--data-dir {data_dir} does not exist")
@@ -90,6 +91,8 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
             cfg = replace(cfg, seed=seed)
         if out is not None:  # after the settings: a refused setting leaves no folder behind
             prepare_output(out, directory=True)
+    if no_compile:
+        cfg = _eager(cfg, name)
     extra = {}
     if model is not None:
         if not accepts(exp, "model"):
@@ -113,6 +116,15 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         if own and executor is not None:
             executor.close()
     return run, metrics, exp
+
+
+def _eager(cfg, name: str):
+    """`cfg` with `meta.compile=off` (--no-compile); an experiment without it refuses the flag."""
+    meta = getattr(cfg, "meta", None)
+    if meta is None or not hasattr(meta, "compile"):
+        raise ConfigError(f"--no-compile is not supported by experiment '{name}' (it compiles "
+                          "nothing)")
+    return replace(cfg, meta=replace(meta, compile="off"))
 
 
 def choose_executor(name: str, backend: str, address: str | None, cpus: int | None,
@@ -150,11 +162,14 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", "-m", help="Attack an existing model (run id or weights file)."),
         quiet: bool = QuietOpt, backend: str = BackendOpt, ray_address: str = RayAddressOpt,
         ray_cpus: int = RayCpusOpt,
+        no_compile: bool = typer.Option(False, "--no-compile", help="Eager PyTorch only: no "
+                                        "torch.compile (fewshot-backdoor's meta-training)."),
     ) -> None:
         """Run a reproducible experiment into its own run directory."""
         run, metrics, exp = execute(experiment, preset, config, sets, data_dir, out, seed, resume,
                                     model, progress=not quiet, backend=backend,
-                                    ray_address=ray_address, ray_cpus=ray_cpus)
+                                    ray_address=ray_address, ray_cpus=ray_cpus,
+                                    no_compile=no_compile)
         show(run, metrics, exp, as_json)
 
     @app.command("demo")

@@ -30,7 +30,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.evaluation.fewshot import FewShotEvalConfig, FewShotResult, evaluate_attacks
 from poisonlab.executors import Executor
 from poisonlab.models import build_model
-from poisonlab.models.cnn4 import cnn4_forward_tasks
+from poisonlab.models.cnn4 import cnn4_forward_tasks, cnn4_forward_tasks_matmul
 from poisonlab.report.fewshot import terminal_table, write_report
 from poisonlab.runs import Run
 from poisonlab.runs.checkpoints import load_into, load_weights
@@ -127,7 +127,8 @@ def obtain_model(cfg: Config, run: Run, train: FewShotData, val: FewShotData, de
     state = meta_train(cnn4_forward_tasks, theta, train, val, cfg.meta, seed=cfg.seed,
                        device=device, resume=resume, checkpoint=checkpoint, log=run.log,
                        progress=progress, finetune_steps=cfg.attack.finetune_steps,
-                       finetune_lr=cfg.attack.finetune_lr)
+                       finetune_lr=cfg.attack.finetune_lr,
+                       compiled_forward=cnn4_forward_tasks_matmul)
     if cfg.meta.iterations == 0:
         checkpoint(state)
     summary = {"iterations": state.iteration, "best_val_accuracy": state.best_val,

@@ -2,6 +2,12 @@
 
 Settings are `MetaTrainConfig`; how the work is spread (`task_chunk` tasks per chunk, `workers`
 threads over chunks) and the fine-tuning used for validation are arguments of `meta_train`.
+
+The meta-gradient is computed eagerly (`training.maml.meta_gradient`, the reference) or as one
+compiled graph over the meta-batch (`training.compiled_maml`, same math): `compile` chooses, and
+`auto` compiles only where it pays back, on a CPU when at least `COMPILE_BREAK_EVEN` meta-iterations
+remain (the compile's first call costs minutes; `benchmarks/bench_maml.py --compiled` measures the
+break-even). Validation always runs eagerly.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -18,6 +25,7 @@ from torch import Tensor
 from poisonlab.config import Settings
 from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
+from poisonlab.errors import ConfigError
 from poisonlab.progress import progress_bar
 from poisonlab.training.maml import (
     Params,
@@ -27,6 +35,10 @@ from poisonlab.training.maml import (
     map_task_chunks,
     meta_gradient,
 )
+
+# Meta-iterations from which `compile: auto` compiles: the first call's compile time over the
+# per-iteration saving against the eager batched path (bench_maml.py --compiled, docs/results.md).
+COMPILE_BREAK_EVEN = 600
 
 
 class MetaTrainConfig(Settings):
@@ -41,6 +53,8 @@ class MetaTrainConfig(Settings):
     rotate: augment classes by rotations of 90° multiples (Santoro et al.).
     eval_every: meta-iterations between validations (and checkpoints).
     val_tasks: validation tasks, fixed for the whole run.
+    compile: the meta-gradient as one compiled graph (on), eager (off), or compiled on a CPU
+      when at least COMPILE_BREAK_EVEN meta-iterations remain (auto).
     """
 
     ways: int = Field(5, ge=2)
@@ -55,6 +69,7 @@ class MetaTrainConfig(Settings):
     rotate: bool = True
     eval_every: int = Field(500, ge=1)
     val_tasks: int = Field(200, ge=1)
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -103,13 +118,15 @@ def meta_train(
     finetune_lr: float | None = None,
     task_chunk: int | None = 4,
     workers: int | None = None,
+    compiled_forward: TaskForward | None = None,
 ) -> MetaTrainState:
     """Meta-train θ with MAML; keeps the θ with the best validation accuracy.
 
     Validation fine-tunes on each validation task's support set with `finetune_steps` steps at
     `finetune_lr` (the meta-test recipe; default the inner loop's `adaptation_steps` and
     `inner_lr`). `task_chunk` tasks go through one call (None: all at once, best on a GPU), on
-    `workers` threads (None: one per core on a CPU).
+    `workers` threads (None: one per core on a CPU). `compiled_forward` is `forward` written for
+    the compiler (e.g. `cnn4_forward_tasks_matmul`); without it the meta-gradient stays eager.
     `checkpoint(state)` is called after every validation, so an interrupted run can continue
     from the returned/stored `MetaTrainState` via `resume`.
     """
@@ -121,15 +138,14 @@ def meta_train(
     val_episodes = val_sampler.sample_fixed(s.val_tasks, seed=seed + 1).to(device)
     state, theta, optimizer = _start(theta, s, sampler, device, resume)
     workers = workers or default_workers(device)
+    step = _meta_step(forward, compiled_forward, s, s.iterations - state.iteration, device,
+                      task_chunk, workers, log)
     start = time.perf_counter()
     with progress_bar(s.iterations, "meta-training", enabled=progress) as bar:
         bar.advance(state.iteration)
         while state.iteration < s.iterations:
             ep = sampler.sample(s.meta_batch).to(device)
-            loss, acc, grads = meta_gradient(
-                forward, theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y,
-                s.inner_lr, s.adaptation_steps, s.first_order, task_chunk, workers,
-            )
+            loss, acc, grads = step(theta, ep)
             for p, g in zip(theta.values(), grads, strict=True):
                 p.grad = g
             optimizer.step()
@@ -149,6 +165,57 @@ def meta_train(
             else:
                 bar.advance()
     return state
+
+
+MetaStep = Callable[[Params, Episodes], tuple[float, Tensor, list[Tensor]]]
+
+
+def use_compiled(s: MetaTrainConfig, remaining: int, device: torch.device | str,
+                 compilable: bool) -> bool:
+    """Whether `meta_train` compiles the meta-gradient (`compile`, see MetaTrainConfig)."""
+    if s.compile == "on" and not compilable:
+        raise ConfigError("meta.compile=on: this model has no compiled form (use auto or off)")
+    if s.compile == "auto":
+        return compilable and torch.device(device).type == "cpu" and remaining >= COMPILE_BREAK_EVEN
+    return s.compile == "on"
+
+
+def _meta_step(forward: TaskForward, compiled_forward: TaskForward | None, s: MetaTrainConfig,
+               remaining: int, device: torch.device | str, chunk: int | None, workers: int,
+               log: Callable[[str], None]) -> MetaStep:
+    """(loss, per-task accuracy, gradients in θ's order) of one meta-batch: eager or compiled.
+    Under `auto` a compile that fails (no C++ compiler, an unsupported backend) falls back to
+    eager with one log line; under `on` it raises."""
+
+    def eager(theta: Params, ep: Episodes):
+        return meta_gradient(forward, theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y,
+                             s.inner_lr, s.adaptation_steps, s.first_order, chunk, workers)
+
+    if not use_compiled(s, remaining, device, compiled_forward is not None):
+        return eager
+    from poisonlab.training.compiled_maml import compiled_meta_gradient
+
+    log("meta-gradient: one compiled graph per meta-batch (the first iteration compiles, or "
+        "loads the compiled code from the cache)")
+    graph = compiled_meta_gradient(compiled_forward)
+    fallen_back = False
+
+    def compiled(theta: Params, ep: Episodes):
+        nonlocal fallen_back
+        if fallen_back:
+            return eager(theta, ep)
+        try:
+            loss, acc, grads = graph({k: v.detach() for k, v in theta.items()}, ep.support_x,
+                                     ep.support_y, ep.query_x, ep.query_y, s.inner_lr,
+                                     s.adaptation_steps, s.first_order)
+        except Exception as exc:  # the compiler's failures have no common base class
+            if s.compile == "on":
+                raise
+            fallen_back = True
+            log(f"meta-gradient: compiling failed ({type(exc).__name__}), continuing eagerly")
+            return eager(theta, ep)
+        return float(loss), acc, [grads[k] for k in theta]
+    return compiled
 
 
 def _start(theta: Params, s: MetaTrainConfig, sampler: EpisodeSampler, device: torch.device | str,
