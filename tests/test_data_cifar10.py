@@ -402,3 +402,26 @@ def test_archive_members_other_than_the_batches_are_not_read(tmp_path, monkeypat
     archive = _targz(folder, tmp_path / "c.tar.gz")
     monkeypatch.setattr(cifar10, "_MEMBER_LIMIT", 30_000)
     _check_against(load_cifar10(archive), batches)
+
+
+def _shared_list_bomb(levels: int) -> bytes:
+    """L = [L_prev, L_prev] `levels` times: a few hundred bytes whose tree has 2^levels nodes."""
+    node: list = [0]
+    for _ in range(levels):
+        node = [node, node]
+    return pickle.dumps({b"label_names": node}, protocol=2)
+
+
+def test_shared_references_cannot_expand_a_small_pickle_without_bound():
+    bomb = _shared_list_bomb(45)
+    assert len(bomb) < 1000
+    with pytest.raises(DataError, match="shared references expand to more than") as info:
+        safe_loads(bomb, "batches.meta")
+    assert "batches.meta" in str(info.value) and "\n" not in str(info.value)
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(DataError, match="nested deeper than 64"):
+        safe_loads(pickle.dumps(deep, protocol=2))
+    fine = {b"label_names": [b"cat"] * 2000, b"labels": list(range(2000))}  # legit sharing
+    assert safe_loads(pickle.dumps(fine, protocol=2))[b"labels"][-1] == 1999

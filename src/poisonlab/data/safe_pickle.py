@@ -103,17 +103,32 @@ def _allowed(limit: int) -> dict[tuple[str, str], Any]:
     return allowed
 
 
-def _array_bytes(obj: Any, depth: int = 0) -> int:
-    """Bytes held by the NumPy arrays inside `obj` (dicts, lists, tuples), views counted whole."""
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if depth > 64:
-        return 0
-    if isinstance(obj, dict):
-        return sum(_array_bytes(v, depth + 1) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_array_bytes(v, depth + 1) for v in obj)
-    return 0
+MAX_DEPTH = 64
+
+
+def _array_bytes(obj: Any, source: str, budget: int) -> int:
+    """Bytes held by the NumPy arrays inside `obj` (dicts, lists, tuples), views counted whole.
+
+    The walk visits the object as the tree every consumer will see, so it is bounded: a pickle
+    can reference one container many times (its memo), and a few hundred bytes of `L = [L, L]`
+    nested 45 times are a tree of 2^45 nodes. More than `budget` nodes (the file's size: each
+    distinct object costs at least a byte) or nesting deeper than MAX_DEPTH is refused."""
+    held, visited, stack = 0, 0, [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        visited += 1
+        if visited > budget:
+            raise DataError(f"{source}: its shared references expand to more than {budget} "
+                            "objects, more than its size can hold")
+        if isinstance(node, np.ndarray):
+            held += int(node.nbytes)
+            continue
+        children = (node.values() if isinstance(node, dict)
+                    else node if isinstance(node, list | tuple) else ())
+        if children and depth >= MAX_DEPTH:
+            raise DataError(f"{source}: containers nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return held
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -148,7 +163,7 @@ def safe_loads(data: bytes, source: str = "<data>") -> Any:
         raise DataError(f"{source}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of a malformed pickle is bad data
         raise DataError(f"cannot unpickle {source}: {type(exc).__name__}: {exc}") from exc
-    held = _array_bytes(obj)
+    held = _array_bytes(obj, source, budget=max(len(data), 1024))
     if held > len(data):
         raise DataError(f"{source}: its arrays hold {held} bytes, more than the "
                         f"{len(data)}-byte file")
