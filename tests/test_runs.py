@@ -28,6 +28,7 @@ from poisonlab.runs import (
     rebuild_index,
     runs_root,
 )
+from poisonlab.runs import index as index_module
 from poisonlab.runs import record as record_module
 from poisonlab.runs.index import index_path
 
@@ -470,10 +471,15 @@ def test_an_unreadable_run_json_is_named_in_one_line(tmp_path, capsys):
     bad = Run.create("demo", DemoConfig(), root=tmp_path)
     (bad.path / "run.json").write_text('{"id": "x", "status": ')
     rebuild_index(tmp_path)  # the index no longer lists it: it cannot be read
-    for _ in range(2):
+    for said_before in (False, True, False):  # once per command (process), not per listing
+        if not said_before:
+            index_module._SAID.clear()  # what a new process starts with
         assert [r["run_id"] for r in list_runs(tmp_path)] == [good.id]
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and bad.id in err and "unreadable run.json" in err
+        if said_before:
+            assert err == ""
+        else:
+            assert err.count("\n") == 1 and bad.id in err and "unreadable run.json" in err
 
 
 @pytest.mark.parametrize(("truth", "indexed"), [("completed", "running"),
@@ -493,3 +499,53 @@ def test_runs_list_rewrites_an_index_row_that_contradicts_run_json(tmp_path, tru
     assert mark_stale(tmp_path) == []
     assert index_status(tmp_path, run.id) == truth
     assert list_runs(tmp_path)[0]["headline"] == {"acc": 0.5}
+
+
+_DEEP = "[" * 5000 + "1" + "]" * 5000
+
+
+@pytest.mark.parametrize("damage", [
+    {"status": ["x"]}, {"experiment": {"a": 1}}, {"started": 3}, {"sweep": "s"}, "deep",
+], ids=["status-list", "experiment-dict", "started-int", "sweep-str", "nested-5000"])
+def test_one_damaged_run_json_does_not_break_the_listing_of_the_others(tmp_path, capsys, damage):
+    """run.json is read as untrusted input: a field of the wrong type or absurd nesting makes
+    that run unlisted (one warning line naming it), never an internal error, and the index is
+    not set aside over and over (a binding error is not a damaged database)."""
+    from poisonlab.runs import list_runs
+
+    with Run.create("demo", DemoConfig(), root=tmp_path) as good:
+        good.write_metrics({"accuracy": 0.5})
+    with Run.create("demo", DemoConfig(), root=tmp_path) as bad:
+        pass
+    record = json.loads((bad.path / "run.json").read_text())
+    text = (json.dumps(record)[:-1] + f', "x": {_DEEP}}}' if damage == "deep"
+            else json.dumps({**record, **damage}))
+    (bad.path / "run.json").write_text(text)
+    (tmp_path / "index.sqlite").unlink()  # the next listing rebuilds from the directories
+    assert main(["runs", "list", "--out", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["run_id"] for r in json.loads(out)["runs"]] == [good.id]
+    assert err.count("\n") == 1 and bad.id in err and "Traceback" not in err
+    assert not list(tmp_path.glob("index.sqlite.bad-*"))
+    assert [r["run_id"] for r in list_runs(tmp_path)] == [good.id]
+
+
+def test_a_metrics_json_nested_thousands_deep_is_one_line_exit_2(tmp_path, capsys):
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    (run.path / "metrics.json").write_text('{"deep": ' + _DEEP + "}")
+    assert main(["runs", "show", run.id, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.json" in err and "nested too deeply" in err
+
+
+def test_runs_show_marks_a_run_whose_process_is_gone_as_interrupted(tmp_path, capsys):
+    """SIGKILL leaves run.json saying running with its lock free: `runs show` says interrupted
+    (as `runs list` does), not running for ever."""
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        pass
+    record = json.loads((run.path / "run.json").read_text())
+    (run.path / "run.json").write_text(json.dumps({**record, "status": "running", "pid": 999999}))
+    assert main(["runs", "show", run.id, "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "interrupted"
+    assert json.loads((run.path / "run.json").read_text())["status"] == "interrupted"

@@ -19,7 +19,7 @@ from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
 from poisonlab.runs.index import resolve_sweep
-from poisonlab.runs.record import mark_stale
+from poisonlab.runs.record import Run, mark_if_stale, mark_stale
 
 runs_app = typer.Typer(
     name="runs", help="List, show and compare recorded runs.", no_args_is_help=True
@@ -96,6 +96,8 @@ def show_command(
 ) -> None:
     """Show one run: its record, config, metrics, checkpoints and figures."""
     run = get_run(_root(out), run_id)
+    if run["status"] == "running" and mark_if_stale(Run.open(run["path"])):
+        run = get_run(_root(out), run_id)  # its process is gone: now recorded as interrupted
     if as_json:
         _emit_json(run)
         return

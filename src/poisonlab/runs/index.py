@@ -95,20 +95,27 @@ def _with_retry(action: Callable[[sqlite3.Connection], T], root: Path) -> T:
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 1.0)
                 continue
-            if recovered or not (path.exists() or path.is_symlink()):  # a dangling link too
+            if recovered or _RECOVERING or not (path.exists() or path.is_symlink()):
                 raise RunError(f"cannot update the run index {path}: {exc}") from None
             _set_aside(root, str(exc))
             recovered = True
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # a bad value or call, not a damaged file: rebuilding would not help
         except sqlite3.DatabaseError as exc:  # not a database, malformed
-            if recovered:
+            if recovered or _RECOVERING:
                 raise RunError(f"cannot update the run index {path}: {exc}") from None
             _set_aside(root, str(exc))
             recovered = True
     raise RunError(f"cannot update the run index {path}")
 
 
+_SAID: set[tuple[str, tuple[str, ...]]] = set()  # unreadable-run warnings already printed
+_RECOVERING: set[str] = set()  # roots whose index is being rebuilt: a rebuild never recurses
+
+
 def _set_aside(root: Path, reason: str) -> None:
-    """Move an unusable index (and its WAL files) aside, rebuild it, say so in one line."""
+    """Move an unusable index (and its WAL files) aside, rebuild it, say so in one line. A
+    rebuild that fails in turn is a RunError, not a second setting aside."""
     path = index_path(root)
     bad = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16**4):04x}")
     path.replace(bad)
@@ -116,7 +123,11 @@ def _set_aside(root: Path, reason: str) -> None:
         side = path.with_name(path.name + suffix)
         if side.exists():
             side.replace(bad.with_name(bad.name + suffix))
-    count = rebuild_index(root)
+    _RECOVERING.add(str(root))
+    try:
+        count = rebuild_index(root)
+    finally:
+        _RECOVERING.discard(str(root))
     print(f"warning: the run index {path} was unusable ({reason}); moved to {bad.name} and "
           f"rebuilt from {count} run directories", file=sys.stderr)
 
@@ -176,8 +187,8 @@ def _row(info: Mapping[str, Any], headline: Mapping[str, Any], path: Path) -> tu
         info.get("ended"),
         json.dumps(dict(headline)),
         str(Path(path).resolve()),
-        sweep.get("id"),
-        sweep.get("point"),
+        sweep.get("id") if isinstance(sweep.get("id"), str) else None,
+        sweep.get("point") if isinstance(sweep.get("point"), str) else None,
     )
 
 
@@ -209,7 +220,9 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
         if len(unreadable) < len(missing):
             print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
                   "directories; rebuilt from the directories", file=sys.stderr)
-        if unreadable:  # not indexable until repaired: said each time, in one line
+        said = (str(root), tuple(unreadable))
+        if unreadable and said not in _SAID:  # not indexable until repaired: said once per
+            _SAID.add(said)                   # command (process), in one line
             print(f"warning: {len(unreadable)} run directories have an unreadable run.json and "
                   f"are not listed: {', '.join(Path(p).name for p in unreadable[:5])}",
                   file=sys.stderr)

@@ -61,6 +61,15 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot read {path}: {exc}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise RunError(f"cannot read {path}: nested too deeply") from None
+
+
+# run.json fields the index and the commands read, and the types they must have
+_RUN_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "experiment": (str,), "status": (str,), "config_hash": (str, type(None)),
+    "started": (str, type(None)), "ended": (str, type(None)), "sweep": (dict, type(None)),
+}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -76,6 +85,10 @@ def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     info = read_json(path / "run.json")
     if not isinstance(info, dict) or "id" not in info or "experiment" not in info:
         raise RunError(f"{path / 'run.json'} is not a run record")
+    for key, kinds in _RUN_FIELDS.items():
+        if key in info and not isinstance(info[key], kinds):
+            raise RunError(f"{path / 'run.json'} is damaged: '{key}' is a "
+                           f"{type(info[key]).__name__}")
     metrics_file = path / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     return info, metrics if isinstance(metrics, dict) else {}

@@ -289,13 +289,20 @@ def mark_stale(root: Path | str | None = None) -> list[str]:
             run = Run.open(row["path"])
         except RunError:
             continue
-        if run.status == "running" and not run.in_use():
-            run.log(f"interrupted: its process (pid {run.info.get('pid', '?')}) is gone")
-            run.finish("interrupted")
+        if mark_if_stale(run):
             stale.append(run.id)
         elif run.status != row["status"]:
             run.reindex()
     return stale
+
+
+def mark_if_stale(run: Run) -> bool:
+    """Mark `run` interrupted if it says "running" but no live process holds its lock."""
+    if run.status != "running" or run.in_use():
+        return False
+    run.log(f"interrupted: its process (pid {run.info.get('pid', '?')}) is gone")
+    run.finish("interrupted")
+    return True
 
 
 class StateFile:
