@@ -549,3 +549,13 @@ def test_runs_show_marks_a_run_whose_process_is_gone_as_interrupted(tmp_path, ca
     assert main(["runs", "show", run.id, "--out", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "interrupted"
     assert json.loads((run.path / "run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "- a\n- b\n"], ids=["deep", "list"])
+def test_a_damaged_config_yaml_of_a_run_is_one_line_exit_2(tmp_path, capsys, text):
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        pass
+    (run.path / "config.yaml").write_text(text)
+    assert main(["runs", "show", run.id, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.yaml" in err

@@ -77,6 +77,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise RunError(f"cannot read {path}: nested too deeply") from None
+    if data is not None and not isinstance(data, dict):
+        raise RunError(f"{path} is damaged: a {type(data).__name__}, not a mapping of settings")
     return data or {}
 
 
