@@ -15,7 +15,7 @@ from poisonlab.defenses.encoder_scan import (
     _CostSchedule,
     mean_pairwise_cosine,
 )
-from poisonlab.errors import ConfigError, ShapeError
+from poisonlab.errors import ConfigError, DataError, ShapeError
 
 SIZE = 16
 PATCH = (2, 11)  # top-left corner of the planted 3×3 patch
@@ -178,3 +178,33 @@ def test_channel_count_is_checked_against_a_convolutional_encoder():
     not_features = nn.Conv2d(3, 4, 3)  # maps images to images, not to [N, D]
     with pytest.raises(ShapeError, match=r"features \[N, D\]"):
         EncoderScan(steps=1).scan(not_features, torch.rand(4, 3, 8, 8))
+
+
+class _Collapsed(nn.Module):
+    """Maps every image to nearly the same feature (a collapsed or untrained encoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias + 1e-3 * x.flatten(1)[:, :8]
+
+
+def test_images_whose_embeddings_already_cluster_cannot_be_scanned():
+    """If the clean embeddings already reach τ, every mask (even an empty one) passes and the
+    verdict would follow the step budget: refused in one line instead of a verdict."""
+    with pytest.raises(DataError, match=r"already have mean pairwise cosine 1\.000 >= the "
+                                        r"similarity threshold 0\.99") as info:
+        EncoderScan(steps=3, restarts=1).scan(_Collapsed(), noise_images(8))
+    assert "\n" not in str(info.value)
+
+
+def test_a_scan_whose_inversion_never_reaches_the_threshold_is_inconclusive():
+    from poisonlab.audit.encoder import EncoderScanReport
+
+    result = EncoderScan(seed=0, steps=1, restarts=1, batch_size=64).scan(
+        PlantedEncoder(False), noise_images())
+    assert not result.reached and not result.backdoored
+    verdict = EncoderScanReport(result, samples=64).verdict
+    assert verdict.startswith("encoder backdoor: inconclusive") and "none detected" not in verdict

@@ -139,8 +139,9 @@ class EncoderScanReport:
             return (f"encoder backdoor: SUSPECTED (inverted trigger {size} < {r.threshold:g}, "
                     f"mean pairwise cosine {r.similarity:.3f})")
         if not r.reached:
-            return (f"encoder backdoor: none detected (no trigger reached a mean pairwise cosine "
-                    f"of {r.similarity_threshold:g}; best {r.similarity:.3f}, {size})")
+            return (f"encoder backdoor: inconclusive (no inverted trigger reached a mean "
+                    f"pairwise cosine of {r.similarity_threshold:g}; best {r.similarity:.3f}, "
+                    f"{size}: more steps or restarts may)")
         return f"encoder backdoor: none detected (smallest inverted trigger {size} >= " \
                f"{r.threshold:g})"
 

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from poisonlab.attacks.triggers import MaskTrigger
 from poisonlab.config import Beta, Settings, make_settings
 from poisonlab.defenses.neural_cleanse import frozen_eval
-from poisonlab.errors import ShapeError
+from poisonlab.errors import DataError, ShapeError
 from poisonlab.progress import StatusFn
 
 TANH_EPS = 1e-4  # keeps atanh of the initial values finite (tanh(·)/(2 − ε) + ½ never hits 0 or 1)
@@ -257,6 +257,12 @@ class EncoderScan:
         with _on_device(encoder, device), frozen_eval(encoder):
             _check_inputs(encoder, images, device)
             clean = _similarity(encoder, images, self.config.batch_size, device)
+            if clean >= self.config.similarity_threshold:  # any mask, even none, would pass
+                raise DataError(
+                    f"the clean images' embeddings already have mean pairwise cosine {clean:.3f} "
+                    f">= the similarity threshold {self.config.similarity_threshold:g} without a "
+                    "trigger, so the scan cannot tell: give more varied images (several "
+                    "classes) or raise the similarity threshold")
             runs = [self._invert(encoder, images, r, device, progress)
                     for r in range(self.config.restarts)]
         reached = [i for i, r in enumerate(runs) if r.reached]
