@@ -114,3 +114,34 @@ def test_corrupt_gzip_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(DataError, match=r"cannot read .*t10k-images-idx3-ubyte\.gz"):
         load_mnist(tmp_path)
+
+
+def test_a_gzip_bomb_is_refused_before_it_fills_memory(tmp_path, monkeypatch):
+    """A small .gz of zeros declaring more than any MNIST file holds is refused as it inflates
+    (the limit is lowered here so the test stays small; the real one is 64 MiB)."""
+    _write_mnist(tmp_path)
+    monkeypatch.setattr(mnist, "MAX_IDX_BYTES", 100_000)
+    bomb = gzip.compress(struct.pack(">IIII", 0x803, 2000, 28, 28) + bytes(2000 * 784))
+    assert len(bomb) < 5000
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz unpacks to more than"):
+        load_mnist(tmp_path)
+
+
+def test_a_concatenated_gzip_file_is_read_whole(tmp_path):
+    arrays = _write_mnist(tmp_path)
+    raw = (tmp_path / "train-images-idx3-ubyte").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:100])
+                                                          + gzip.compress(raw[100:]))
+    expected = torch.from_numpy(arrays["train_images"].astype(np.float32) / 255).unsqueeze(1)
+    assert torch.equal(load_mnist(tmp_path).train.x, expected)
+
+
+def test_dimensions_whose_product_wraps_around_are_named(tmp_path):
+    _write_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x803, 2**22, 2**22, 2**20))  # 2^64 bytes declared, 16 present
+    with pytest.raises(DataError, match=r"has 16 bytes, expected 18446744073709551632"):
+        load_mnist(tmp_path)

@@ -11,7 +11,7 @@ lengths are checked; the decoded uint8 tensors are cached by the files' checksum
 
 from __future__ import annotations
 
-import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -42,12 +42,35 @@ def find_file(root: Path, base: str) -> Path:
     raise DataError(f"MNIST file {root / base} (or {base}.gz) is missing")
 
 
+# The largest IDX file of MNIST is 47,040,016 bytes (60,000 images); a file that unpacks to more
+# is corrupt or hostile (a few MB of gzipped zeros can declare gigabytes).
+MAX_IDX_BYTES = 64 * 2**20
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    """The gzip members of `raw` concatenated, refused as soon as they pass MAX_IDX_BYTES."""
+    limit = MAX_IDX_BYTES
+    out: list[bytes] = []
+    size = 0
+    while raw:
+        inflate = zlib.decompressobj(wbits=31)  # one gzip member
+        out.append(inflate.decompress(raw, limit + 1 - size))
+        size += len(out[-1])
+        if size > limit or inflate.unconsumed_tail:
+            raise DataError(f"{path} unpacks to more than {limit // 2**20} MiB, more than any "
+                            "MNIST file (a corrupt or hostile file)")
+        if not inflate.eof:
+            raise DataError(f"cannot read {path}: the gzip stream is truncated")
+        raw = inflate.unused_data
+    return b"".join(out)
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of uint8 data with `ndim` dimensions, gzipped or not, as a NumPy array."""
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = _gunzip(raw, path)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     header = 4 + 4 * ndim
@@ -57,7 +80,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if magic != _MAGIC[ndim]:
         raise DataError(f"{path} has magic number {magic:#010x}, expected {_MAGIC[ndim]:#010x}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: uint32 dimensions cannot wrap around
     if len(raw) != expected:
         raise DataError(
             f"{path} has {len(raw)} bytes, expected {expected} for dimensions {list(dims)}"
