@@ -193,3 +193,27 @@ def test_a_zip_member_past_the_format_bound_is_refused_before_it_is_unpacked(tmp
     monkeypatch.setattr(omniglot, "_TOTAL_LIMIT", 10 * largest)
     with pytest.raises(DataError, match="unpacks to more than"):
         load_omniglot(zips, workers=1)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("flags", 0x1, "is encrypted"), ("method", 98, "compression method is not supported"),
+], ids=["encrypted", "unknown-compression"])
+def test_a_zip_member_that_cannot_be_unpacked_is_named(tmp_path, field, value, message):
+    """Encryption or an unknown compression method set on every member (local and central
+    headers): one DataError naming the member, not zipfile's RuntimeError/NotImplementedError."""
+    import struct
+
+    root = _tiny_release(tmp_path / "r")
+    archive = root / "images_background.zip"
+    raw = bytearray(archive.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.find(signature)
+        while at >= 0:
+            offset = at + flags_at + (2 if field == "method" else 0)
+            old = struct.unpack_from("<H", raw, offset)[0]
+            struct.pack_into("<H", raw, offset, old | value if field == "flags" else value)
+            at = raw.find(signature, at + 4)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"cannot unpack zip member .*\.png of .*"
+                                        rf"images_background\.zip: .*{message}"):
+        load_omniglot(root)

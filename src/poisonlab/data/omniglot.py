@@ -137,6 +137,9 @@ def _read_bytes(src: _Source, characters: list[_Character]) -> list[tuple[str, b
                 items.append((name, zf.read(member)))
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
                 raise DataError(f"corrupt zip member {name}: {exc}") from exc
+            except (RuntimeError, NotImplementedError) as exc:  # encrypted, unknown compression
+                raise DataError(f"cannot unpack zip member {name} of {src.path}: {exc} (the "
+                                "Omniglot release is neither)") from exc
     return items
 
 
