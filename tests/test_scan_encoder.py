@@ -134,7 +134,7 @@ def test_cli_encoder_errors_on_inputs(files, tmp_path, capsys):
     cases = [
         (["scan", str(model), "--encoder", "--arch", ARCH], "needs clean images"),
         (["scan", str(model), "--encoder", "--arch", "resnet20", "--data", str(data)],
-         "do not fit resnet20"),
+         f"weights in {model} do not fit resnet20"),
         (["scan", str(tmp_path / "missing.safetensors"), "--encoder", "--arch", ARCH,
           "--data", str(data)], "model file not found"),
         (["scan", str(model), "--arch", ARCH, "--data", str(data), "--similarity", "0.9"],

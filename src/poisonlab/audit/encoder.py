@@ -85,7 +85,7 @@ def load_encoder(path: Path | str, arch: str, *, in_channels: int | None = None,
     classes = int(head.shape[0]) if head is not None and head.dim() == 2 else DUMMY_CLASSES
     channels = in_channels if in_channels is not None else _file_channels(state, arch, classes)
     model = build_model(arch, num_classes=classes, in_channels=channels)
-    load_into(model, _with_model_head(state, model), name=arch)
+    load_into(model, _with_model_head(state, model), name=arch, source=str(path))
     encoder = FeatureEncoder(model) if callable(getattr(model, "features", None)) else model
     shape_channels = in_channels if in_channels is not None else model_channels(model)
     return encoder.eval(), input_shape(arch, meta, image_size, shape_channels, path)
