@@ -115,6 +115,7 @@ def test_compile_auto_compiles_only_long_cpu_runs_and_on_needs_a_compiled_form()
     from poisonlab.errors import ConfigError
     from poisonlab.training.meta_trainer import COMPILE_BREAK_EVEN, MetaTrainConfig, use_compiled
 
+    assert MetaTrainConfig().compile == "off"  # the default until an idle measurement settles it
     auto, on, off = (MetaTrainConfig(compile=c) for c in ("auto", "on", "off"))
     assert use_compiled(auto, COMPILE_BREAK_EVEN, "cpu", True)
     assert not use_compiled(auto, COMPILE_BREAK_EVEN - 1, "cpu", True)
