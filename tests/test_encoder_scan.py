@@ -208,3 +208,20 @@ def test_a_scan_whose_inversion_never_reaches_the_threshold_is_inconclusive():
     assert not result.reached and not result.backdoored
     verdict = EncoderScanReport(result, samples=64).verdict
     assert verdict.startswith("encoder backdoor: inconclusive") and "none detected" not in verdict
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 8), self.value) + 0 * self.weight
+
+
+@pytest.mark.parametrize(("value", "message"), [(0.0, "same features"),
+                                                (float("nan"), "not finite")])
+def test_a_dead_or_broken_encoder_is_refused_not_called_inconclusive(value, message):
+    with pytest.raises(DataError, match=message):
+        EncoderScan(steps=2, restarts=1).scan(_Constant(value), noise_images(8))

@@ -343,17 +343,23 @@ def _check_inputs(encoder: nn.Module, images: torch.Tensor, device) -> None:
     if conv is not None and conv.in_channels != images.shape[1]:
         raise ShapeError(f"the encoder takes {conv.in_channels}-channel images, got "
                          f"{images.shape[1]} channels")
+    probe = images[:8]
     try:
         with torch.no_grad():
-            out = encoder(images[:2].to(device))
+            out = encoder(probe.to(device))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ShapeError(f"the encoder cannot take images {tuple(images.shape[1:])}: "
                          f"{first}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(probe):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeError(f"the encoder must map images [N, C, H, W] to features [N, D], got "
-                         f"{got} for 2 images")
+                         f"{got} for {len(probe)} images")
+    if not torch.isfinite(out).all():
+        raise DataError("the encoder's features are not finite (NaN or inf): nothing to scan")
+    if torch.equal(out, out[:1].expand_as(out)):
+        raise DataError(f"the encoder maps {len(probe)} different images to the same features "
+                        "(a constant or dead encoder): nothing to scan")
 
 
 def _device_of(module: nn.Module) -> torch.device:
