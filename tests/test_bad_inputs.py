@@ -91,6 +91,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     (tmp / "alias.yaml").write_text("train: &x {lr: *x}\n")
     (tmp / "bad.yaml").write_text("train: {lr: [unclosed\n")
     (tmp / "deep.json").write_text('{"train": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (tmp / "dup.yaml").write_text("train:\n  epochs: 5\ntrain:\n  lr: 0.5\n")
+    (tmp / "dup.json").write_text('{"train": {"lr": 0.1, "lr": 0.2}}')
+    (tmp / "data").mkdir(exist_ok=True)
+    values = ",".join(str(v) for v in range(1, 31))
     glyph_scan = ["--arch", "tiny_cnn", "--dataset", "glyphs"]
     return {
         # 1. values that are not finite or not in range
@@ -136,6 +140,18 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "circular yaml": ([*SMOKE, "--config", str(tmp / "alias.yaml")], ("alias.yaml",)),
         "malformed yaml": ([*SMOKE, "--config", str(tmp / "bad.yaml")], ("bad.yaml",)),
         "deep json": ([*SMOKE, "--config", str(tmp / "deep.json")], ("nested too deeply",)),
+        "duplicate yaml key": ([*SMOKE, "--config", str(tmp / "dup.yaml")],
+                               ("dup.yaml", "'train' appears twice")),
+        "duplicate json key": ([*SMOKE, "--config", str(tmp / "dup.json")],
+                               ("dup.json", "'lr' appears twice")),
+        "craft into its data": (["craft", "gradient-matching", "--data", str(tmp / "data"),
+                                 "--target", str(tmp / "file"), "--adv-class", "1", "--out",
+                                 str(tmp / "data" / "poisons")], ("overlaps --data",)),
+        "astronomical grid": (["sweep", "membership", "--preset", "smoke", "-q",
+                               "--out", str(tmp / "sw"), "--grid", f"train.epochs={values}",
+                               "--grid", f"train.batch_size={values}",
+                               "--grid", f"shadow.count={values}", "--seeds", "0-9"],
+                              ("the grid has 270000 points",)),
         "scan seed 10^22": (["scan", str(_model_file(tmp)), *glyph_scan, "--seed", "1" + "0" * 22],
                             ("--seed",)),
         "betas out of range": (["run", "backdoor-defense", "--preset", "smoke", "-q", "--set",
@@ -163,7 +179,8 @@ CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "thr
          "hex-amplified batch", "string labels", "ragged labels", "empty batch", "folder as model", "circular yaml", "malformed yaml", "deep json", "scan seed 10^22",
          "betas out of range", "unknown option", "seed not a number", "unknown experiment",
          "int8 weights", "nan weights", "missing data dir", "ways 1000 (a late check)",
-         "top_k 1000 (a late check)"]
+         "top_k 1000 (a late check)", "duplicate yaml key", "duplicate json key",
+         "craft into its data", "astronomical grid"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -216,6 +216,28 @@ class _TreeLoader(yaml.SafeLoader):
                 event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping whose key repeats is refused: YAML would keep the last value silently."""
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key '{key}' appears twice in one mapping",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if a key repeats (json keeps the last value silently)."""
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"the key '{key}' appears twice in one object")
+    return dict(pairs)
+
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 and every user as a number.
 _TreeLoader.add_implicit_resolver(
@@ -234,7 +256,7 @@ def _yaml(text: str) -> Any:
 
 def _parse_text(text: str, suffix: str) -> Any:
     if suffix == ".json":
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     if suffix == ".toml":
         import tomllib
 

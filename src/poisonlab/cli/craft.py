@@ -91,6 +91,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (a[0] if a.shape[0] == 1 else a.permute(1, 2, 0)).numpy()
 
 
+def _apart(out: Path, data: Path) -> None:
+    """--out must not be the --data folder, inside it, or hold it: the crafted files would be
+    written into the user's data set (and read back as a class folder next time)."""
+    o, d = out.expanduser().resolve(), data.expanduser().resolve()
+    if o == d or d in o.parents or o in d.parents:
+        raise ConfigError(f"--out {out} overlaps --data {data}: write the poisons to a folder "
+                          "outside the data set")
+
+
 def write_png_folder(out: Path, data: ImageSet, files: list[tuple[Path, int]],
                      classes: list[str], progress: bool) -> list[str]:
     """Every image as out/<class>/<stem>.png (lossless); returns the relative paths."""
@@ -207,6 +216,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--ensemble is a MetaPoison option")
             settings["ensemble"] = ensemble
         settings.update(parse_override(item) for item in sets or [])
+        _apart(out, data)
         prepare_output(out, directory=True)
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -112,11 +113,12 @@ class Sweep:
         self.seeds: tuple[int, ...] = tuple(seeds) if seeds is not None else (self.base.seed,)
         self._check_seeds()
         self.grid: dict[str, list[Any]] = self._validate_axes(grid)
+        size = math.prod(len(values) for values in self.grid.values()) * len(self.seeds)
+        if size > MAX_POINTS:  # counted before the product is built: it can be astronomical
+            raise ConfigError(f"the grid has {size} points (at most {MAX_POINTS})")
         self.points: list[Point] = [
             Point(tuple(zip(self.grid, combo, strict=True)), seed)
             for combo in itertools.product(*self.grid.values()) for seed in self.seeds]
-        if len(self.points) > MAX_POINTS:
-            raise ConfigError(f"the grid has {len(self.points)} points (at most {MAX_POINTS})")
         for point in self.points[:: len(self.seeds)]:
             self.point_config(point)  # cross-field rules on each combination, before any work
 
