@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from poisonlab.data.download import SOURCES, download_dataset
+from poisonlab.data.download import SOURCES, download_dataset, fetch_file
 from poisonlab.errors import DataError, DownloadError
 
 MNIST_NAMES = [f.name for f in SOURCES["mnist"][1]]
@@ -22,6 +22,7 @@ class _State:
     files: dict[str, bytes]
     ranges: bool = True  # answer Range requests with 206
     cut: set[str] = field(default_factory=set)  # send half the body, then close
+    no_length: bool = False  # send no Content-Length (the body ends when the connection does)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -43,7 +44,10 @@ def _handler(state: _State):
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if state.no_length:
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if name in state.cut:
                 self.wfile.write(body[: len(body) // 2])
@@ -169,3 +173,43 @@ def test_missing_file_and_bad_names(tmp_path, server):
         download_dataset("glyphs", tmp_path)
     with pytest.raises(DownloadError, match="must be 'sha256:<hex>' or 'md5:<hex>'"):
         _get(tmp_path, server[:2] + ({MNIST_NAMES[0]: "crc32:1234"},))
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_file_over_its_size_bound_is_cut_off_and_its_part_deleted(tmp_path, server, announced):
+    """A wrong mirror serving something huge must not fill the disk: an announced length over
+    the bound is refused before reading, an unannounced body is cut off at the bound."""
+    state, url, sums = server
+    state.no_length = not announced
+    name = MNIST_NAMES[0]
+    dest = tmp_path / name
+    with pytest.raises(DownloadError, match="far more than the file should take"):
+        fetch_file(f"{url}/{name}", dest, sums[name], max_bytes=100_000)
+    assert not dest.exists() and not (tmp_path / (name + ".part")).exists()
+    action = fetch_file(f"{url}/{name}", dest, sums[name], max_bytes=len(state.files[name]))
+    assert action.action == "downloaded" and dest.read_bytes() == state.files[name]
+
+
+def test_every_official_file_has_a_size_bound():
+    for _, files in SOURCES.values():
+        for remote in files:
+            assert remote.max_bytes < 1 << 30, remote.name
+
+
+def test_a_mirror_folder_is_read_as_files(tmp_path, server):
+    state, _, sums = server
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    for name, data in state.files.items():
+        (folder / name).write_bytes(data)
+    actions = download_dataset("mnist", tmp_path / "out", base_url=str(folder), checksums=sums,
+                               show_progress=False)
+    assert [a.action for a in actions] == ["downloaded"] * 4
+    assert (tmp_path / "out" / MNIST_NAMES[0]).read_bytes() == state.files[MNIST_NAMES[0]]
+
+
+@pytest.mark.parametrize("mirror", ["not a url", "gopher://host/", "/no/such/folder"])
+def test_a_mirror_that_is_neither_url_nor_folder_is_refused(tmp_path, mirror):
+    with pytest.raises(DownloadError, match="--mirror must be a URL"):
+        download_dataset("mnist", tmp_path, base_url=mirror, show_progress=False)
+    assert list(tmp_path.iterdir()) == []

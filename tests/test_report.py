@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import re
 
+import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from poisonlab.errors import RunError
@@ -131,3 +133,16 @@ def test_control_characters_in_names_are_shown_escaped():
     console.print(rich_table({"columns": ["class", name], "rows": [[name, 1.0]]}, title=name))
     text = console.export_text()
     assert "\x1b" not in text and "\u202e" not in text and text.count("cat\\x1b[31m\\nred") == 3
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_feature_embedding_takes_any_run_seed(method):
+    """A run's seed may be any below 2^63; scikit-learn refused one of 2^32 or more (the
+    backdoor-defense report crashed after all the training was done)."""
+    from poisonlab.report.backdoor import _embed
+
+    features = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    big = _embed(features, method, 2**40 + 7)
+    assert big.shape == (12, 2)
+    if method == "pca":  # deterministic: the same as the seed it reduces to
+        assert np.allclose(big, _embed(features, method, 7))

@@ -4,7 +4,9 @@ Each file streams to `<file>.part`; when complete its digest is checked and the 
 place with `os.replace`, so `<file>` is either absent or whole and verified. An interrupted
 download leaves only the `.part`, which the next call resumes with an HTTP Range request (when the
 server answers 206) or restarts from scratch (200). A file already present with the right checksum
-is skipped. A mismatch deletes the `.part` and raises DownloadError with both digests.
+is skipped. A mismatch deletes the `.part` and raises DownloadError with both digests. Each file
+has a size bound (a few times its published size): a server that announces or sends more is cut
+off, the `.part` deleted, so a wrong mirror cannot fill the disk.
 
 Checksums: the official sources publish MD5 digests only, and no SHA-256 can be derived offline,
 so the official files are verified against their published MD5 (as in torchvision). Callers may
@@ -17,6 +19,7 @@ import hashlib
 import http.client
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +32,18 @@ from poisonlab.errors import DownloadError
 
 _BLOCK = 1 << 20
 _TIMEOUT = 60.0
+_MIB = 1 << 20
+_SCHEMES = ("http", "https", "ftp", "file")
 
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """A file of a data set and its expected digest, as "<algorithm>:<hex>"."""
+    """A file of a data set, its expected digest ("<algorithm>:<hex>") and the most bytes a
+    download of it may take."""
 
     name: str
     checksum: str
+    max_bytes: int = 1024 * _MIB
 
 
 # Base URL and files of each data set. Every checksum below is the published MD5. (The test
@@ -45,21 +52,26 @@ SOURCES: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
     "omniglot": (
         "https://github.com/brendenlake/omniglot/raw/master/python/",
         (
-            RemoteFile("images_background.zip", "md5:68d2efa1b9178cc56df9314c21c6e718"),
-            RemoteFile("images_evaluation.zip", "md5:6b91aef0f799c5bb55b94e3f2daec811"),
+            RemoteFile("images_background.zip", "md5:68d2efa1b9178cc56df9314c21c6e718", 64 * _MIB),
+            RemoteFile("images_evaluation.zip", "md5:6b91aef0f799c5bb55b94e3f2daec811", 64 * _MIB),
         ),
     ),
     "cifar10": (
         "https://www.cs.toronto.edu/~kriz/",
-        (RemoteFile("cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"),),
+        (RemoteFile("cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a",
+                    512 * _MIB),),
     ),
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         (
-            RemoteFile("train-images-idx3-ubyte.gz", "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            RemoteFile("train-labels-idx1-ubyte.gz", "md5:d53e105ee54ea40749a09fcbcd1e9432"),
-            RemoteFile("t10k-images-idx3-ubyte.gz", "md5:9fb629c4189551a2d022fa330f9573f3"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", "md5:ec29112dd5afa0611ce80d1b7f02629c"),
+            RemoteFile("train-images-idx3-ubyte.gz", "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                       64 * _MIB),
+            RemoteFile("train-labels-idx1-ubyte.gz", "md5:d53e105ee54ea40749a09fcbcd1e9432",
+                       4 * _MIB),
+            RemoteFile("t10k-images-idx3-ubyte.gz", "md5:9fb629c4189551a2d022fa330f9573f3",
+                       16 * _MIB),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", "md5:ec29112dd5afa0611ce80d1b7f02629c",
+                       4 * _MIB),
         ),
     ),
 }
@@ -109,13 +121,23 @@ def _open(url: str, offset: int):
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"cannot download {url}: {reason}") from exc
+    except (ValueError, http.client.HTTPException) as exc:  # a malformed URL or reply
+        raise DownloadError(f"cannot download {url}: {exc}") from exc
 
 
-def _stream(response, out, url: str, done: int, total: int | None, progress, task) -> None:
+class _TooLarge(DownloadError):
+    """The server sent or announced more bytes than the file's bound."""
+
+
+def _stream(response, out, url: str, done: int, total: int | None, limit: int, progress,
+            task) -> None:
     """Copy the response body to `out`; a body cut short raises DownloadError (the caller
-    keeps the partial file for a later resume)."""
+    keeps the partial file for a later resume), one past `limit` bytes raises _TooLarge."""
     try:
         for block in iter(lambda: response.read(_BLOCK), b""):
+            if done + len(block) > limit:
+                raise _TooLarge(f"download of {url} exceeds {limit:,} bytes, far more than the "
+                                "file should take: not the expected file (wrong --mirror?)")
             out.write(block)
             done += len(block)
             if progress is not None:
@@ -126,8 +148,9 @@ def _stream(response, out, url: str, done: int, total: int | None, progress, tas
         raise DownloadError(f"download of {url} interrupted after {done:,} of {total:,} bytes")
 
 
-def _fetch(url: str, part: Path, progress: Progress | None) -> str:
-    """Stream `url` into `part`, resuming it when possible; returns downloaded or resumed."""
+def _fetch(url: str, part: Path, limit: int, progress: Progress | None) -> str:
+    """Stream `url` into `part` (at most `limit` bytes), resuming it when possible; returns
+    downloaded or resumed."""
     offset = part.stat().st_size if part.is_file() else 0
     response = _open(url, offset)
     if response is None:
@@ -139,19 +162,28 @@ def _fetch(url: str, part: Path, progress: Progress | None) -> str:
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
         total = int(length) + start if length and length.isdigit() else None
+        if total is not None and total > limit:
+            raise _TooLarge(f"{url} is {total:,} bytes, far more than the file should take "
+                            f"(at most {limit:,}): not the expected file (wrong --mirror?)")
         task = progress.add_task(part.name.removesuffix(".part"), total=total) if progress else None
         with open(part, "ab" if resumed else "wb") as out:
-            _stream(response, out, url, start, total, progress, task)
+            _stream(response, out, url, start, total, limit, progress, task)
     return "resumed" if resumed else "downloaded"
 
 
-def fetch_file(url: str, dest: Path, checksum: str, progress: Progress | None = None) -> DownloadAction:
-    """Download `url` to `dest` unless it is already there with the right checksum."""
+def fetch_file(url: str, dest: Path, checksum: str, progress: Progress | None = None,
+               max_bytes: int = RemoteFile.max_bytes) -> DownloadAction:
+    """Download `url` to `dest` (at most `max_bytes`) unless it is already there with the
+    right checksum."""
     algorithm, expected = _parse_checksum(dest.name, checksum)
     if dest.is_file() and _digest(dest, algorithm) == expected:
         return DownloadAction(dest.name, dest, "skipped", dest.stat().st_size, checksum)
     part = dest.with_name(dest.name + ".part")
-    action = _fetch(url, part, progress)
+    try:
+        action = _fetch(url, part, max_bytes, progress)
+    except _TooLarge:
+        part.unlink(missing_ok=True)
+        raise
     actual = _digest(part, algorithm)
     if actual != expected:
         part.unlink(missing_ok=True)
@@ -180,20 +212,36 @@ def download_dataset(
         raise DownloadError("glyphs is embedded in poisonlab: there is nothing to download")
     check_name(name, DOWNLOADABLE)
     official_url, files = SOURCES[name]
-    base = (base_url or official_url).rstrip("/") + "/"
+    base = _base_url(base_url) if base_url is not None else official_url
     dest = Path(dest_dir).expanduser()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"cannot create {dest}: {exc.strerror}") from exc
     overrides = checksums or {}
-    progress = Progress(
+    console = Console(stderr=True)
+    progress = Progress(  # a bar only on a terminal: elsewhere it left a blank line in the log
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=Console(stderr=True), transient=True, disable=not show_progress,
+        console=console, transient=True, disable=not (show_progress and console.is_terminal),
     )
     actions = []
     with progress:
         for remote in files:
             checksum = overrides.get(remote.name, remote.checksum)
-            actions.append(fetch_file(base + remote.name, dest / remote.name, checksum, progress))
+            actions.append(fetch_file(base + remote.name, dest / remote.name, checksum, progress,
+                                      remote.max_bytes))
     return actions
+
+
+def _base_url(mirror: str) -> str:
+    """A mirror as a base URL ending in '/': a URL of a known scheme, or an existing folder
+    (as a file:// URL); anything else raises DownloadError."""
+    text = mirror.strip()
+    scheme = urllib.parse.urlsplit(text).scheme.lower()
+    if scheme in _SCHEMES and len(scheme) > 1:  # one letter is a Windows drive
+        return text.rstrip("/") + "/"
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder.resolve().as_uri() + "/"
+    raise DownloadError(f"--mirror must be a URL ({', '.join(s + '://' for s in _SCHEMES)}) or "
+                        f"an existing folder, got {mirror!r}")

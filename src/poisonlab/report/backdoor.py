@@ -82,6 +82,7 @@ def trigger_figure(path: Path, models: dict[str, AttackModels], example: torch.T
 
 
 def _embed(features: torch.Tensor, method: str, seed: int):
+    seed %= 2**32  # scikit-learn takes 32-bit seeds; a run's seed may be any below 2^63
     if method == "tsne":
         from sklearn.manifold import TSNE
 
