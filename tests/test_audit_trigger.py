@@ -266,3 +266,15 @@ def test_the_trigger_check_runs_when_a_trigger_and_clean_images_are_given():
         select_checks(None, False, True, True)
     with pytest.raises(ConfigError, match="the trigger check needs clean images"):
         select_checks(["trigger"], True, False, False)
+
+
+def test_a_class_folder_name_prints_escaped_in_the_verdict():
+    """The target's class is a folder name: a newline or an ANSI escape in it must not forge a
+    line of the verdict or recolour the terminal."""
+    from poisonlab.audit.trigger import TriggerResult
+
+    name = "cat\n\x1b[32mtrigger none: does not take over the model"
+    result = TriggerResult("patch.png", 3, name, 100, 0.97, 0.02)
+    text = result.text()
+    assert text.count("\n") == 0 and "\x1b" not in text
+    assert "(cat\\n\\x1b[32mtrigger none" in text and "WORKS" in text

@@ -15,6 +15,7 @@ from poisonlab.config import Settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mm_bd import MMBD
 from poisonlab.defenses.neural_cleanse import InversionConfig, NeuralCleanse
+from poisonlab.errors import printable
 from poisonlab.report.html import Section
 
 # The backdoor check's detectors by option name: Neural Cleanse (Wang et al., S&P 2019) and
@@ -133,4 +134,10 @@ class CheckResult(ABC):
 
     def text(self) -> str:
         """The verdict and the notes as printed in the terminal."""
-        return "\n".join([self.verdict, *(f"  {note}" for note in self.notes)])
+        return verdict_text(self.verdict, self.notes)
+
+
+def verdict_text(verdict: str, notes: list[str]) -> str:
+    """A verdict and its notes (indented) as printed in the terminal, a class folder's or a
+    file's name in them shown escaped (a newline or an ANSI escape printed as itself)."""
+    return "\n".join(printable(line) for line in [verdict, *(f"  {note}" for note in notes)])

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from poisonlab.audit.checks import verdict_text
 from poisonlab.audit.model import InputShape, Shape, input_shape, model_channels
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
@@ -160,7 +161,7 @@ class EncoderScanReport:
 
     def text(self) -> str:
         """The verdict and the notes as printed in the terminal."""
-        return "\n".join([self.verdict, *(f"  {note}" for note in self.notes)])
+        return verdict_text(self.verdict, self.notes)
 
     def section(self) -> Section:
         about = (f"{self.model or 'encoder'}" + (f" ({self.arch})" if self.arch else "")
