@@ -66,7 +66,7 @@ def test_members_leak_and_the_report_shows_the_roc(files, capsys, tmp_path):
     assert mia["attack"] == "loss_threshold" and "shadow" in mia["reason"]
     assert (mia["members"], mia["non_members"], mia["records"]) == (N, N, 2 * N)
     assert mia["auc"] > 0.6 and mia["attack_accuracy"] > 0.6
-    assert mia["leakage_detected"] and mia["p_value"] < 1e-4
+    assert mia["leakage_detected"] and mia["p_value"] < 1e-4 and mia["testable"]
     assert 0 <= mia["tpr_at_fpr_0.001"] <= mia["tpr_at_fpr_0.01"] <= 1
     assert "membership leakage: DETECTED (loss_threshold attack" in out
     report = tmp_path / "r"
@@ -82,6 +82,22 @@ def test_two_non_member_sets_are_indistinguishable(files, capsys, tmp_path):
     mia = last_json(capsys)["membership"]
     assert abs(mia["auc"] - 0.5) < 0.1
     assert not mia["leakage_detected"]
+
+
+def test_too_few_records_are_inconclusive_not_a_clean_bill(files, capsys, tmp_path):
+    """Three members of an overfit model against three non-members: even if all three score
+    above all three the p-value is 1/20, so the test cannot reject at 1% and the verdict says
+    so instead of "not detected"."""
+    members = load_records(files["members"])[0].subset(torch.arange(3))
+    non = load_records(files["non_members"])[0].subset(torch.arange(3))
+    few = [str(save_records(tmp_path / "m.safetensors", members)),
+           str(save_records(tmp_path / "n.safetensors", non))]
+    assert main(scan(files, tmp_path, "--members", few[0], "--non-members", few[1])) == 0
+    out = capsys.readouterr().out
+    mia = json.loads(out.strip().splitlines()[-1])["membership"]
+    assert not mia["testable"] and not mia["leakage_detected"]
+    assert "membership leakage: INCONCLUSIVE, too few records" in out
+    assert "not detected" not in out
 
 
 def test_label_only_attack_on_request(files, capsys, tmp_path):

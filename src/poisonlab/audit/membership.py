@@ -16,6 +16,7 @@ leaks when a service hides its scores. Leakage is "detected" when a one-sided Ma
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,18 @@ class MembershipResult(CheckResult):
         return any(a.leakage_detected for a in self.attacks)
 
     @property
+    def testable(self) -> bool:
+        """False when even the most separated scores could not reach the test's level: the
+        one-sided Mann–Whitney U p-value of m members and n non-members is at least
+        1 / C(m + n, m) (every member above every non-member), so with too few records
+        "not detected" would say nothing."""
+        m, n = len(self.sets.members), len(self.sets.non_members)
+        return math.comb(m + n, m) * ALPHA / len(self.attacks) > 1
+
+    @property
     def verdict(self) -> str:
-        state = "DETECTED" if self.detected else "not detected"
+        state = ("DETECTED" if self.detected else "not detected" if self.testable else
+                 "INCONCLUSIVE, too few records for the test to reach its level")
         best, negatives = self.attacks[0], len(self.sets.non_members)
         # a TPR at FPR f needs at least 1/f non-members: with fewer, the smallest FPR above
         # zero is 1/negatives and "TPR at 0.1% FPR" would be the TPR at 0% FPR, mislabelled
@@ -260,7 +271,7 @@ class MembershipResult(CheckResult):
         s = self.sets
         return {**self.attacks[0].to_dict(), "records": len(s.members) + len(s.non_members),
                 "members": len(s.members), "non_members": len(s.non_members),
-                "members_source": s.members_source, "non_members_source": s.non_members_source,
+                "testable": self.testable, "members_source": s.members_source, "non_members_source": s.non_members_source,
                 "attacks": [a.to_dict() for a in self.attacks]}
 
 
