@@ -238,7 +238,7 @@ def _base_url(mirror: str) -> str:
     (as a file:// URL); anything else raises DownloadError."""
     text = mirror.strip()
     scheme = urllib.parse.urlsplit(text).scheme.lower()
-    if scheme in _SCHEMES and len(scheme) > 1:  # one letter is a Windows drive
+    if scheme in _SCHEMES:
         return text.rstrip("/") + "/"
     folder = Path(text).expanduser()
     if folder.is_dir():
