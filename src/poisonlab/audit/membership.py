@@ -271,7 +271,8 @@ class MembershipResult(CheckResult):
         s = self.sets
         return {**self.attacks[0].to_dict(), "records": len(s.members) + len(s.non_members),
                 "members": len(s.members), "non_members": len(s.non_members),
-                "testable": self.testable, "members_source": s.members_source, "non_members_source": s.non_members_source,
+                "testable": self.testable, "members_source": s.members_source,
+                "non_members_source": s.non_members_source,
                 "attacks": [a.to_dict() for a in self.attacks]}
 
 
