@@ -142,6 +142,21 @@ def test_missing_file_is_named(tmp_path):
         resolve_config(DemoConfig, {}, file=missing)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_config_that_is_no_regular_file_is_named_not_read(tmp_path, kind):
+    """A FIFO would block the read for ever and /dev/zero fill memory: both exist, so neither
+    is "not found"; each is refused before it is read."""
+    import os
+
+    file = tmp_path / "c.yaml"
+    if kind == "fifo":
+        os.mkfifo(file)
+    else:
+        file.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=f"cannot read config file {file}: not a regular file"):
+        resolve_config(DemoConfig, {}, file=file)
+
+
 @pytest.mark.parametrize(
     "name, text",
     [("bad.yaml", "ways: [1, 2\n"), ("bad.json", "{ways: 1"), ("bad.toml", "ways = = 1\n")],

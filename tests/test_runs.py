@@ -559,3 +559,29 @@ def test_a_damaged_config_yaml_of_a_run_is_one_line_exit_2(tmp_path, capsys, tex
     assert main(["runs", "show", run.id, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.yaml" in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_metrics_json_that_is_no_small_regular_file_is_one_line_exit_2(tmp_path, capsys, kind):
+    """A run's files are read as untrusted input: a FIFO in place of metrics.json would block
+    `runs show` for ever and /dev/zero or a huge file would fill memory; each is refused by
+    name before it is read."""
+    import os
+
+    from poisonlab.config import TEXT_FILE_LIMIT
+
+    with Run.create("demo", DemoConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    metrics = run.path / "metrics.json"
+    metrics.unlink()
+    if kind == "fifo":
+        os.mkfifo(metrics)
+    elif kind == "device":
+        metrics.symlink_to("/dev/zero")
+    else:
+        with open(metrics, "wb") as f:
+            f.truncate(TEXT_FILE_LIMIT + 1)  # sparse: no disk used
+    assert main(["runs", "show", run.id, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.json" in err
+    assert ("too large" if kind == "huge" else "not a regular file") in err

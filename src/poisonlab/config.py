@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import UnionType
@@ -175,6 +177,22 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json", "")
+TEXT_FILE_LIMIT = 16 * 2**20  # bytes; no config or run record comes near it
+
+
+def read_small_text(path: Path, limit: int = TEXT_FILE_LIMIT) -> str:
+    """The UTF-8 text of the regular file `path` (symlinks followed), at most `limit` bytes.
+
+    OSError for anything else, with a reason to print: a FIFO would block the read forever,
+    a device such as /dev/zero would fill memory, and neither is a settings or record file.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a FIFO, socket or device?)")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"larger than {limit // 2**20} MiB, too large for a settings file")
+    return data.decode("utf-8")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -182,17 +200,19 @@ def load_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     if path.suffix.lower() not in _CONFIG_SUFFIXES:
         raise ConfigError(f"config file {path}: {path.suffix} is not a config format (use "
                           f"{', '.join(s for s in _CONFIG_SUFFIXES if s)})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path)
         data = _parse_text(text, path.suffix.lower())
     except RecursionError:
         raise ConfigError(f"cannot parse config file {path}: nested too deeply") from None
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         problem = " ".join(str(exc).split())[:200]
         raise ConfigError(f"cannot parse config file {path}: {problem}") from None
     if data is None:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel
 from torch import Tensor
 
+from poisonlab.config import read_small_text
 from poisonlab.errors import ConfigError, RunError
 
 
@@ -58,8 +59,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        return json.loads(read_small_text(path))
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
         raise RunError(f"cannot read {path}: {exc}") from None
     except RecursionError:  # arrays or objects nested thousands deep
         raise RunError(f"cannot read {path}: nested too deeply") from None
@@ -74,8 +77,10 @@ _RUN_FIELDS: dict[str, tuple[type, ...]] = {
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(read_small_text(path))
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, yaml.YAMLError) as exc:
         raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise RunError(f"cannot read {path}: nested too deeply") from None
