@@ -425,3 +425,15 @@ def test_an_unknown_metric_stops_a_new_sweep_after_its_first_point(tmp_path):
     assert len(done) == 1
     code, out, _ = cli(sweep_args(tmp_path))
     assert code == 0 and len(json.loads(out.strip().splitlines()[-1])["computed"]) == 3
+
+
+def test_a_point_breaking_a_rule_across_sections_stops_the_sweep_before_any_work(tmp_path):
+    """The membership smoke preset stops early after 4 epochs: a point training the target 3
+    epochs breaks that rule, which is a rule across two sections, and is named before the
+    first point runs."""
+    root = tmp_path / "runs"
+    code, _, err = cli(["sweep", "membership", "--preset", "smoke", "--out", str(root),
+                        "--grid", "train.epochs=20,3"])
+    assert code == 2 and err.startswith("error: --grid train.epochs=3: invalid config: defense.early")
+    assert "early_stopping_epochs=4 must be fewer" in err and len(err.strip().splitlines()) == 1
+    assert not root.exists()

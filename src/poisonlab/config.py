@@ -302,7 +302,7 @@ def describe_validation_error(cls: type[BaseModel], exc: ValidationError,
     """One line: 'invalid <what>: <key>: <problem> (got <value>)' for each error, '; '-joined."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             valid = _valid_keys(cls, err["loc"][:-1])
             hint = f" (valid keys: {', '.join(valid)})" if valid else ""
@@ -311,7 +311,9 @@ def describe_validation_error(cls: type[BaseModel], exc: ValidationError,
             parts.append(f"{loc}: required value is missing")
         else:
             message = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {message} (got {_short(err.get('input'))})")
+            value = err.get("input")  # a whole section for a rule across its fields: not shown
+            got = "" if isinstance(value, (Mapping, BaseModel)) else f" (got {_short(value)})"
+            parts.append(f"{loc}: {message}{got}" if loc else f"{message}{got}")
     return f"invalid {what}: " + "; ".join(parts)
 
 

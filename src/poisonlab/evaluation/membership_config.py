@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from poisonlab.attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
 from poisonlab.config import Settings
@@ -104,3 +104,11 @@ class StudyConfig(Settings):
     threshold: ThresholdAttack.Config = Field(default_factory=ThresholdAttack.Config)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     matrix: MatrixConfig = Field(default_factory=MatrixConfig)
+
+    @model_validator(mode="after")
+    def _early_stopping_stops_early(self) -> StudyConfig:
+        stop = self.defense.early_stopping_epochs
+        if "early_stopping" in self.defense.defenses and stop >= self.train.epochs:
+            raise ValueError(f"defense.early_stopping_epochs={stop} must be fewer than the "
+                             f"target's train.epochs={self.train.epochs}")
+        return self

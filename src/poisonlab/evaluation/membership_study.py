@@ -103,10 +103,6 @@ def check_feasible(cfg: StudyConfig, data: SupervisedData) -> None:
     archs |= {(cfg.arch, dropout)} if "dropout" in cfg.defense.defenses else set()
     for arch, p in sorted(archs):
         build(arch, data, p)
-    stop = cfg.defense.early_stopping_epochs
-    if "early_stopping" in cfg.defense.defenses and stop >= cfg.train.epochs:
-        raise ConfigError(f"defense.early_stopping_epochs={stop} must be fewer than the "
-                          f"target's train.epochs={cfg.train.epochs}")
     if "dp_sgd" in cfg.defense.defenses:
         dp_compatible(build(cfg.arch, data))
     k = cfg.defense.top_k.k
