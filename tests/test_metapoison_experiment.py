@@ -164,6 +164,35 @@ def test_craft_writes_a_lossless_png_folder_and_a_poisons_file(attack, tmp_path)
     assert len(manifest["poisons"]) == 3 and manifest["images"] == len(train)
 
 
+def test_craft_replaces_an_earlier_craft_only_when_told_and_leaves_none_of_it(tmp_path, capsys):
+    """A second craft into the same --out is refused (exit 2, nothing computed) unless
+    --overwrite; then the old poisoned folder goes as a whole, so a class the new data set
+    lacks leaves no stale folder behind. A folder with other files is never written into."""
+    three, two = _folder(tmp_path / "three"), _folder(tmp_path / "two", classes=2)
+    out = tmp_path / "out"
+
+    def craft(data: Path, *extra: str) -> int:
+        return main(["craft", "gradient-matching", "--data", str(data), "--target",
+                     str(data / "class0" / "img00.png"), "--adv-class", "1", "--budget", "2",
+                     "--out", str(out), "-q", *FAST["gradient-matching"], *extra])
+
+    assert craft(three) == 0 and (out / "poisoned" / "class2").is_dir()
+    before = (out / "manifest.json").read_text()
+    capsys.readouterr()
+    assert craft(two) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out} holds an earlier craft: pass --overwrite to replace it, or pick another folder"
+    assert (out / "manifest.json").read_text() == before
+    assert craft(two, "--overwrite") == 0
+    assert sorted(p.name for p in (out / "poisoned").iterdir()) == ["class0", "class1"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "poisoned",
+                                                     "poisons.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    assert craft(two, "--overwrite") == 2
+    assert "is not empty (it holds notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     data = _folder(tmp / "data")
     small = _folder(tmp / "small", size=20)

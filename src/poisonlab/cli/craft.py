@@ -12,11 +12,15 @@ craft ATTACK --data DIR --target IMAGE --adv-class C --budget 0.01 --out DIR
       poisons.safetensors           indices, δ, colour grid and the settings (attacks.Poisons);
       manifest.json                 which files are poisons, the target, the classes.
     The PNG pixels are round(255 · Poisons.apply(x)): the crafted images quantised to 8 bits.
+    --out must be empty or missing; one holding an earlier craft is replaced only with
+    --overwrite (the new folder is written beside the old one and swapped in at the end, so no
+    class folder of the old craft survives and a failed craft leaves the old one whole).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +42,8 @@ from poisonlab.runs.layout import atomic_write_text, prepare_output
 from poisonlab.training.supervised import TrainConfig, train_classifier
 
 Attack = Literal["metapoison", "gradient-matching"]
+PARTIAL = ".poisoned.partial"  # the poisoned folder while it is written
+OUTPUTS = {"poisoned", "poisons.safetensors", "manifest.json", PARTIAL}
 
 
 def budget_count(budget: float, n_train: int) -> int:
@@ -100,6 +106,19 @@ def _apart(out: Path, data: Path) -> None:
                           "outside the data set")
 
 
+def _fresh(out: Path, overwrite: bool) -> None:
+    """--out is empty or missing, or holds only an earlier craft and `overwrite` is set."""
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = [name for name in entries if name not in OUTPUTS]
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty (it holds {shown}): write the poisons to "
+                          "an empty folder")
+    if entries and not overwrite:
+        raise ConfigError(f"--out {out} holds an earlier craft: pass --overwrite to replace it, "
+                          "or pick another folder")
+
+
 def write_png_folder(out: Path, data: ImageSet, files: list[tuple[Path, int]],
                      classes: list[str], progress: bool) -> list[str]:
     """Every image as out/<class>/<stem>.png (lossless); returns the relative paths."""
@@ -119,11 +138,15 @@ def write_png_folder(out: Path, data: ImageSet, files: list[tuple[Path, int]],
 def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: float,
           out: Path, *, poison_class: int | None = None, target_label: int | None = None,
           surrogate: str = "convnet_bn", settings: dict | None = None, surrogate_epochs: int = 20,
-          random_poisons: bool = False, seed: int = 0, progress: bool = True) -> Poisons:
+          random_poisons: bool = False, seed: int = 0, overwrite: bool = False,
+          progress: bool = True) -> Poisons:
     """Craft the poisons for the folder and write the poisoned set (see the module docstring)."""
     settings = dict(settings or {})
     config = (MetaPoison.Config(**settings) if attack == "metapoison"
               else GradientMatching.Config(**settings))  # bad settings before any work
+    _apart(out, data_dir)
+    prepare_output(out, directory=True)
+    _fresh(out, overwrite)
     classes, files = scan_image_folder(data_dir)
     train, _ = load_image_folder(data_dir)
     if not 0 <= adv_class < len(classes):
@@ -161,8 +184,10 @@ def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: 
         with progress_bar(c.restarts * c.iterations, "gradient matching", enabled=progress) as bar:
             poisons = gm.craft(train, idx, x_target, adv_class, target_label=label,
                                progress=lambda s: bar.advance(status=s))
-    out.mkdir(parents=True, exist_ok=True)
-    names = write_png_folder(out / "poisoned", poisons.apply(train), files, classes, progress)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # left by a craft that was killed
+    names = write_png_folder(out / PARTIAL, poisons.apply(train), files, classes, progress)
+    shutil.rmtree(out / "poisoned", ignore_errors=True)
+    (out / PARTIAL).rename(out / "poisoned")
     meta = {"attack": attack, "target": str(target), "adv_class": adv_class,
             "poison_class": pc, "classes": classes, "surrogate": surrogate,
             "settings": config.model_dump(mode="json")}
@@ -200,6 +225,7 @@ def register(app: typer.Typer) -> None:
         surrogate: str = typer.Option("convnet_bn", "--surrogate", help="Surrogate architecture."),
         surrogate_epochs: int = typer.Option(20, "--surrogate-epochs", help="Gradient matching."),
         random_poisons: bool = typer.Option(False, "--random-poisons", help="Seeded choice."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier craft."),
         seed: int = typer.Option(0, "--seed", callback=check_seed),
         sets: list[str] = typer.Option(None, "--set", "-s",
                                        help="Attack setting key=value (its Config's fields)."),
@@ -216,11 +242,9 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--ensemble is a MetaPoison option")
             settings["ensemble"] = ensemble
         settings.update(parse_override(item) for item in sets or [])
-        _apart(out, data)
-        prepare_output(out, directory=True)
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,
                         surrogate_epochs=surrogate_epochs, random_poisons=random_poisons,
-                        seed=seed, progress=not quiet)
+                        seed=seed, overwrite=overwrite, progress=not quiet)
         print(f"{len(poisons)} poisons crafted; poisoned training set: {out / 'poisoned'}, "
               f"poisons: {out / 'poisons.safetensors'}")
