@@ -142,6 +142,16 @@ def test_cost_schedule_follows_the_reference_rules():
     assert s.cost == pytest.approx(1e-3)
 
 
+def test_the_step_size_drops_at_the_given_passes():
+    """The reference's schedule: 0.5 for passes 0-29, 0.1 for 30-49, 0.05 from 50."""
+    from poisonlab.defenses.encoder_scan import _step_size
+
+    cfg = EncoderScan.Config(lr=0.5, lr_drops=[(30, 0.1), (50, 0.05)])
+    assert [_step_size(cfg, p) for p in (0, 29, 30, 49, 50, 999)] == [0.5, 0.5, 0.1, 0.1,
+                                                                      0.05, 0.05]
+    assert _step_size(EncoderScan.Config(lr=0.2), 500) == 0.2
+
+
 @pytest.mark.parametrize(("settings", "key"), [
     ({"steps": 0}, "steps"),
     ({"restarts": 0}, "restarts"),
@@ -152,6 +162,9 @@ def test_cost_schedule_follows_the_reference_rules():
     ({"batch_size": 1}, "batch_size"),
     ({"lr": 0}, "lr"),
     ({"init_cost": 1e-7}, "init_cost"),
+    ({"lr_drops": [(50, 0.1), (30, 0.05)]}, "lr_drops"),
+    ({"lr_drops": [(0, 0.1)]}, "lr_drops"),
+    ({"lr_drops": [(30, 0)]}, "lr_drops"),
 ])
 def test_bad_settings_are_config_errors_naming_the_key(settings, key):
     with pytest.raises(ConfigError, match=key):

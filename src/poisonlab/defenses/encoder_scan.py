@@ -48,7 +48,7 @@ import math
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field, model_validator
@@ -207,6 +207,9 @@ class EncoderScan:
         batch_size: images per mini-batch (S is computed within a batch, so at least 2; a last
             batch of one image joins the one before).
         lr, betas: Adam's step size and moment decay rates for μ and ν.
+        lr_drops: (pass, step size) pairs, passes ascending: from that pass (0-indexed) on,
+            Adam's step size is the given one (the reference: lr 0.5, then [(30, 0.1),
+            (50, 0.05)]); empty keeps `lr` throughout.
         similarity_threshold: τ, the mean pairwise cosine a trigger must reach to count.
         init_cost: the starting λ of the mask's L1 term; min_cost, max_cost: its floor (below
             which it is not lowered further, and reset to init_cost after 2·patience successful
@@ -223,6 +226,7 @@ class EncoderScan:
         steps: int = Field(1000, ge=1)
         batch_size: int = Field(256, ge=2)
         lr: float = Field(0.1, gt=0)
+        lr_drops: list[tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]] = []
         betas: tuple[Beta, Beta] = (0.5, 0.9)
         similarity_threshold: float = Field(0.99, gt=0, le=1)
         init_cost: float = Field(1e-3, gt=0)
@@ -237,6 +241,10 @@ class EncoderScan:
 
         @model_validator(mode="after")
         def _cost_bounds(self) -> EncoderScan.Config:
+            passes = [p for p, _ in self.lr_drops]
+            if passes != sorted(set(passes)):
+                raise ValueError(f"lr_drops {self.lr_drops}: the passes must be ascending and "
+                                 "distinct")
             if not self.min_cost <= self.init_cost <= self.max_cost:
                 raise ValueError(f"init_cost {self.init_cost} must lie between min_cost "
                                  f"{self.min_cost} and max_cost {self.max_cost}")
@@ -283,7 +291,9 @@ class EncoderScan:
         opt = torch.optim.Adam(param.params, lr=cfg.lr, betas=cfg.betas)
         schedule = _CostSchedule(cfg)
         best, costs = None, []
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = _step_size(cfg, step)
             sims = []
             for index in _batches(len(images), cfg.batch_size, gen):
                 mask, pattern = param.parts()
@@ -311,6 +321,11 @@ class EncoderScan:
         h, w = images.shape[-2:]
         sim = _similarity(encoder, trigger.apply(images), cfg.batch_size, device)
         return RestartResult(trigger, l1, l1 / (h * w), sim, reached, len(costs), costs)
+
+
+def _step_size(cfg: EncoderScan.Config, step: int) -> float:
+    """Adam's step size in pass `step`: `lr`, then the last of `lr_drops` reached."""
+    return next((lr for start, lr in reversed(cfg.lr_drops) if step >= start), cfg.lr)
 
 
 def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
