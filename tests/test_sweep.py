@@ -434,6 +434,15 @@ def test_a_point_breaking_a_rule_across_sections_stops_the_sweep_before_any_work
     root = tmp_path / "runs"
     code, _, err = cli(["sweep", "membership", "--preset", "smoke", "--out", str(root),
                         "--grid", "train.epochs=20,3"])
-    assert code == 2 and err.startswith("error: --grid train.epochs=3: invalid config: defense.early")
+    assert code == 2 and err.startswith("error: --grid point train.epochs=3 seed=0: invalid config")
     assert "early_stopping_epochs=4 must be fewer" in err and len(err.strip().splitlines()) == 1
     assert not root.exists()
+
+
+def test_a_rule_across_sections_is_judged_on_the_combination_not_the_base():
+    """train.epochs=3 breaks the base config's early-stopping rule, but every point of this grid
+    also sets early_stopping_epochs=2: the grid is valid and its values keep their types."""
+    sweep = Sweep("membership", {"train.epochs": [20, 3],
+                                 "defense.early_stopping_epochs": [2]}, preset="smoke")
+    assert [dict(p.values)["train.epochs"] for p in sweep.points] == [20, 3]
+    assert sweep.point_config(sweep.points[1]).train.epochs == 3

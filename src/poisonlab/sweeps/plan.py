@@ -24,9 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from poisonlab.config import resolve_config, set_dotted, validate_config
+from poisonlab.config import (
+    describe_validation_error,
+    load_yaml_tree,
+    resolve_config,
+    set_dotted,
+    validate_config,
+)
 from poisonlab.errors import ConfigError
 from poisonlab.experiments import get_experiment
 
@@ -69,10 +75,13 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice")
         try:
-            values = yaml.safe_load(f"[{raw}]") if raw.strip() else []
-        except yaml.YAMLError as exc:
-            problem = str(exc).splitlines()[0]
-            raise ConfigError(f"bad --grid '{item}': cannot parse values ({problem})") from None
+            values = load_yaml_tree(f"[{raw}]") if raw.strip() else []
+        except RecursionError:
+            raise ConfigError(f"bad --grid '{item[:80]}': values nested too deeply") from None
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of too many digits
+            problem = str(exc).splitlines()[0][:120]
+            raise ConfigError(f"bad --grid '{item[:80]}': cannot parse values ({problem})"
+                              ) from None
         grid[key] = values
     return grid
 
@@ -113,9 +122,6 @@ class Sweep:
         self.seeds: tuple[int, ...] = tuple(seeds) if seeds is not None else (self.base.seed,)
         self._check_seeds()
         self.grid: dict[str, list[Any]] = self._validate_axes(grid)
-        size = math.prod(len(values) for values in self.grid.values()) * len(self.seeds)
-        if size > MAX_POINTS:  # counted before the product is built: it can be astronomical
-            raise ConfigError(f"the grid has {size} points (at most {MAX_POINTS})")
         self.points: list[Point] = [
             Point(tuple(zip(self.grid, combo, strict=True)), seed)
             for combo in itertools.product(*self.grid.values()) for seed in self.seeds]
@@ -169,24 +175,42 @@ class Sweep:
                 raise ConfigError("--grid seed: give seeds with --seeds, not as a grid axis")
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
                 raise ConfigError(f"--grid {key} has no values: give key=v1,v2,...")
+        size = math.prod(len(values) for values in grid.values()) * len(self.seeds)
+        if size > MAX_POINTS:  # counted before any value is checked or the product is built
+            raise ConfigError(f"the grid has {size} points (at most {MAX_POINTS})")
+        for key, values in grid.items():
             out[key] = [self._normalised(key, value) for value in values]
             if len({json.dumps(v, sort_keys=True) for v in out[key]}) != len(out[key]):
                 raise ConfigError(f"--grid {key}: a value appears twice ({values})")
         return out
 
     def _normalised(self, key: str, value: Any) -> Any:
-        """`value` for `key` as the Config reads it back; a bad key or value is a ConfigError."""
+        """`value` for `key` as the Config reads it back; a bad key or value is a ConfigError.
+        A rule across fields that fails against the base config is left to the combinations
+        (another axis may satisfy it): the value is then kept as given."""
         data = self.base.model_dump()
         shown = json.dumps(value, default=str)
         try:
             set_dotted(data, key, value)
-            cfg = validate_config(self.module.Config, data)
+            cfg = self.module.Config.model_validate(data)
         except ConfigError as exc:
             raise ConfigError(f"--grid {key}={shown}: {exc}") from None
+        except ValidationError as exc:
+            if all(_is_rule_above(err, key) for err in exc.errors()):
+                return value
+            raise ConfigError(f"--grid {key}={shown}: "
+                              f"{describe_validation_error(self.module.Config, exc)}") from None
         node: Any = cfg.model_dump(mode="json")
         for part in key.split("."):
             node = node[part]
         return node
+
+
+def _is_rule_above(err: Mapping[str, Any], key: str) -> bool:
+    """A validation error of a rule on a section holding `key` (or on the whole config)."""
+    loc, parts = tuple(str(p) for p in err["loc"]), tuple(key.split("."))
+    return (err["type"] in ("value_error", "assertion_error") and len(loc) < len(parts)
+            and parts[: len(loc)] == loc)
 
 
 def _frozen(value: Any) -> Any:
