@@ -233,6 +233,25 @@ def test_simclr_steps_lower_the_loss(bf16):
     assert not result.encoder.training and not result.head.training
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_auto_runs_bfloat16_only_where_the_hardware_has_it(monkeypatch, native):
+    """On a CPU without bfloat16 units autocast emulates it at four times the cost of float32:
+    "auto" must then train in float32, and in bfloat16 where it is native."""
+    import poisonlab.device
+    import poisonlab.training.simclr as simclr
+
+    monkeypatch.setattr(poisonlab.device, "_bf16_fast", lambda kind: native)
+    seen: list[bool] = []
+    real = simclr.autocast
+    monkeypatch.setattr(simclr, "autocast", lambda device, on: seen.append(on) or real(device, on))
+    x = torch.rand(16, 3, 16, 16, generator=_gen())
+    SimCLR(epochs=1, batch_size=8, knn_every=0, device="cpu", bf16="auto").train(
+        build_encoder("resnet18", base_channels=4), x, progress=False)
+    assert seen and set(seen) == {native}
+    with pytest.raises(ConfigError, match="bf16"):
+        SimCLR(bf16="sometimes")
+
+
 def test_simclr_knn_history_and_head_shape():
     data = _structured(32)
     lines: list[str] = []

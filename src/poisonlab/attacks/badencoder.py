@@ -65,7 +65,7 @@ from torch.nn import functional as F
 from poisonlab.attacks.triggers import Trigger
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
-from poisonlab.device import autocast, default_device
+from poisonlab.device import Bf16, autocast, default_device, use_bf16
 from poisonlab.errors import ConfigError, ShapeError
 from poisonlab.progress import StatusFn
 from poisonlab.training.augment import Augmentation, AugmentConfig
@@ -139,7 +139,8 @@ class BadEncoder:
         augment: the augmentation of those copies (SimCLR's without the crop, as the reference).
         drop_last: drop the last incomplete batch of each epoch (the reference's DataLoader does).
         bf16: bfloat16 mixed precision for the encoders' passes, the losses in float32 (a
-            deviation from the reference's float32, for CPUs with AMX/AVX-512 BF16 and GPUs).
+            deviation from the reference's float32, for CPUs with AMX/AVX-512 BF16 and GPUs;
+            "auto": where the hardware runs it natively, `device.bf16_fast`).
         """
 
         epochs: int = Field(200, ge=0)
@@ -152,7 +153,7 @@ class BadEncoder:
         reference_augment: bool = True
         augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(crop=False))
         drop_last: bool = True
-        bf16: bool = False
+        bf16: Bf16 = False
 
     def __init__(self, *, config: Config | None = None, seed: int = 0,
                  device: torch.device | str | None = None, **settings) -> None:
@@ -239,7 +240,7 @@ class BadEncoder:
         copies = ([self.augment(r.expand(len(batch), *r.shape), generator) for r in refs]
                   if self.config.reference_augment else [])
         triggered_batch = trigger.apply(batch)
-        with autocast(self.device, self.config.bf16):
+        with autocast(self.device, use_bf16(self.config.bf16, self.device)):
             with torch.no_grad():
                 clean_shadow = clean(batch)
                 clean_reference = clean(refs)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from poisonlab.config import Threads
-from poisonlab.device import default_device, seed_everything
+from poisonlab.device import bf16_fast, default_device, seed_everything, use_bf16
 from poisonlab.evaluation.badencoder_protocol import ProtocolConfig, evaluate
 from poisonlab.report import badencoder as report
 from poisonlab.runs import Run
@@ -51,17 +51,19 @@ PRESETS: dict[str, dict] = {
     },
     # Sized for both cores of a 2-core machine within one session, SimCLR taking most of it: all
     # 50,000 images with a quarter-width ResNet-18 in bfloat16 mixed precision (half the step
-    # time of float32 on CPUs with AMX), a 10,000-image shadow set, two tasks. The injection runs
-    # 70 x 39 = 2,730 steps where the paper runs 39,000, so it takes lr 1e-2 instead of the paper's
-    # 1e-3 (docs/design.md, BadEncoder deviations), and three reference inputs instead of one:
-    # MNIST digits all sit close together under a CIFAR-10 encoder, and one reference digit
-    # with 1,560 steps left half the triggered digits on the wrong side of the classifier.
+    # time of float32 on CPUs with AMX; "auto" keeps float32 on CPUs without bfloat16 units,
+    # where autocast emulates it at four times the cost, and there the preset takes about eight
+    # hours, docs/results.md), a 10,000-image shadow set, two tasks. The injection runs
+    # 70 x 39 = 2,730 steps where the paper runs 39,000, so it takes lr 1e-2 instead of the
+    # paper's 1e-3 (docs/design.md, BadEncoder deviations), and three reference inputs instead
+    # of one: MNIST digits all sit close together under a CIFAR-10 encoder, and one reference
+    # digit with 1,560 steps left half the triggered digits on the wrong side of the classifier.
     "cpu": {
         "threads": 2,
         "data": {"shadow_size": 10000, "references": 3},
         "encoder": {"base_channels": 16},
-        "simclr": {"epochs": 30, "knn_every": 10, "channels_last": True, "bf16": True},
-        "attack": {"epochs": 70, "lr": 0.01, "bf16": True},
+        "simclr": {"epochs": 30, "knn_every": 10, "channels_last": True, "bf16": "auto"},
+        "attack": {"epochs": 70, "lr": 0.01, "bf16": "auto"},
         "downstream": {"epochs": 100},
         "nc": {"samples": 100, "inversion": {"steps": 20, "batch_size": 50,
                                              "early_stop_patience": 10}},
@@ -78,7 +80,10 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    run.log(f"device {default_device()}")
+    device = default_device()
+    run.log(f"device {device}; bfloat16 {'native' if bf16_fast(device) else 'not native'}: "
+            f"SimCLR bf16 {use_bf16(cfg.simclr.bf16, device)}, "
+            f"injection bf16 {use_bf16(cfg.attack.bf16, device)}")
     result = evaluate(cfg, run, data_dir, model, progress)
     metrics = result.metrics()
     metrics["seconds"] = {"total": time.perf_counter() - t0}

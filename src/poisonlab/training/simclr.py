@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
-from poisonlab.device import autocast, default_device
+from poisonlab.device import Bf16, autocast, default_device, use_bf16
 from poisonlab.errors import DataError, ShapeError
 from poisonlab.progress import progress_bar
 from poisonlab.training.augment import Augmentation, AugmentConfig
@@ -109,7 +109,8 @@ class SimCLR:
         run the monitor every that many epochs (0: only after the last); eval_batch_size: batch
         of feature extraction; channels_last: NHWC memory layout for the views; bf16: bfloat16
         mixed precision for the training steps (not the kNN monitor; a deviation from the
-        reference's float32, for CPUs with AMX/AVX-512 BF16 and GPUs); augment: the view
+        reference's float32, for CPUs with AMX/AVX-512 BF16 and GPUs; "auto": where the
+        hardware runs it natively, `device.bf16_fast`); augment: the view
         augmentations' strengths.
         """
 
@@ -125,7 +126,7 @@ class SimCLR:
         knn_every: int = Field(1, ge=0)
         eval_batch_size: int = Field(512, ge=1)
         channels_last: bool = False
-        bf16: bool = False
+        bf16: Bf16 = False
         augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def __init__(
@@ -248,7 +249,7 @@ class SimCLR:
             batch = x[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(self.device)
             v1, v2 = self._views(batch, gen)
             # Two separate passes, as the reference: batch norm sees each view's batch alone.
-            with autocast(self.device, cfg.bf16):
+            with autocast(self.device, use_bf16(cfg.bf16, self.device)):
                 z1, z2 = head(encoder(v1)), head(encoder(v2))
             loss = nt_xent(z1.float(), z2.float(), cfg.temperature)
             opt.zero_grad(set_to_none=True)
