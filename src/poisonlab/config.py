@@ -24,7 +24,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
@@ -167,12 +167,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     if any(not part for part in key.split(".")):
         raise ConfigError(f"bad override '{item}': empty part in key '{key}'")
     try:
-        value = _yaml(raw) if raw.strip() else None
+        value = load_yaml_tree(raw) if raw.strip() else None
     except RecursionError:
         raise ConfigError(f"bad override '{item[:80]}': value nested too deeply") from None
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
         raise ConfigError(f"bad override '{item}': cannot parse value ({problem})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        problem = str(exc).splitlines()[0][:120]
+        raise ConfigError(f"bad override '{item[:80]}': cannot parse value ({problem})") from None
     return key, value
 
 
@@ -180,19 +183,34 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json", "")
 TEXT_FILE_LIMIT = 16 * 2**20  # bytes; no config or run record comes near it
 
 
-def read_small_text(path: Path, limit: int = TEXT_FILE_LIMIT) -> str:
-    """The UTF-8 text of the regular file `path` (symlinks followed), at most `limit` bytes.
+def resolved(path: Path | str, what: str) -> Path:
+    """`path` made absolute with its symlinks followed; a ConfigError naming `what` when the
+    symlinks loop (Path.resolve raises RuntimeError for that)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        raise ConfigError(f"{what} {path} is a symlink loop") from None
+
+
+def read_small_bytes(path: Path, limit: int, what: str = "a settings file") -> bytes:
+    """The bytes of the regular file `path` (symlinks followed), at most `limit` bytes.
 
     OSError for anything else, with a reason to print: a FIFO would block the read forever,
-    a device such as /dev/zero would fill memory, and neither is a settings or record file.
+    a device such as /dev/zero would fill memory, and neither is a settings, record or image
+    file.
     """
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError("not a regular file (a FIFO, socket or device?)")
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise OSError(f"larger than {limit // 2**20} MiB, too large for a settings file")
-    return data.decode("utf-8")
+        raise OSError(f"larger than {limit // 2**20} MiB, too large for {what}")
+    return data
+
+
+def read_small_text(path: Path, limit: int = TEXT_FILE_LIMIT) -> str:
+    """The UTF-8 text of the regular file `path`, at most `limit` bytes (read_small_bytes)."""
+    return read_small_bytes(path, limit).decode("utf-8")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -242,6 +260,10 @@ class _TreeLoader(yaml.SafeLoader):
             seen: set = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"a mapping key must be a name, not a "
+                        f"{type(key).__name__}", key_node.start_mark)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"the key '{key}' appears twice in one mapping",
@@ -270,7 +292,8 @@ _TreeLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml(text: str) -> Any:
+def load_yaml_tree(text: str) -> Any:
+    """Safe YAML that is a tree: no aliases, no repeated or unhashable keys (_TreeLoader)."""
     return yaml.load(text, Loader=_TreeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -281,7 +304,7 @@ def _parse_text(text: str, suffix: str) -> Any:
         import tomllib
 
         return tomllib.loads(text)
-    return _yaml(text)
+    return load_yaml_tree(text)
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -90,7 +90,7 @@ def _one_set(path: Path | None, split: str | None, dataset: str | None, data_dir
     if path is not None:
         images, classes = load_records(path)
         source = str(path)
-        if classes is not None and all(c.isdigit() for c in classes):
+        if classes is not None and all(c.isdecimal() for c in classes):
             classes = None  # integer-named folders carry their labels
     else:
         images, source = _split(split, dataset, data_dir, seed), f"{dataset} {split} split"

@@ -175,7 +175,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _as_float(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    """A float copy of `tensor` (uint8 / 255); DataError for other types or non-finite values."""
+    """A float copy of `tensor` (uint8 / 255); DataError for an empty tensor, other types or
+    non-finite values."""
+    if tensor.numel() == 0:
+        raise DataError(f"{what} is empty (shape {list(tensor.shape)})")
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
     if not tensor.is_floating_point():

@@ -307,6 +307,8 @@ def purify_command(
                                                       "target (default 3).")] = None,
     image_size: ImageSizeOpt = None,
     seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out "
+                                            "file.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -319,6 +321,9 @@ def purify_command(
     if out.exists() and model.exists() and out.samefile(model):
         raise ConfigError(f"--out {out} is the suspect model itself: write the purified weights "
                           "to another file (the suspect is evidence)")
+    if out.is_file() and not overwrite:
+        raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or pick another "
+                          "file name")
     suspect = TriggerSource.parse(trigger, trigger_mask)
     if suspect is not None and test_data is None and dataset is None:
         raise ConfigError("--trigger is measured on a clean test set: give --test-data DIR (or "

@@ -32,7 +32,7 @@ from PIL import Image
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
 from poisonlab.attacks.poisons import Poisons, select_poisons
-from poisonlab.config import check_seed, parse_override, replace
+from poisonlab.config import check_seed, parse_override, replace, resolved
 from poisonlab.data.image_folder import load_image_folder, open_image, scan_image_folder
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
@@ -79,7 +79,7 @@ def target_class(path: Path, data_dir: Path, classes: list[str], given: int | No
         raise ConfigError(f"--target-class {given} is out of range: {data_dir} has "
                           f"{len(classes)} classes")
     try:
-        rel = path.resolve().relative_to(data_dir.resolve())
+        rel = resolved(path, "--target").relative_to(resolved(data_dir, "--data"))
     except ValueError:
         return given
     if len(rel.parts) < 2 or rel.parts[0] not in classes:
@@ -100,7 +100,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def _apart(out: Path, data: Path) -> None:
     """--out must not be the --data folder, inside it, or hold it: the crafted files would be
     written into the user's data set (and read back as a class folder next time)."""
-    o, d = out.expanduser().resolve(), data.expanduser().resolve()
+    o, d = resolved(out, "--out"), resolved(data, "--data")
     if o == d or d in o.parents or o in d.parents:
         raise ConfigError(f"--out {out} overlaps --data {data}: write the poisons to a folder "
                           "outside the data set")
@@ -119,20 +119,26 @@ def _fresh(out: Path, overwrite: bool) -> None:
                           "or pick another folder")
 
 
-def write_png_folder(out: Path, data: ImageSet, files: list[tuple[Path, int]],
-                     classes: list[str], progress: bool) -> list[str]:
-    """Every image as out/<class>/<stem>.png (lossless); returns the relative paths."""
-    names = []
-    with progress_bar(len(files), "writing PNGs", enabled=progress) as bar:
-        for i, (path, label) in enumerate(files):
-            rel = Path(classes[label]) / f"{path.stem}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(to_uint8(data.x[i])).save(out / rel, format="PNG")
-            names.append(rel.as_posix())
+def png_names(files: list[tuple[Path, int]], classes: list[str]) -> list[str]:
+    """<class>/<stem>.png of every image; a DataError naming two files of one class whose
+    names differ only in the extension (a.png and a.jpg would both become a.png)."""
+    names: dict[str, Path] = {}
+    for path, label in files:
+        name = f"{classes[label]}/{path.stem}.png"
+        if name in names:
+            raise DataError(f"{names[name]} and {path} would both be written as {name}: "
+                            "rename one of them")
+        names[name] = path
+    return list(names)
+
+
+def write_png_folder(out: Path, data: ImageSet, names: list[str], progress: bool) -> None:
+    """Image i as out/names[i] (lossless PNG)."""
+    with progress_bar(len(names), "writing PNGs", enabled=progress) as bar:
+        for i, name in enumerate(names):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(data.x[i])).save(out / name, format="PNG")
             bar.advance()
-    if len(set(names)) != len(names):
-        raise DataError("two images of one class share a file name stem; rename them")
-    return names
 
 
 def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: float,
@@ -148,6 +154,7 @@ def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: 
     prepare_output(out, directory=True)
     _fresh(out, overwrite)
     classes, files = scan_image_folder(data_dir)
+    names = png_names(files, classes)
     train, _ = load_image_folder(data_dir)
     if not 0 <= adv_class < len(classes):
         raise ConfigError(f"--adv-class {adv_class} is out of range: {data_dir} has "
@@ -185,7 +192,7 @@ def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: 
             poisons = gm.craft(train, idx, x_target, adv_class, target_label=label,
                                progress=lambda s: bar.advance(status=s))
     shutil.rmtree(out / PARTIAL, ignore_errors=True)  # left by a craft that was killed
-    names = write_png_folder(out / PARTIAL, poisons.apply(train), files, classes, progress)
+    write_png_folder(out / PARTIAL, poisons.apply(train), names, progress)
     shutil.rmtree(out / "poisoned", ignore_errors=True)
     (out / PARTIAL).rename(out / "poisoned")
     meta = {"attack": attack, "target": str(target), "adv_class": adv_class,

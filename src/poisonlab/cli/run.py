@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from poisonlab.config import replace, resolve_config, validate_config
+from poisonlab.config import replace, resolve_config, resolved, validate_config
 from poisonlab.errors import ConfigError, DataError, PoisonlabError
 from poisonlab.executors import BACKENDS, Executor, get_executor
 from poisonlab.experiments import EXPERIMENTS, get_experiment
@@ -50,7 +50,7 @@ def _resumed_data_dir(run: Run, given: Path | None) -> Path | None:
             raise DataError(f"run {run.id} read {recorded}, which no longer exists: restore it "
                             "there (a resume must read the same data)")
         return Path(recorded) if recorded is not None else None
-    if recorded is None or Path(recorded) != given.resolve():
+    if recorded is None or Path(recorded) != resolved(given, "--data-dir"):
         started = f"on --data-dir {recorded}" if recorded else "without --data-dir"
         raise ConfigError(f"run {run.id} was started {started}: --data-dir {given} cannot "
                           "change the data of a resumed run (omit --data-dir)")

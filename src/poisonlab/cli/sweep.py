@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, DataError
 from poisonlab.executors import BACKENDS, get_executor
 from poisonlab.experiments import EXPERIMENTS
 from poisonlab.progress import terminal
@@ -39,6 +39,8 @@ def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
 
     if backend != "ray" and ray_cpus is not None:
         raise ConfigError("--ray-cpus needs --backend ray")
+    if data_dir is not None and not data_dir.exists():  # a symlink loop does not exist either
+        raise DataError(f"--data-dir {data_dir} does not exist")
     executor = get_executor(backend, address=ray_address, num_cpus=ray_cpus)
     try:
         root = prepare_output(runs_root(out), directory=True)

@@ -202,6 +202,7 @@ def _check_class_names(read: _Reader, source: Path, binary: bool) -> None:
     else:
         meta = safe_loads(data, where)
         raw = meta.get(b"label_names", []) if isinstance(meta, dict) else []
+        raw = raw if isinstance(raw, list | tuple) else [raw]  # damaged: shown as it is
         names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in raw]
     if names != CLASSES:
         raise DataError(f"{where} lists classes {names}, expected the CIFAR-10 classes {CLASSES}")

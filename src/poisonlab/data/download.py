@@ -161,7 +161,7 @@ def _fetch(url: str, part: Path, limit: int, progress: Progress | None) -> str:
             raise DownloadError(f"cannot resume {url}: unexpected Content-Range")
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
-        total = int(length) + start if length and length.isdigit() else None
+        total = int(length) + start if length and length.isdecimal() else None
         if total is not None and total > limit:
             raise _TooLarge(f"{url} is {total:,} bytes, far more than the file should take "
                             f"(at most {limit:,}): not the expected file (wrong --mirror?)")

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from poisonlab.config import read_small_bytes
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+IMAGE_FILE_LIMIT = 256 * 2**20  # bytes of one image file: far above any training image
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,7 +98,8 @@ def open_image(name: str, source: bytes | Path) -> Image.Image:
     so is an image past PIL's decompression-bomb limit (PIL only warns up to twice the limit:
     a file of a few kB that decodes to gigabytes is refused, not decoded)."""
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = (source if isinstance(source, bytes)
+                else read_small_bytes(Path(source), IMAGE_FILE_LIMIT, "an image"))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
@@ -118,7 +121,11 @@ def _decode_chunk(job: tuple[Sequence[ImageItem], tuple[int, int], str]) -> np.n
                 f"image {name} is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}"
             )
         if image.mode != mode:
-            image = image.convert(mode)
+            try:
+                image = image.convert(mode)
+            except (OSError, ValueError) as exc:  # e.g. LAB or CMYK-with-alpha
+                raise DataError(f"cannot convert image {name} from {image.mode} to {mode}: "
+                                f"{exc}") from None
         # tobytes + frombuffer is cheaper than np.asarray (array interface) for tiny images
         out[i] = np.frombuffer(image.tobytes(), np.uint8).reshape(size[1], size[0], channels)
     return out
@@ -171,14 +178,22 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
         raise DataError(f"image folder {root} has no class sub-folders")
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        images = sorted(
-            p for p in (root / name).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        images = sorted(p for p in (root / name).iterdir() if _is_image_file(p))
         if not images:
             raise DataError(f"class folder {root / name} has no images")
         files.extend((p, label) for p in images)
     return classes, files
+
+
+def _is_image_file(path: Path) -> bool:
+    """An image by its name; one that is not a regular file (a FIFO would block the read) is
+    refused, not skipped, so that no image goes missing unnoticed."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or path.is_dir():
+        return False
+    if not path.is_file():
+        raise DataError(f"cannot read image {path}: not a regular file (a FIFO, socket or "
+                        "device?)")
+    return True
 
 
 def read_image_folder(

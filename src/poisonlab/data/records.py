@@ -71,6 +71,9 @@ def _images(x: torch.Tensor, path: Path) -> torch.Tensor:
         raise DataError(f"'images' in {path} must be [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise DataError(f"record file {path} holds no images")
+    if x.numel() == 0:
+        raise DataError(f"'images' in {path} are empty: shape {tuple(x.shape)} (channels, "
+                        "height and width must be positive)")
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     if not x.is_floating_point():
@@ -98,7 +101,7 @@ def _labels(y: torch.Tensor, x: torch.Tensor, path: Path) -> torch.Tensor:
 
 def _load_folder(root: Path) -> tuple[ImageSet, list[str]]:
     images, classes = load_image_folder(root)
-    if all(name.isdigit() for name in classes):
+    if all(name.isdecimal() for name in classes):
         mapping = torch.tensor([int(name) for name in classes], dtype=torch.long)
         images = ImageSet(images.x, mapping[images.y])
     return images, classes

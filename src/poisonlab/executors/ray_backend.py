@@ -73,7 +73,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     """ConfigError unless a TCP connection to `address` (host:port, optionally ray://) opens
     within `timeout` seconds; `auto` and addresses without a port are left to Ray."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdecimal():
         return
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):

@@ -26,7 +26,7 @@ from poisonlab.data.omniglot import load_omniglot, split_omniglot_classes
 from poisonlab.data.registry import resolve_data_dir
 from poisonlab.data.types import FewShotData
 from poisonlab.device import default_device, seed_everything
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ModelFileError
 from poisonlab.evaluation.fewshot import FewShotEvalConfig, FewShotResult, evaluate_attacks
 from poisonlab.executors import Executor
 from poisonlab.models import build_model
@@ -155,8 +155,11 @@ def load_meta_model(model: str, cfg: Config, device, root: Path | None = None) -
         path = Run.open(model, root=root).checkpoint_path("model")
     state, _ = load_weights(path)
     hidden = cfg.model.hidden
-    net = build_model("cnn4", cfg.meta.ways, state.get("body.0.weight", torch.empty(1, 1)).shape[1],
-                      hidden=hidden)
+    first = state.get("body.0.weight", torch.empty(hidden, 1, 3, 3))
+    if first.dim() != 4:  # the channels are read from it: a conv weight [out, in, kh, kw]
+        raise ModelFileError(f"{path}: body.0.weight has shape {list(first.shape)}, not the "
+                             "[out, in, 3, 3] of CNN4's first convolution")
+    net = build_model("cnn4", cfg.meta.ways, first.shape[1], hidden=hidden)
     load_into(net, state, name=f"cnn4 ({cfg.meta.ways}-way, hidden {hidden})")
     return {k: v.to(device) for k, v in net.state_dict().items()}
 

@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from poisonlab.errors import ModelFileError, RunError
+from poisonlab.runs.layout import make_ordinary, temp_beside
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -42,7 +42,7 @@ def save_weights(
     tensors = _storable(state_dict)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         try:
@@ -50,6 +50,7 @@ def save_weights(
         except SafetensorError as exc:  # the write failed (disk full, I/O error), not the data
             reason = str(exc).removeprefix("Error while serializing: ")
             raise OSError(errno.EIO, f"cannot write {path}: {reason}") from None
+        make_ordinary(tmp)  # safetensors writes a new file of its own
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

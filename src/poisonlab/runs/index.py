@@ -226,18 +226,21 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
             print(f"warning: {len(unreadable)} run directories have an unreadable run.json and "
                   f"are not listed: {', '.join(Path(p).name for p in unreadable[:5])}",
                   file=sys.stderr)
-    if not all(_headline(row) for row in rows):  # a damaged row: the index is only a mirror
+    if not all(_sound(row) for row in rows):  # a damaged row: the index is only a mirror
         rebuild_index(root)
         print(f"warning: the run index {index_path(root)} held a damaged row; rebuilt from the "
               "run directories", file=sys.stderr)
         rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
         for row in rows:
-            row["headline"] = row["headline"] if _headline(row) else {}
+            row["headline"] = row["headline"] if _sound(row) else {}
     return [row for row in rows if Path(row["path"]).is_dir()]
 
 
-def _headline(row: dict) -> bool:
-    """Parse row["headline"] (JSON of a mapping) in place; False when it is not one."""
+def _sound(row: dict) -> bool:
+    """Parse row["headline"] (JSON of a mapping) in place; False when it is not one or another
+    column is not text (SQLite keeps any type in any column: a BLOB path is damage)."""
+    if not all(isinstance(row[c], str | None) for c in COLUMNS if c != "headline"):
+        return False
     try:
         value = json.loads(row["headline"] or "{}")
     except (ValueError, TypeError, RecursionError):

@@ -45,11 +45,28 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace: never half-written."""
+def temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder, to be os.replace'd onto `path`,
+    with the permissions of an ordinary new file (mkstemp's are 0600, whatever the umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_ordinary(tmp)
+    return fd, tmp
+
+
+def make_ordinary(path: Path | str) -> None:
+    """Give `path` the permissions a new file gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and os.replace: never half-written. A
+    character UTF-8 cannot encode (a surrogate from a file name in another encoding) is
+    written as its escape, not an error after the work."""
+    fd, tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -72,6 +89,8 @@ def read_json(path: Path) -> Any:
 _RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str,), "experiment": (str,), "status": (str,), "config_hash": (str, type(None)),
     "started": (str, type(None)), "ended": (str, type(None)), "sweep": (dict, type(None)),
+    "seed": (int,), "data_dir": (str, type(None)), "resumed_at": (list,),
+    "pid": (int, type(None)),
 }
 
 

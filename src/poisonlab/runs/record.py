@@ -43,7 +43,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 import poisonlab
-from poisonlab.config import config_hash, dump_yaml
+from poisonlab.config import config_hash, dump_yaml, resolved
 from poisonlab.device import default_device
 from poisonlab.errors import RunError
 from poisonlab.runs import index
@@ -128,7 +128,8 @@ class Run:
         }
         if sweep is not None:
             info["sweep"] = to_jsonable(dict(sweep))
-        info["data_dir"] = str(Path(data_dir).resolve()) if data_dir is not None else None
+        info["data_dir"] = (str(resolved(data_dir, "--data-dir")) if data_dir is not None
+                            else None)
         run = cls(path, info, cfg, resumed=False)
         run._save_info()
         return run

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from poisonlab.config import resolved
 from poisonlab.errors import RunError
 from poisonlab.executors import Executor, run_missing
 from poisonlab.runs import Run, read_run_dir, runs_root
@@ -144,7 +145,7 @@ def _drive(plan: Sweep, root: Path, folder: Path, executor: Executor | None,
             outcome.metrics[label] = metrics
         else:
             todo[label] = {"path": str(path), "label": label,
-                           "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
+                           "data_dir": str(resolved(data_dir, "--data-dir")) if data_dir else None}
 
     if check is not None and outcome.metrics:
         check(next(iter(outcome.metrics.values())))

@@ -28,10 +28,14 @@ from poisonlab.sweeps.driver import SweepOutcome
 
 
 def metric_value(metrics: Mapping[str, Any], name: str) -> float | None:
-    """The number called `name` in a run's metrics (headline name first), or None."""
+    """The number called `name` in a run's metrics (headline name first), or None (also for an
+    integer too large for a float: a damaged metrics.json, not a measurement)."""
     for source in (headline_metrics(metrics), flatten_numbers(metrics)):
         if name in source:
-            return float(source[name])
+            try:
+                return float(source[name])
+            except OverflowError:
+                return None
     return None
 
 

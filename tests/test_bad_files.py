@@ -1,0 +1,208 @@
+"""Odd files and values found by a bad-input sweep: each is a one-line error (or, where the
+input is legitimate, works), never an internal error, and is caught before any work.
+
+In-process and small: the subprocess contract (exit 2, one stderr line) is held by
+test_bad_inputs.py; here each row pins the check that turns the input into a PoisonlabError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sqlite3
+import stat
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from poisonlab.cli import main
+from poisonlab.config import load_config_file, parse_override
+from poisonlab.errors import ConfigError, DataError, ModelFileError
+
+
+def _png(path, size=8, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size) if mode == "L" else (size, size, 3), 100, np.uint8)
+                    ).save(path)
+    return path
+
+
+def test_a_class_folder_named_by_a_superscript_digit_is_a_name_not_a_label(tmp_path):
+    """'²'.isdigit() is True but int('²') fails: folders are numbered labels only when every
+    name is a decimal number."""
+    from poisonlab.data.records import load_records
+
+    _png(tmp_path / "1" / "x.png"), _png(tmp_path / "²" / "x.png")
+    images, classes = load_records(tmp_path)
+    assert classes == ["1", "²"] and images.y.tolist() == [0, 1]
+
+
+def test_an_image_pil_cannot_convert_is_a_data_error_naming_it(tmp_path):
+    from poisonlab.data.image_folder import load_image_folder
+
+    _png(tmp_path / "a" / "0.png")
+    (tmp_path / "b").mkdir()
+    Image.new("LAB", (8, 8)).save(tmp_path / "b" / "1.tif")
+    with pytest.raises(DataError, match=r"cannot convert image .*1\.tif from LAB to L"):
+        load_image_folder(tmp_path)
+
+
+def test_a_fifo_among_the_images_is_refused_not_read(tmp_path):
+    """Reading a FIFO blocks for ever: it is refused by its kind before it is opened."""
+    from poisonlab.data.image_folder import load_image_folder
+
+    _png(tmp_path / "a" / "0.png")
+    os.mkfifo(tmp_path / "a" / "1.png")
+    with pytest.raises(DataError, match=r"1\.png: not a regular file"):
+        load_image_folder(tmp_path)
+
+
+def test_an_empty_trigger_pattern_is_refused(tmp_path):
+    from poisonlab.audit.trigger import TriggerSource
+
+    path = tmp_path / "t.safetensors"
+    save_file({"pattern": torch.zeros(3, 0, 0)}, str(path))
+    with pytest.raises(DataError, match=r"'pattern' of --trigger .* is empty \(shape \[3, 0, 0\]\)"):
+        TriggerSource.parse(str(path))
+
+
+def test_record_images_of_no_pixels_are_refused(tmp_path):
+    from poisonlab.data.records import load_records
+
+    path = tmp_path / "r.safetensors"
+    save_file({"images": torch.zeros(2, 1, 0, 0), "labels": torch.zeros(2, dtype=torch.long)},
+              str(path))
+    with pytest.raises(DataError, match=r"'images' in .* are empty: shape \(2, 1, 0, 0\)"):
+        load_records(path)
+
+
+def test_a_meta_model_whose_first_weight_is_no_convolution_is_a_model_file_error(tmp_path):
+    from poisonlab.experiments.fewshot_backdoor import PRESETS, Config, load_meta_model
+
+    path = tmp_path / "m.safetensors"
+    save_file({"body.0.weight": torch.zeros(5)}, str(path))
+    cfg = Config(**PRESETS["smoke"])
+    with pytest.raises(ModelFileError, match=r"body\.0\.weight has shape \[5\]"):
+        load_meta_model(str(path), cfg, "cpu")
+
+
+def test_a_yaml_key_that_is_a_list_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="a mapping key must be a name, not a list"):
+        load_config_file(path)
+    with pytest.raises(ConfigError, match="a mapping key must be a name, not a list"):
+        parse_override("attack={[1]: 2}")
+
+
+def test_an_integer_of_thousands_of_digits_is_a_config_error():
+    from poisonlab.sweeps.plan import parse_grid
+
+    big = "9" * 5000  # Python refuses to convert more than 4300 digits
+    with pytest.raises(ConfigError, match=r"bad override 'seed=999.*cannot parse value"):
+        parse_override(f"seed={big}")
+    with pytest.raises(ConfigError, match=r"bad --grid 'attack.tasks=1,999.*cannot parse"):
+        parse_grid([f"attack.tasks=1,{big}"])
+
+
+def test_grid_values_may_not_use_yaml_aliases():
+    from poisonlab.sweeps.plan import parse_grid
+
+    with pytest.raises(ConfigError, match="aliases"):
+        parse_grid(["attack.tasks=&a [1, 2], *a"])
+
+
+def test_a_metric_too_large_for_a_float_is_no_number():
+    from poisonlab.sweeps.summary import metric_value
+
+    assert metric_value({"headline": {"asr": 10**400, "ba": 0.5}}, "asr") is None
+    assert metric_value({"headline": {"asr": 10**400, "ba": 0.5}}, "ba") == 0.5
+
+
+def test_cifar10_class_names_that_are_no_list_are_a_data_error(tmp_path):
+    from poisonlab.data import cifar10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": 5}, protocol=2))
+    read = lambda name: (folder / name).read_bytes()  # noqa: E731
+    with pytest.raises(DataError, match=r"lists classes \['5'\]"):
+        cifar10._check_class_names(read, folder, binary=False)
+
+
+def test_craft_refuses_two_images_of_one_stem_before_any_work(tmp_path, capsys):
+    data = tmp_path / "data"
+    _png(data / "a" / "0.png"), _png(data / "a" / "1.png"), _png(data / "b" / "2.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a" / "0.jpg")
+    target = _png(tmp_path / "target.png")
+    code = main(["craft", "metapoison", "--data", str(data), "--target", str(target),
+                 "--adv-class", "1", "--budget", "1", "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "0.jpg and" in err and "0.png would both be written as a/0.png" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_symlink_loops_are_named_not_internal_errors(tmp_path, capsys):
+    loop_a, loop_b = tmp_path / "loopA", tmp_path / "loopB"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    data = tmp_path / "data"
+    _png(data / "a" / "0.png"), _png(data / "b" / "1.png")
+    target = _png(tmp_path / "target.png")
+    base = ["craft", "metapoison", "--data", str(data), "--adv-class", "1", "-q"]
+    for args, needle in [([*base, "--target", str(target), "--out", str(loop_a)], "loopA"),
+                         ([*base, "--target", str(loop_a), "--out", str(tmp_path / "o")],
+                          "loopA"),
+                         (["sweep", "membership", "--preset", "smoke", "--grid",
+                           "train.epochs=5", "--data-dir", str(loop_a), "--out",
+                           str(tmp_path / "sw"), "-q"], "--data-dir")]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_purify_does_not_replace_an_existing_file_unless_told(tmp_path, capsys):
+    out = tmp_path / "precious.safetensors"
+    out.write_bytes(b"mine")
+    code = main(["purify", str(tmp_path / "m.safetensors"), "--arch", "tiny_cnn", "--out",
+                 str(out), "--clean-data", str(tmp_path), "--target", "0", "-q"])
+    assert code == 2 and f"--out {out} exists: pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
+
+
+def test_an_index_row_holding_a_blob_is_damage_and_rebuilt(tmp_path, capsys):
+    from poisonlab.config import BaseConfig
+    from poisonlab.runs import Run
+
+    with Run.create("demo", BaseConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    assert main(["runs", "list", "--out", str(tmp_path), "--json"]) == 0
+    capsys.readouterr()
+    with sqlite3.connect(tmp_path / "index.sqlite") as conn:
+        conn.execute("INSERT INTO runs (run_id, experiment, status, path) VALUES "
+                     "('ghost', 'demo', 'failed', X'2f746d70')")
+    assert main(["runs", "list", "--out", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["run_id"] for r in json.loads(out)["runs"]] == [run.id]
+    assert "damaged row" in err
+
+
+def test_written_files_are_ordinary_and_non_utf8_names_do_not_fail_the_write(tmp_path):
+    from poisonlab.runs.checkpoints import save_weights
+    from poisonlab.runs.layout import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        text, weights = tmp_path / "r.html", tmp_path / "w.safetensors"
+        atomic_write_text(text, "model m\udcff.pt")  # a surrogate: a file name in Latin-1
+        save_weights(weights, {"w": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    assert text.read_text() == "model m\\udcff.pt"
+    assert stat.S_IMODE(text.stat().st_mode) == stat.S_IMODE(weights.stat().st_mode) == 0o644
