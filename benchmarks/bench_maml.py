@@ -7,13 +7,15 @@ Measures, for the 5-way 5-shot default (meta-batch 32, second order, 1 adaptatio
 - that both give the same meta-gradients and the same poisoned supports up to float error;
 - the estimated FLOP rate of meta-training against the machine's measured matmul peak.
 
-Run: `make bench` or `.venv/bin/python benchmarks/bench_maml.py [--repeats N] [--json]`.
+Run: `make bench` or `.venv/bin/python benchmarks/bench_maml.py [--repeats N] [--json]`; with
+`--compiled [--compiled-bn batch_norm|var_mean]` also the compiled meta-gradient.
 Not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -87,7 +89,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def bench_compiled(rounds: int, chunk: int | None, workers: int) -> dict:
+def bench_compiled(rounds: int, chunk: int | None, workers: int, bn: str) -> dict:
     """Loop, today's batched path and the compiled graph side by side: interleaved rounds, medians
     (so a change of load hits all three alike); the compile time of the first call."""
     torch.manual_seed(0)
@@ -95,7 +97,7 @@ def bench_compiled(rounds: int, chunk: int | None, workers: int) -> dict:
     theta = {k: v.detach().clone().requires_grad_() for k, v in module.state_dict().items()}
     plain = {k: v.detach() for k, v in theta.items()}
     sx, sy, qx, qy = make_tasks(BATCH)
-    compiled = compiled_meta_gradient(cnn4_forward_tasks_matmul)
+    compiled = compiled_meta_gradient(functools.partial(cnn4_forward_tasks_matmul, bn=bn))
     t0 = time.perf_counter()
     compiled(plain, sx, sy, qx, qy, 0.5)
     first = time.perf_counter() - t0
@@ -119,10 +121,10 @@ def bench_compiled(rounds: int, chunk: int | None, workers: int) -> dict:
             "compile_break_even_iterations": first / max(med["batched"] - med["compiled"], 1e-9)}
 
 
-def compiled_accuracy(seeds: int) -> dict:
+def compiled_accuracy(seeds: int, bn: str) -> dict:
     """Max relative meta-gradient difference from a float64 loop, per seed: the float32 loop's and
     the compiled graph's (float32 rounding alone moves this computation by 1e-3 to 1e-2)."""
-    compiled = compiled_meta_gradient(cnn4_forward_tasks_matmul)
+    compiled = compiled_meta_gradient(functools.partial(cnn4_forward_tasks_matmul, bn=bn))
     loop_err, comp_err = [], []
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="also the compiled meta-gradient (compiles for minutes at first)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the compiled accuracy study")
+    parser.add_argument("--compiled-bn", choices=["batch_norm", "var_mean"], default="batch_norm",
+                        help="the compiled graph's BatchNorm form (cnn4_forward_tasks_matmul)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     chunk = args.chunk or None
@@ -241,8 +245,8 @@ def main() -> None:
     out |= bench_meta(args.repeats, chunk, args.workers)
     out |= bench_attack(args.repeats, chunk, args.workers)
     if args.compiled:
-        out |= bench_compiled(max(3, args.repeats), chunk, args.workers)
-        out |= compiled_accuracy(args.seeds)
+        out |= bench_compiled(max(3, args.repeats), chunk, args.workers, args.compiled_bn)
+        out |= compiled_accuracy(args.seeds, args.compiled_bn)
     out["meta_fraction_of_peak"] = out["meta_gflops_per_s"] / out["matmul_peak_gflops"]
     if args.json:
         print(json.dumps(out))

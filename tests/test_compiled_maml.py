@@ -3,6 +3,8 @@ as close to a float64 reference as float32 eager is."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -25,19 +27,23 @@ def _theta(seed: int, dtype=torch.float64):
     return {k: v.detach().to(dtype) for k, v in build_model("cnn4", 5, 1).state_dict().items()}
 
 
-def test_matmul_forward_equals_grouped_convolution_forward():
+@pytest.mark.parametrize("bn", ["batch_norm", "var_mean"])
+def test_matmul_forward_equals_grouped_convolution_forward(bn):
     theta = expand_params(_theta(0), 3)
     x = _tasks(3, 1)[0]
-    assert torch.allclose(cnn4_forward_tasks_matmul(theta, x), cnn4_forward_tasks(theta, x),
+    assert torch.allclose(cnn4_forward_tasks_matmul(theta, x, bn), cnn4_forward_tasks(theta, x),
                           rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(("steps", "first_order"), [(1, False), (2, False), (1, True)])
-def test_functional_meta_gradient_equals_eager_reference(steps, first_order):
+@pytest.mark.parametrize(("steps", "first_order", "bn"), [
+    (1, False, "batch_norm"), (2, False, "batch_norm"), (1, True, "batch_norm"),
+    (1, False, "var_mean"), (2, False, "var_mean")])
+def test_functional_meta_gradient_equals_eager_reference(steps, first_order, bn):
     theta, batch = _theta(0), _tasks(3, 0)
     loss, acc, grads = meta_gradient(cnn4_forward_tasks, theta, *batch, 0.4, steps, first_order)
-    f_loss, f_acc, f_grads = functional_meta_gradient(cnn4_forward_tasks_matmul, theta, *batch,
-                                                      0.4, steps, first_order)
+    f_loss, f_acc, f_grads = functional_meta_gradient(
+        functools.partial(cnn4_forward_tasks_matmul, bn=bn), theta, *batch, 0.4, steps,
+        first_order)
     assert abs(loss - float(f_loss)) < 1e-12
     assert torch.equal(acc, f_acc)
     for a, b in zip(grads, f_grads.values(), strict=True):

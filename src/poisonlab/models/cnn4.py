@@ -93,10 +93,17 @@ def _patches(out: Tensor, tasks: int, channels: int) -> tuple[Tensor, int, int]:
     return cols.reshape(n, tasks, channels * 9, ho * wo), ho, wo
 
 
-def cnn4_forward_tasks_matmul(params: dict[str, Tensor], x: Tensor) -> Tensor:
+def cnn4_forward_tasks_matmul(params: dict[str, Tensor], x: Tensor,
+                              bn: str = "batch_norm") -> Tensor:
     """`cnn4_forward_tasks` with every convolution as patches × weights (one batched matrix
     product per layer), the form `poisonlab.training.compiled_maml` compiles. Same layout, same
-    numbers up to float rounding (equal in float64)."""
+    numbers up to float rounding (equal in float64).
+
+    bn: "batch_norm" (F.batch_norm, whose decomposition keeps its own backward) or "var_mean"
+    (the batch statistics by torch.var_mean, then one scale and one shift: the form the
+    compiler fuses; same numbers in float64)."""
+    if bn not in ("batch_norm", "var_mean"):
+        raise ValueError(f"bn must be 'batch_norm' or 'var_mean', not {bn!r}")
     b, n, c, h, w = x.shape
     out = x.transpose(0, 1).reshape(n, b * c, h, w)
     for i in range(LAYERS):
@@ -105,11 +112,14 @@ def cnn4_forward_tasks_matmul(params: dict[str, Tensor], x: Tensor) -> Tensor:
         cols, ho, wo = _patches(out, b, c)
         z = torch.einsum("bok,nbkl->nbol", weight.reshape(b, hidden, c * 9), cols)
         z = z + params[f"body.{3 * i}.bias"][None, :, :, None]
-        z = F.batch_norm(
-            z.reshape(n, b * hidden, ho * wo), None, None,
-            params[f"body.{3 * i + 1}.weight"].reshape(-1),
-            params[f"body.{3 * i + 1}.bias"].reshape(-1), training=True, eps=BN_EPS,
-        )
-        out = F.relu(z).view(n, b * hidden, ho, wo)
+        gamma, beta = params[f"body.{3 * i + 1}.weight"], params[f"body.{3 * i + 1}.bias"]
+        if bn == "var_mean":  # statistics per task and channel over (n, H'·W')
+            var, mean = torch.var_mean(z, dim=(0, 3), keepdim=True, correction=0)
+            scale = gamma[None, :, :, None] * torch.rsqrt(var + BN_EPS)
+            z = z * scale + (beta[None, :, :, None] - mean * scale)
+        else:
+            z = F.batch_norm(z.reshape(n, b * hidden, ho * wo), None, None, gamma.reshape(-1),
+                             beta.reshape(-1), training=True, eps=BN_EPS)
+        out = F.relu(z).reshape(n, b * hidden, ho, wo)
     feats = out.mean(dim=(2, 3)).reshape(n, b, -1).transpose(0, 1)
     return torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
