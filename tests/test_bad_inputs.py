@@ -101,6 +101,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "threshold nan": (["scan", str(_model_file(tmp)), *glyph_scan, "--threshold", "nan"],
                           ("--threshold",)),
         "lr inf": ([*SMOKE, "--set", "train.lr=.inf"], ("train.lr",)),
+        "epochs 10^23": ([*SMOKE, "--set", "train.epochs=1" + "0" * 23], ("train.epochs", "64 bits")),
         "seed 10^22": ([*SMOKE, "--seed", "10000000000000000000000"], ("seed",)),
         "budget nan": (["craft", "gradient-matching", "--budget", "nan", "--data", str(tmp),
                         "--target", str(tmp / "file"), "--adv-class", "1", "--out",
@@ -172,7 +173,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     }
 
 
-CASES = ["threshold nan", "lr inf", "seed 10^22", "budget nan", "band inf", "threads 10^6",
+CASES = ["threshold nan", "lr inf", "epochs 10^23", "seed 10^22", "budget nan", "band inf", "threads 10^6",
          "unknown key", "out under /proc", "out is a file", "out dangling", "out empty", "runs list on a file",
          "ini config", "folder as config", "purify over its input",
          "zero-stride batch",

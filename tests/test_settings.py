@@ -83,3 +83,16 @@ def test_settings_are_frozen_and_replace_validates_again():
         replace(demo, rate=math.nan)
     with pytest.raises(ConfigError, match="invalid _Demo: rate"):
         _Demo(rate="fast")
+
+
+def test_an_integer_past_64_bits_is_refused_for_every_number_setting():
+    """10^23 epochs was accepted and ran until killed: no count, size or seed exceeds int64."""
+
+    class Counts(Settings):
+        epochs: int = 1
+        rate: float = 0.1
+
+    assert Counts(epochs=2**63 - 1).epochs == 2**63 - 1
+    for key in ("epochs", "rate"):
+        with pytest.raises(ConfigError, match=rf"{key}: expected a number that fits 64 bits"):
+            Counts(**{key: 10**23})

@@ -37,6 +37,10 @@ from poisonlab.errors import ConfigError
 C = TypeVar("C", bound=BaseModel)
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
+INT_LIMIT = 2**63  # every integer setting: torch indexes and counts in int64
+
+
 class Settings(BaseModel):
     """Base of every settings model: unknown keys are errors, numbers are finite (no NaN or
     infinity: no check is ever true against NaN), the model is frozen once valid."""
@@ -55,6 +59,9 @@ class Settings(BaseModel):
                 if isinstance(item, (bool, str)):
                     raise ValueError("expected a number, not "
                                      + ("true or false" if isinstance(item, bool) else "text"))
+                if isinstance(item, int) and not -INT_LIMIT <= item < INT_LIMIT:
+                    raise ValueError("expected a number that fits 64 bits (below 2^63): no "
+                                     "count, size or seed is larger")
         return value
 
     def __init__(self, **data: Any) -> None:
@@ -80,7 +87,6 @@ def _is_number_type(annotation: Any) -> bool:
     return bool(kinds) and all(a in (int, float) for a in kinds)
 
 
-SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
 
 
 def check_seed(seed: int) -> int:
