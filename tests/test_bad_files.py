@@ -176,6 +176,21 @@ def test_purify_does_not_replace_an_existing_file_unless_told(tmp_path, capsys):
     assert out.read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/null", "overwrite of a fifo"])
+def test_purify_never_replaces_a_fifo_or_device_link(tmp_path, capsys, kind):
+    """An existing FIFO or a symlink to /dev/null at --out was silently replaced by a file."""
+    out = tmp_path / "out.safetensors"
+    if kind == "symlink to /dev/null":
+        out.symlink_to("/dev/null")
+    else:
+        os.mkfifo(out)
+    extra = ["--overwrite"] if kind.startswith("overwrite") else []
+    code = main(["purify", str(tmp_path / "m.safetensors"), "--arch", "tiny_cnn", "--out",
+                 str(out), "--clean-data", str(tmp_path), "--target", "0", "-q", *extra])
+    assert code == 2 and "is not a regular file" in capsys.readouterr().err
+    assert out.is_symlink() or stat.S_ISFIFO(out.stat().st_mode)
+
+
 def test_an_index_row_holding_a_blob_is_damage_and_rebuilt(tmp_path, capsys):
     from poisonlab.config import BaseConfig
     from poisonlab.runs import Run

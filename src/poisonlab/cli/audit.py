@@ -321,6 +321,9 @@ def purify_command(
     if out.exists() and model.exists() and out.samefile(model):
         raise ConfigError(f"--out {out} is the suspect model itself: write the purified weights "
                           "to another file (the suspect is evidence)")
+    if (out.exists() or out.is_symlink()) and not out.is_file():
+        raise ConfigError(f"--out {out} exists and is not a regular file (a FIFO, device, folder "
+                          "or dangling symlink): pick another file name")
     if out.is_file() and not overwrite:
         raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or pick another "
                           "file name")
