@@ -221,3 +221,38 @@ def test_written_files_are_ordinary_and_non_utf8_names_do_not_fail_the_write(tmp
         os.umask(umask)
     assert text.read_text() == "model m\\udcff.pt"
     assert stat.S_IMODE(text.stat().st_mode) == stat.S_IMODE(weights.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("text", ["a: &x [*x]\n",
+                                  "a0: &a0 [x, x, x]\n" + "".join(
+                                      f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+                                      for i in range(1, 30))],
+                         ids=["cycle", "billion laughs"])
+def test_a_run_config_with_yaml_aliases_is_named_not_expanded(tmp_path, capsys, text):
+    """A cyclic alias in a run's config.yaml crashed `runs show --json` (exit 1); an alias
+    bomb ran until killed. A run's config is read as a config is: aliases refused."""
+    from poisonlab.config import BaseConfig
+    from poisonlab.runs import Run
+
+    with Run.create("demo", BaseConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    (run.path / "config.yaml").write_text(text)
+    code = main(["runs", "show", run.id, "--out", str(tmp_path), "--json"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "config.yaml" in err and "aliases" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_run_with_a_damaged_metrics_file_is_still_listed(tmp_path, capsys):
+    """A truncated metrics.json hid a completed run, said to have 'an unreadable run.json'."""
+    from poisonlab.config import BaseConfig
+    from poisonlab.runs import Run
+
+    with Run.create("demo", BaseConfig(), root=tmp_path) as run:
+        run.write_metrics({"accuracy": 0.5})
+    (run.path / "metrics.json").write_text('{"a":')
+    (tmp_path / "index.sqlite").unlink()
+    assert main(["runs", "list", "--out", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["run_id"] for r in json.loads(out)["runs"]] == [run.id]
+    assert "run.json" not in err

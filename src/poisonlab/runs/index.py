@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from poisonlab.errors import RunError
-from poisonlab.runs.layout import read_run_dir, runs_root
+from poisonlab.runs.layout import read_run_dir, read_run_info, runs_root
 
 INDEX_NAME = "index.sqlite"
 COLUMNS = ("run_id", "experiment", "config_hash", "status", "started", "ended", "headline", "path",
@@ -285,7 +285,10 @@ def rebuild_index(root: Path | str | None = None) -> int:
         try:
             info, metrics = read_run_dir(run_json.parent)
         except RunError:
-            continue  # an unreadable directory is skipped, not indexed
+            try:  # a damaged metrics.json: the run is listed, without headline numbers
+                info, metrics = read_run_info(run_json.parent), {}
+            except RunError:
+                continue  # an unreadable run.json: skipped, not indexed
         rows.append(_row(info, headline_metrics(metrics), run_json.parent))
 
     def write(conn: sqlite3.Connection) -> None:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 from torch import Tensor
 
-from poisonlab.config import read_small_text
+from poisonlab.config import load_yaml_tree, read_small_text
 from poisonlab.errors import ConfigError, RunError
 
 
@@ -95,8 +95,10 @@ _RUN_FIELDS: dict[str, tuple[type, ...]] = {
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A run's config.yaml, read as a config is (no aliases: a cycle or a "billion laughs"
+    expansion; no repeated keys)."""
     try:
-        data = yaml.safe_load(read_small_text(path))
+        data = load_yaml_tree(read_small_text(path))
     except OSError as exc:
         raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, yaml.YAMLError) as exc:
@@ -110,6 +112,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run.json, metrics.json or {}) of a run directory."""
+    info = read_run_info(path)
+    metrics_file = path / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    return info, metrics if isinstance(metrics, dict) else {}
+
+
+def read_run_info(path: Path) -> dict[str, Any]:
+    """The run.json of a run directory, its fields type-checked."""
     info = read_json(path / "run.json")
     if not isinstance(info, dict) or "id" not in info or "experiment" not in info:
         raise RunError(f"{path / 'run.json'} is not a run record")
@@ -117,9 +127,7 @@ def read_run_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if key in info and not isinstance(info[key], kinds):
             raise RunError(f"{path / 'run.json'} is damaged: '{key}' is a "
                            f"{type(info[key]).__name__}")
-    metrics_file = path / "metrics.json"
-    metrics = read_json(metrics_file) if metrics_file.exists() else {}
-    return info, metrics if isinstance(metrics, dict) else {}
+    return info
 
 
 def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) -> Path:
