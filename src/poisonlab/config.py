@@ -87,8 +87,6 @@ def _is_number_type(annotation: Any) -> bool:
     return bool(kinds) and all(a in (int, float) for a in kinds)
 
 
-
-
 def check_seed(seed: int) -> int:
     """`seed` if it is a valid seed (0 <= seed < 2^63), else a one-line ConfigError (also a
     typer callback for --seed options)."""
