@@ -191,6 +191,49 @@ def test_purify_never_replaces_a_fifo_or_device_link(tmp_path, capsys, kind):
     assert out.is_symlink() or stat.S_ISFIFO(out.stat().st_mode)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero"])
+def test_a_model_file_that_is_no_regular_file_is_named_so(tmp_path, kind):
+    """A FIFO or a /dev/zero link as a model file (or a resumed checkpoint, read the same way)
+    was reported as 'not found'; reading it would block or fill memory."""
+    from poisonlab.runs import load_weights
+
+    path = tmp_path / "m.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(ModelFileError, match=r"m\.safetensors is not a regular file"):
+        load_weights(path)
+
+
+def test_a_checkpoint_that_is_a_fifo_is_named_on_resume(tmp_path):
+    from poisonlab.experiments.membership import PRESETS, Config
+    from poisonlab.runs.record import Run
+
+    run = Run.create("membership", Config(**PRESETS["smoke"]), tmp_path)
+    os.mkfifo(run.checkpoint_path("target"))
+    with pytest.raises(ModelFileError, match="is not a regular file"):
+        run.load_checkpoint("target")
+
+
+def test_input_shape_metadata_contradicting_the_weights_is_blamed(tmp_path):
+    """1-channel weights with input_shape [3, 14, 14]: the file contradicts itself; the error
+    blamed the images' channels against the first convolution."""
+    from poisonlab.audit.model import load_model
+    from poisonlab.models import build_model
+
+    net = build_model("tiny_cnn", num_classes=2, in_channels=1)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"input_shape": "[3, 14, 14]"})
+    with pytest.raises(ModelFileError, match=r"contradicts itself: its input_shape metadata is "
+                                             r"\[3, 14, 14\], but its first convolution takes "
+                                             r"1-channel"):
+        load_model(path, "tiny_cnn")
+    _, shape = load_model(path, "tiny_cnn", image_size=14)  # the override still works
+    assert tuple(shape) == (1, 14, 14)
+
+
 def test_an_index_row_holding_a_blob_is_damage_and_rebuilt(tmp_path, capsys):
     from poisonlab.config import BaseConfig
     from poisonlab.runs import Run

@@ -89,7 +89,9 @@ def load_encoder(path: Path | str, arch: str, *, in_channels: int | None = None,
     load_into(model, _with_model_head(state, model), name=arch, source=str(path))
     encoder = FeatureEncoder(model) if callable(getattr(model, "features", None)) else model
     shape_channels = in_channels if in_channels is not None else model_channels(model)
-    return encoder.eval(), input_shape(arch, meta, image_size, shape_channels, path)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return encoder.eval(), input_shape(arch, meta, image_size, shape_channels, path,
+                                       weights_fix_channels=has_conv)
 
 
 def _file_channels(state: dict[str, torch.Tensor], arch: str, classes: int) -> int:

@@ -94,8 +94,9 @@ def load_model(path: Path | str, arch: str, *, in_channels: int | None = None,
                              f"'head.weight' tensor, the {arch} classifier's head (its keys: "
                              f"{_few(sorted(state))}; {arch}'s: {_few(probe.state_dict())})")
     classes = int(head.shape[0])
-    channels = weight_channels(state, probe) or in_channels or 3
-    shape = input_shape(arch, meta, image_size, channels, path)
+    fixed = weight_channels(state, probe)
+    channels = fixed or in_channels or 3
+    shape = input_shape(arch, meta, image_size, channels, path, weights_fix_channels=bool(fixed))
     kwargs = {}
     if arch in SIZED:
         shape = _sized_shape(arch, shape, state, classes, path)
@@ -106,9 +107,12 @@ def load_model(path: Path | str, arch: str, *, in_channels: int | None = None,
 
 
 def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, channels: int,
-                path: Path | str = "the model file") -> InputShape:
+                path: Path | str = "the model file", *,
+                weights_fix_channels: bool = False) -> InputShape:
     """(C, H, W) the model expects: `image_size`, else the file's metadata, else the arch's
-    usual size (DEFAULT_SIZE), else any size (H = W = 0)."""
+    usual size (DEFAULT_SIZE), else any size (H = W = 0). With `weights_fix_channels` (the
+    weights' first convolution takes `channels`), metadata naming other channels is refused:
+    the file contradicts itself, and the images are not to blame."""
     if image_size is not None:
         if image_size < 1:
             raise ConfigError(f"--image-size must be at least 1, got {image_size}")
@@ -124,6 +128,10 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
             raise ModelFileError(f"the input_shape metadata of {path} is "
                                  f"{printable(meta['input_shape'][:80])}, not [C, H, W] of "
                                  "positive integers (pass --image-size to override it)")
+        if weights_fix_channels and shape[0] != channels:
+            raise ModelFileError(f"{path} contradicts itself: its input_shape metadata is "
+                                 f"{shape}, but its first convolution takes {channels}-channel "
+                                 "images (pass --image-size to override the metadata)")
         return InputShape(tuple(shape), "file")
     for prefix, size in DEFAULT_SIZE.items():
         if arch.startswith(prefix):

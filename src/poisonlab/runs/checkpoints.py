@@ -116,8 +116,10 @@ def load_weights(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"model file {path} is a folder, not a weights file")
-    if not path.is_file():
+    if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, a device such as /dev/zero fill memory
+        raise ModelFileError(f"model file {path} is not a regular file (a FIFO, socket or device?)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return _load_safetensors(path)
