@@ -13,7 +13,9 @@ from poisonlab.attacks.backdoor_injection import BackdoorInjection
 from poisonlab.attacks.triggers import badnets_patch
 from poisonlab.cli import main
 from poisonlab.data.types import ImageSet
+from poisonlab.experiments import backdoor_defense
 from poisonlab.runs.checkpoints import save_weights
+from poisonlab.sweeps.summary import metric_names, undeclared_metrics
 
 TARGET = 3
 
@@ -144,6 +146,8 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
                  "--quiet", *sum((["--set", s] for s in sets), [])])
     assert code == 0
     metrics = last_json(capsys)
+    # every number it writes is one `sweep --metric` accepts before a run
+    assert undeclared_metrics(metric_names(metrics), backdoor_defense.METRICS) == []
     entry = metrics["attacks"]["badnets"]
     for stage in ("backdoored", "mcl", "fine_tuning", "nc_unlearning"):
         assert set(entry[stage]) == {"benign_accuracy", "attack_success_rate"}

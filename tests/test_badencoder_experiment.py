@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from poisonlab.cli import main
+from poisonlab.experiments import badencoder
 from poisonlab.runs import Run
+from poisonlab.sweeps.summary import metric_names, undeclared_metrics
 
 TASK_KEYS = ("clean_accuracy", "backdoor_accuracy", "attack_success_rate",
              "clean_encoder_attack_success_rate", "attack_success_rate_all_inputs")
@@ -47,6 +49,8 @@ def smoke(tmp_path_factory):
 def test_smoke_run_writes_the_metrics_report_and_encoder(smoke):
     _, run_dir, m = smoke
     assert 0 <= m["encoder_knn_accuracy"] <= 1
+    # every number it writes is one `sweep --metric` accepts before a run
+    assert undeclared_metrics(metric_names(m), badencoder.METRICS) == []
     task = m["tasks"]["synthetic"]
     for key in TASK_KEYS:
         assert 0 <= task[key] <= 1, key

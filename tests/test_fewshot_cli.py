@@ -13,6 +13,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.evaluation.fewshot import FewShotResult
 from poisonlab.experiments import fewshot_backdoor
 from poisonlab.runs import Run
+from poisonlab.sweeps.summary import metric_names, undeclared_metrics
 
 FAST = ["--set", "meta.iterations=10", "--set", "meta.eval_every=5", "--set", "attack.tasks=8",
         "--set", "attack.epsilons=[0.1, 0.3]", "--set", "attack.iterations=3", "-q"]
@@ -39,6 +40,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_metrics_figures_report(smoke_run):
     root, metrics = smoke_run
+    # every number it writes is one `sweep --metric` accepts before a run
+    assert undeclared_metrics(metric_names(metrics), fewshot_backdoor.METRICS) == []
     assert 0 <= metrics["clean_accuracy"] <= 1 and metrics["clean_accuracy_ci95"] >= 0
     assert [r["epsilon"] for r in metrics["per_epsilon"]] == [0.1, 0.3]
     for row in metrics["per_epsilon"]:

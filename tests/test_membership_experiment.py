@@ -19,9 +19,11 @@ import torch
 from poisonlab.attacks.membership import Queried, ThresholdAttack
 from poisonlab.cli import main
 from poisonlab.evaluation.membership_study import load_data, split_parts
+from poisonlab.experiments import membership as membership_experiment
 from poisonlab.experiments.membership import Config
 from poisonlab.metrics import roc_auc
 from poisonlab.runs import Run
+from poisonlab.sweeps.summary import metric_names, undeclared_metrics
 
 ATTACKS = {"shadow", "lira_online", "lira_offline", "label_only", "threshold"}
 DEFENSES = {"none", "dropout", "early_stopping", "dp_sgd", "labels_only", "rounding", "top_k"}
@@ -61,6 +63,8 @@ def _fractions(entry: dict) -> None:
 
 def test_keys_are_present_and_fractions(smoke):
     _, _, metrics, out = smoke
+    # every number it writes is one `sweep --metric` accepts before a run
+    assert undeclared_metrics(metric_names(metrics), membership_experiment.METRICS) == []
     assert set(metrics["attacks"]) == ATTACKS and set(metrics["defenses"]) == DEFENSES
     for entry in metrics["attacks"].values():
         assert set(entry) == METRICS

@@ -15,7 +15,9 @@ from PIL import Image
 from poisonlab.attacks.poisons import Poisons
 from poisonlab.cli import main
 from poisonlab.data.image_folder import load_image_folder
+from poisonlab.experiments import metapoison
 from poisonlab.runs import StateFile
+from poisonlab.sweeps.summary import metric_names, undeclared_metrics
 
 KEYS = {"success_rate", "ci95", "baseline_success_rate", "victim_clean_accuracy", "per_target",
         "transfer", "gradient_matching"}
@@ -37,6 +39,8 @@ def test_smoke_writes_metrics_and_report(smoke_run):
     _, path = smoke_run
     metrics = json.loads((path / "metrics.json").read_text())
     assert KEYS <= metrics.keys()
+    # every number it writes is one `sweep --metric` accepts before a run
+    assert undeclared_metrics(metric_names(metrics), metapoison.METRICS) == []
     assert {"success_rate", "ci95", "baseline_success_rate", "victim_clean_accuracy",
             "per_target", "transfer"} <= metrics["gradient_matching"].keys()
     assert set(metrics["per_target"]) == {"0", "1"}

@@ -416,11 +416,20 @@ def test_ray_gives_the_local_numbers_and_a_killed_worker_costs_only_its_piece(
         assert ours["headline"] == pytest.approx(local["headline"], abs=1e-6)
 
 
-def test_an_unknown_metric_stops_a_new_sweep_after_its_first_point(tmp_path):
-    """`--metric bogus` used to be found only after every point had run; the first point's
-    metrics name it, and that point stays recorded for the next call."""
-    code, _, err = cli(sweep_args(tmp_path, "--metric", "no_such_metric"))
-    assert code == 2 and err.strip().startswith("error: --metric no_such_metric"), err
+def test_a_metric_the_experiment_never_writes_is_refused_before_any_run(tmp_path):
+    """`--metric atack_success_rate` (a typo) matches none of the experiment's METRICS: refused
+    before any point runs, with the name it was probably meant to be."""
+    code, _, err = cli(sweep_args(tmp_path, "--metric", "atack_success_rate"))
+    assert code == 2 and err.strip().startswith("error: --metric atack_success_rate"), err
+    assert "did you mean attack_success_rate" in err and len(err.strip().splitlines()) == 1
+    assert run_dirs(tmp_path) == []
+
+
+def test_an_admitted_metric_absent_from_the_runs_stops_after_the_first_point(tmp_path):
+    """A name the patterns admit (meta_training.*) but no run holds: the first point's metrics
+    name it, and that point stays recorded for the next call."""
+    code, _, err = cli(sweep_args(tmp_path, "--metric", "meta_training.no_such_number"))
+    assert code == 2 and err.strip().startswith("error: --metric meta_training.no_such_number")
     done = [p for p in run_dirs(tmp_path) if info(p)["status"] == "completed"]
     assert len(done) == 1
     code, out, _ = cli(sweep_args(tmp_path))

@@ -1,7 +1,8 @@
 """`poisonlab sweep EXPERIMENT --grid key=v1,v2 [--grid ...] --seeds 0-4`: one run per point.
 
 Everything the user gave (experiment, grid keys and values, seeds, preset, config, overrides,
-backend) is checked before any point runs; a problem is one line `error: ...` and exit 2.
+backend, --metric names against the experiment's METRICS) is checked before any point runs; a
+problem is one line `error: ...` and exit 2.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import typer
 
 from poisonlab.errors import ConfigError, DataError
 from poisonlab.executors import BACKENDS, get_executor
-from poisonlab.experiments import EXPERIMENTS
+from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.report.sweep import summary_table
 from poisonlab.runs import runs_root
 from poisonlab.runs.layout import prepare_output, to_jsonable
 from poisonlab.sweeps import Sweep, parse_grid, run_sweep, summarise, write_summary
-from poisonlab.sweeps.summary import choose_metrics
+from poisonlab.sweeps.summary import check_declared_metrics, choose_metrics
 
 
 def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
@@ -31,6 +32,7 @@ def sweep(experiment: str, grid: list[str], seeds: str | None = None, *,
     """Validate, run the missing points, summarise; returns what --json prints."""
     plan = Sweep(experiment, parse_grid(grid or []), seeds, preset=preset, config=config,
                  sets=sets or [])
+    check_declared_metrics(metrics, get_experiment(plan.experiment).METRICS)
     status = terminal(stderr=True)
 
     def said(label: str, info: dict, done: int, total: int) -> None:

@@ -8,6 +8,10 @@ An experiment module exposes:
                        `run` is a poisonlab.runs.Run, `data_dir` a Path or None
     render(metrics) -> str | rich renderable
                        the headline table for the terminal
+    METRICS            the numbers metrics.json may hold, as `sweep --metric` names them
+                       (headline names and dotted keys; fnmatch patterns, `*` for a name the
+                       config chooses): a superset, so a --metric matching none is refused
+                       before any run (each experiment's smoke test checks the superset)
 It wires data, models, techniques, metrics and reports together and holds no technique itself.
 """
 

@@ -66,6 +66,14 @@ PRESETS: dict[str, dict] = {
     "paper": {},
 }
 
+# The numbers of metrics.json, as `sweep --metric` names them (see poisonlab.experiments); `*`:
+# an attack, or a defence's stage.
+METRICS: tuple[str, ...] = (
+    "target", "clean_samples", "attacks.*.benign_accuracy", "attacks.*.attack_success_rate",
+    "attacks.*.nc_anomaly_index", "attacks.*.nc.*", "attacks.*.mcl_inversion.*",
+    "attacks.*.seconds.*", "clean_model.benign_accuracy", "clean_model.nc.*",
+)
+
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None = None,
         progress: bool = True, *, executor: Executor | None = None) -> dict:

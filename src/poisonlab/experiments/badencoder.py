@@ -72,6 +72,19 @@ PRESETS: dict[str, dict] = {
     "paper": {"scan": {"steps": 1000}},
 }
 
+# The numbers of metrics.json, as `sweep --metric` names them (see poisonlab.experiments); `*`:
+# a downstream task (or, in the scan's keys, anything EncoderScanResult.to_dict() holds).
+METRICS: tuple[str, ...] = (
+    "encoder_knn_accuracy", "pretraining.*", "seconds.total", "encoder_scan.clean.*",
+    "encoder_scan.backdoored.*",
+    *(f"tasks.*.{k}" for k in (
+        "clean_accuracy", "backdoor_accuracy", "attack_success_rate",
+        "clean_encoder_attack_success_rate", "attack_success_rate_all_inputs",
+        "clean_encoder_attack_success_rate_all_inputs", "target", "num_classes", "train_size",
+        "test_size", "non_target_test_size", "injection.*", "trigger_reference_cosine.*",
+        "neural_cleanse.*")),
+)
+
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None = None,
         progress: bool = True) -> dict:

@@ -82,6 +82,17 @@ PRESETS: dict[str, dict] = {
     "paper": {},
 }
 
+# The numbers of metrics.json, as `sweep --metric` names them (see poisonlab.experiments).
+METRICS: tuple[str, ...] = (
+    "tasks", "attacker_keep_support", "clean_accuracy", "clean_accuracy_ci95",
+    "clean_trigger_to_target_rate", "clean_trigger_to_target_rate_ci95",
+    "clean_trigger_accuracy", "clean_trigger_accuracy_ci95", "asp_accuracy", "asp_accuracy_ci95",
+    "epsilon", "backdoor_accuracy", "attack_success_rate",
+    *(f"headline.{k}" for k in ("epsilon", "clean_accuracy", "backdoor_accuracy",
+                                "attack_success_rate", "asp_accuracy")),
+    "meta_training.*", "seconds.meta_training", "seconds.attack",
+)
+
 
 def load_bank(cfg: Config, data_dir: Path | None) -> tuple[FewShotData, str]:
     """The class bank and its name: Omniglot when asked for (or a data dir is given), else glyphs."""

@@ -70,6 +70,17 @@ PRESETS: dict[str, dict] = {
     "paper": {},
 }
 
+# The numbers of metrics.json, as `sweep --metric` names them (see poisonlab.experiments); `*`:
+# an attack, defence or shadow variant, or a TPR's false-positive rate.
+_SUMMARY = ("attack_accuracy", "auc", "tpr_at_fpr_*")
+METRICS: tuple[str, ...] = (
+    "records", "target.train_accuracy", "target.test_accuracy",
+    *(f"attacks.*.{k}" for k in (*_SUMMARY, "test_accuracy")),
+    *(f"shadow_variants.*.{k}" for k in _SUMMARY),
+    *(f"defenses.*.{k}" for k in (*_SUMMARY, "test_accuracy", "epochs", "epsilon")),
+    "defenses.*.threshold_attack.*", "matrix.*", "dp_sgd.*", "seconds.*",
+)
+
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True,
         executor: Executor | None = None) -> dict:

@@ -74,6 +74,16 @@ PRESETS: dict[str, dict] = {
     "paper": {},
 }
 
+# The numbers of metrics.json, as `sweep --metric` names them (see poisonlab.experiments): the
+# MetaPoison numbers at the top level, the other attacks' under their names (`*`).
+_ATTACK = ("success_rate", "ci95", "baseline_success_rate", "baseline_ci95",
+           "victim_clean_accuracy", "clean_victim_accuracy", "per_target.*.success_rate",
+           "per_target.*.baseline_success_rate")
+METRICS: tuple[str, ...] = (
+    "train_images", "budget", "poison_class", "target_class", "adv_class", *_ATTACK,
+    *(f"*.{k}" for k in _ATTACK), "seconds.*",
+)
+
 
 def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = True, *,
         executor: Executor | None = None) -> dict:

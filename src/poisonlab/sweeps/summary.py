@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from difflib import get_close_matches
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,38 @@ def metric_value(metrics: Mapping[str, Any], name: str) -> float | None:
     return None
 
 
+def metric_names(metrics: Mapping[str, Any]) -> list[str]:
+    """Every name a --metric may give for a run's metrics: headline names and dotted keys."""
+    return sorted(set(flatten_numbers(metrics)) | set(headline_metrics(metrics)))
+
+
+def undeclared_metrics(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The names that match none of an experiment's METRICS patterns (fnmatch: `*` stands for
+    a task, attack or other name its config chooses), so cannot be in any of its runs."""
+    return [n for n in names if not any(fnmatchcase(n, p) for p in patterns)]
+
+
+def check_declared_metrics(names: Sequence[str] | None, patterns: Sequence[str] | None) -> None:
+    """Before any point runs: a ConfigError for a --metric no run of the experiment can hold.
+    A name a pattern admits is still checked against the first point's metrics (choose_metrics):
+    the patterns are a superset of what the runs hold, never a subset."""
+    if not names or patterns is None:
+        return
+    for name in undeclared_metrics(names, patterns):
+        close = get_close_matches(name, patterns, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else (
+            "its numbers are: " + ", ".join(patterns[:25]) + (", ..." if len(patterns) > 25
+                                                               else ""))
+        raise ConfigError(f"--metric {name}: the experiment's runs hold no such number ({hint})")
+
+
 def choose_metrics(names: Sequence[str] | None, runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """`names` checked against the runs' metrics, or the headline metrics of the first run."""
     if not runs:
         return list(names or [])
     if not names:
         return list(headline_metrics(runs[0]))
-    known = {**flatten_numbers(runs[0]), **headline_metrics(runs[0])}
+    known = metric_names(runs[0])
     for name in names:
         if all(metric_value(m, name) is None for m in runs):
             shown = ", ".join(sorted(known)[:25]) + (", ..." if len(known) > 25 else "")
