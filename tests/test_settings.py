@@ -96,3 +96,23 @@ def test_an_integer_past_64_bits_is_refused_for_every_number_setting():
     for key in ("epochs", "rate"):
         with pytest.raises(ConfigError, match=rf"{key}: expected a number that fits 64 bits"):
             Counts(**{key: 10**23})
+
+
+@pytest.mark.parametrize("experiment, key, value, problem", [
+    ("fewshot-backdoor", "attack.epsilons", "[0.3, true]", "not true or false"),
+    ("fewshot-backdoor", "attack.epsilons", '["0.3"]', "not text"),
+    ("fewshot-backdoor", "attack.epsilons", "[100000000000000000000000]", "fits 64 bits"),
+    ("badencoder", "scan.lr_drops", "[[100000000000000000000000, 0.5]]", "fits 64 bits"),
+    ("badencoder", "scan.lr_drops", '[[30, "0.5"]]', "not text"),
+    ("badencoder", "scan.lr_drops", "[[true, 0.5]]", "not true or false"),
+])
+def test_numbers_inside_lists_of_constrained_numbers_are_checked_too(experiment, key, value,
+                                                                       problem):
+    """A list of Annotated[float, Field(...)] (ε values), or a list of (epoch, factor) pairs,
+    took true as 1.0, "0.3" as 0.3 and 10^23 as a count: the check now unwraps constrained
+    types and walks nested lists (found by the fifth re-sweep)."""
+    exp = get_experiment(experiment)
+    with pytest.raises(ConfigError, match=rf"{key}: expected a number.*{problem}"):
+        resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={value}"])
+    ok = "[0.3]" if key == "attack.epsilons" else "[[30, 0.5]]"
+    resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={ok}"])

@@ -54,14 +54,9 @@ class Settings(BaseModel):
         string ('7' in quotes, which it reads as 7), so a typo cannot become a value."""
         field = cls.model_fields.get(info.field_name) if info.field_name else None
         if field is not None and _is_number_type(field.annotation):
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            for item in items:
-                if isinstance(item, (bool, str)):
-                    raise ValueError("expected a number, not "
-                                     + ("true or false" if isinstance(item, bool) else "text"))
-                if isinstance(item, int) and not -INT_LIMIT <= item < INT_LIMIT:
-                    raise ValueError("expected a number that fits 64 bits (below 2^63): no "
-                                     "count, size or seed is larger")
+            problem = _not_a_number(value)
+            if problem:
+                raise ValueError(problem)
         return value
 
     def __init__(self, **data: Any) -> None:
@@ -77,14 +72,33 @@ class Settings(BaseModel):
 
 
 def _is_number_type(annotation: Any) -> bool:
-    """int or float, optionally None, or a list or tuple of them."""
+    """int or float (constrained ones too: Annotated[int, Field(...)]), optionally None, or
+    lists and tuples of them, nested or not."""
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _is_number_type(get_args(annotation)[0])
     if origin in (list, tuple):
         args = [a for a in get_args(annotation) if a is not Ellipsis]
         return bool(args) and all(_is_number_type(a) for a in args)
-    args = get_args(annotation) if origin in (Union, UnionType) else (annotation,)
-    kinds = [a for a in args if a is not type(None)]
-    return bool(kinds) and all(a in (int, float) for a in kinds)
+    if origin in (Union, UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(kinds) and all(_is_number_type(a) for a in kinds)
+    return annotation in (int, float)
+
+
+def _not_a_number(value: Any) -> str | None:
+    """Why `value` (a number, or lists and tuples of them at any depth) is no number setting's
+    value, or None: true/false and text are refused (pydantic reads them as 1 and 7), and so
+    are integers past 64 bits."""
+    if isinstance(value, (list, tuple)):
+        return next((p for p in map(_not_a_number, value) if p), None)
+    if isinstance(value, (bool, str)):
+        return "expected a number, not " + ("true or false" if isinstance(value, bool)
+                                            else "text")
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        return ("expected a number that fits 64 bits (below 2^63): no count, size or seed is "
+                "larger")
+    return None
 
 
 def check_seed(seed: int) -> int:
