@@ -8,6 +8,7 @@ unperturbed baseline, and the transfer matrix (surrogate × victim architecture)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,10 @@ def terminal(result: StudyResult):
     return Group(*parts)
 
 
-def loss_figure(path: Path, record: CraftRecord) -> Path:
+def loss_figure(path: Path, record: CraftRecord, target_ids: Sequence[int] | None = None) -> Path:
     """Adversarial loss per craft step: MetaPoison's ensemble mean ± spread; gradient matching's
-    matching loss per iteration on a second axis."""
+    matching loss per iteration on a second axis, one line per target (named by `target_ids`,
+    the test-set indices, else by position)."""
     panels = [k for k in ("metapoison", "gradient_matching") if record.losses.get(k)]
     fig, axes = new_figure(5.5 * len(panels), 4.0, 1, len(panels), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
@@ -77,8 +79,9 @@ def loss_figure(path: Path, record: CraftRecord) -> Path:
             ax.set(xlabel="craft step", ylabel="adversarial loss (CW margin)",
                    title="MetaPoison crafting")
         else:
-            for i, c in enumerate(curves):
-                ax.plot(c.numpy(), lw=1.0, label=f"target {i}" if i < 8 else None)
+            names = list(target_ids) if target_ids is not None else list(range(len(curves)))
+            for i, (c, tid) in enumerate(zip(curves, names, strict=True)):
+                ax.plot(c.numpy(), lw=1.0, label=f"target {tid}" if i < 8 else None)
             ax.set(xlabel="iteration", ylabel="1 − cos(g_target, g_poisons)",
                    title="gradient matching (chosen restart)")
         ax.legend(fontsize=7)
@@ -144,7 +147,8 @@ def write_report(run, cfg: StudyConfig, result: StudyResult) -> Path:
     """Figures into the run's figures/ folder and report.html beside metrics.json."""
     figures = []
     if result.craft.losses:
-        figures.append(loss_figure(run.figure_path("craft_loss.png"), result.craft))
+        figures.append(loss_figure(run.figure_path("craft_loss.png"), result.craft,
+                                   cfg.targets.ids))
     example = poisons_figure(run.figure_path("poisons.png"), result.craft)
     figures += [example] if example is not None else []
     if result.attacks:
