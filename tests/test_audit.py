@@ -291,3 +291,22 @@ def test_neural_cleanse_is_kept_when_mm_bd_cannot_finish(glyphs14, backdoored, m
     assert check.verdict.endswith("; MM-BD could not run")
     assert check.notes[0] == "MM-BD could not run: MM-BD: the model's logit margins are not finite"
     assert check.to_dict()["mm_bd_error"].startswith("MM-BD: the model's logit margins")
+
+
+@pytest.mark.parametrize("norms", [[1.006, 317.6], [300.0, 310.0], [5.0]])
+def test_a_model_of_fewer_than_three_labels_is_never_judged_clean(norms):
+    """Two mask sizes always give the anomaly index 1/1.4826 = 0.67, so a 2-class model came out
+    "none detected" (and a threshold under 0.67 flagged it) whatever its triggers: the verdict
+    was fixed before the scan ran (fifth re-sweep). It is inconclusive, and says why."""
+    from poisonlab.defenses.neural_cleanse import DetectionResult
+
+    for threshold, band in ((2.0, 0.5), (0.5, 0.0)):
+        detection = DetectionResult([], torch.tensor([norms]), threshold=threshold, band=band)
+        assert not detection.judgeable and detection.flagged == []
+        assert detection.status == "inconclusive"
+        check = BackdoorResult(detection, [str(k) for k in range(len(norms))])
+        assert check.status == "inconclusive" and not check.detected
+        assert check.verdict.startswith(f"backdoor: INCONCLUSIVE, cannot judge a model of "
+                                        f"{len(norms)} label"), check.verdict
+    three = DetectionResult([], torch.tensor([[1.0, 300.0, 310.0]]), threshold=2.0)
+    assert three.judgeable and three.flagged == [0]

@@ -22,7 +22,7 @@ from typing import Any
 
 from poisonlab.audit.checks import DETECTORS, CheckResult, ScanContext
 from poisonlab.defenses.mm_bd import MMBD, MMBDResult
-from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
+from poisonlab.defenses.neural_cleanse import MIN_LABELS, DetectionResult, NeuralCleanse
 from poisonlab.errors import PoisonlabError
 from poisonlab.progress import progress_bar
 from poisonlab.report.audit import backdoor_section, margin_grid, trigger_grid
@@ -140,7 +140,9 @@ class BackdoorResult(CheckResult):
             if len(set(targets.values())) > 1:
                 lines.append("the detectors name different labels: " + ", ".join(
                     f"{DETECTORS[n]} {t}" for n, t in targets.items()))
-        if self.detection is not None and self.detection.status == "inconclusive":
+        if self.detection is not None and not self.detection.judgeable:
+            lines.append("a known trigger (--trigger) measures its attack success directly")
+        elif self.detection is not None and self.detection.status == "inconclusive":
             lines.append("more --restarts, --steps or --samples narrow the index; a known "
                          "trigger (--trigger) measures label "
                          f"{self.detection.candidate} directly")
@@ -154,6 +156,8 @@ class BackdoorResult(CheckResult):
         """Neural Cleanse's finding in a few words (its target, or what came closest)."""
         d = self.detection
         assert d is not None
+        if not d.judgeable:
+            return _too_few_labels(d)
         if d.status == "detected":
             return f"{self._label(d.target)}, index {float(d.anomaly_index[d.target]):.2f}"
         cand = d.candidate
@@ -179,6 +183,8 @@ class BackdoorResult(CheckResult):
         assert d is not None
         band = (f"threshold {d.threshold:g} ± {d.band:g}" if d.band else
                 f"threshold {d.threshold:g}")
+        if not d.judgeable:
+            return f"{who}: INCONCLUSIVE, {_too_few_labels(d)}"
         if d.status == "detected":
             parts = [f"{label} ({self.classes[label]}, {self._index(label)})"
                      for label in sorted(d.flagged)]
@@ -272,3 +278,9 @@ def backdoor_check(ctx: ScanContext) -> BackdoorResult:
         if ctx.report_dir is not None and mm_bd is not None and mm_bd.inputs is not None:
             mm_figure = margin_grid(ctx.report_dir / MARGIN_FIGURE, mm_bd)
     return BackdoorResult(detection, ctx.classes, figure, mm_bd, mm_figure, error)
+
+
+def _too_few_labels(d: DetectionResult) -> str:
+    k = int(d.norms.numel())
+    return (f"cannot judge a model of {k} label{'s' if k != 1 else ''}: the anomaly index "
+            f"needs at least {MIN_LABELS} (with {k} it is the same whatever the triggers' sizes)")

@@ -23,6 +23,7 @@ Deviations from the original, for a verdict that does not hang on one random sta
   on its own gives the spread of the index.
 - A `band` around the threshold: a largest index within threshold ± band is "inconclusive"
   instead of a flat yes or no (band 0: the original decision).
+- Fewer than 3 labels: always inconclusive (the MAD index of two sizes is a constant).
 
 The same optimiser, with an additive pattern x' = clip(x + δ, 0, 1) and |δ|_1 as the size term,
 serves MCL's trigger inversion (poisonlab.defenses.mcl).
@@ -283,6 +284,9 @@ def _pass(model, x, param, opt, jobs, labels, lam, cfg, gen) -> tuple[torch.Tens
     return hits / len(x), size_sum / batches
 
 
+MIN_LABELS = 3  # the fewest labels whose mask sizes the MAD anomaly index can tell apart
+
+
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     """|norm − median| / (1.4826·MAD) along the last axis (0 where all norms are equal)."""
     norms = torch.as_tensor(norms, dtype=torch.float64)
@@ -333,9 +337,15 @@ class DetectionResult:
         """The anomaly index of each restart on its own [R, K] (its spread: the uncertainty)."""
         return anomaly_index(torch.as_tensor(self.restart_norms, dtype=torch.float64))
 
+    @property
+    def judgeable(self) -> bool:
+        """False below MIN_LABELS labels: the index is then a constant (two sizes give 0.67,
+        whatever they are), so no threshold means anything and the scan is inconclusive."""
+        return int(self.norms.numel()) >= MIN_LABELS
+
     @cached_property
     def flagged(self) -> list[int]:
-        return flagged_labels(self.norms, self.threshold + self.band)
+        return flagged_labels(self.norms, self.threshold + self.band) if self.judgeable else []
 
     @property
     def candidate(self) -> int | None:
@@ -351,6 +361,8 @@ class DetectionResult:
         band) or none."""
         if self.flagged:
             return "detected"
+        if not self.judgeable:
+            return "inconclusive"
         cand = self.candidate
         if cand is not None and float(self.anomaly_index[cand]) >= self.threshold - self.band:
             return "inconclusive"
@@ -377,6 +389,7 @@ class DetectionResult:
         return {
             "backdoored": self.backdoored,
             "status": self.status,
+            "judgeable": self.judgeable,
             "flagged": self.flagged,
             "candidate": self.candidate,
             "threshold": self.threshold,
