@@ -299,3 +299,33 @@ def test_a_run_with_a_damaged_metrics_file_is_still_listed(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert [r["run_id"] for r in json.loads(out)["runs"]] == [run.id]
     assert "run.json" not in err
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_symlink_as_model_file_is_named_so(tmp_path, kind):
+    """`run --model loop.safetensors` said "no run 'loop.safetensors'" and `scan` "not found"."""
+    from poisonlab.experiments.fewshot_backdoor import PRESETS, Config, load_meta_model
+
+    path = tmp_path / "m.safetensors"
+    path.symlink_to(tmp_path / ("nothing" if kind == "dangling" else "m.safetensors"))
+    with pytest.raises(ModelFileError, match=r"m\.safetensors is a symlink that leads nowhere"):
+        load_meta_model(str(path), Config(**PRESETS["smoke"]), "cpu", root=tmp_path)
+
+
+def test_a_file_given_as_image_folder_is_called_a_file(tmp_path):
+    from poisonlab.data.image_folder import load_image_folder
+
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"image folder .*f\.png is a file, not a folder"):
+        load_image_folder(tmp_path / "f.png")
+
+
+def test_input_sizes_past_the_largest_a_model_may_declare_are_refused():
+    """[1, 10^23, 28] metadata blamed the images ("the model expects 1x100000...x28")."""
+    from poisonlab.audit.model import input_shape
+
+    with pytest.raises(ModelFileError, match=r"not \[C, H, W\] of integers 1 to 4096"):
+        input_shape("small_cnn", {"input_shape": "[1, 100000000000000000000000, 28]"}, None, 1)
+    with pytest.raises(ConfigError, match="--image-size must be 1 to 4096"):
+        input_shape("small_cnn", {}, 10**23, 1)
+    assert input_shape("small_cnn", {"input_shape": "[1, 4096, 28]"}, None, 1) == (1, 4096, 28)

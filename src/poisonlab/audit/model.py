@@ -29,7 +29,8 @@ DEFAULT_SIZE = {"resnet": 32, "small_cnn": 28, "tiny_cnn": 28, "convnet_bn": 32}
 # shapes depend on it (convnet_bn's head sees widths[-1]·(N / 2^blocks)² features), so the
 # sizes the weights fit are read back from them.
 SIZED = ("convnet_bn",)
-LARGEST_SIZE = 4096  # the largest input size looked for in the weights of a SIZED architecture
+LARGEST_SIZE = 4096  # the largest input side (and channel count) a model file may declare,
+# and the largest size looked for in the weights of a SIZED architecture
 SHOWN_KEYS = 3  # keys an error lists
 
 Shape = tuple[int, int, int]
@@ -114,8 +115,8 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
     weights' first convolution takes `channels`), metadata naming other channels is refused:
     the file contradicts itself, and the images are not to blame."""
     if image_size is not None:
-        if image_size < 1:
-            raise ConfigError(f"--image-size must be at least 1, got {image_size}")
+        if not 1 <= image_size <= LARGEST_SIZE:
+            raise ConfigError(f"--image-size must be 1 to {LARGEST_SIZE}, got {image_size}")
         return InputShape((channels, image_size, image_size), "given")
     if "input_shape" in meta:
         try:
@@ -124,10 +125,11 @@ def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, chan
             shape = None
         # exact integers only: [1.5, 28, 28] was read as [1, 28, 28], "abc" or {} ignored
         if (not isinstance(shape, list) or len(shape) != 3
-                or not all(type(v) is int and v >= 1 for v in shape)):
+                or not all(type(v) is int and 1 <= v <= LARGEST_SIZE for v in shape)):
             raise ModelFileError(f"the input_shape metadata of {path} is "
                                  f"{printable(meta['input_shape'][:80])}, not [C, H, W] of "
-                                 "positive integers (pass --image-size to override it)")
+                                 f"integers 1 to {LARGEST_SIZE} (pass --image-size to override "
+                                 "it)")
         if weights_fix_channels and shape[0] != channels:
             raise ModelFileError(f"{path} contradicts itself: its input_shape metadata is "
                                  f"{shape}, but its first convolution takes {channels}-channel "

@@ -171,7 +171,9 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
     order."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        what = ("is a file, not a folder" if root.exists() else "is a symlink that leads "
+                "nowhere (dangling, or a loop)" if root.is_symlink() else "does not exist")
+        raise DataError(f"image folder {root} {what}")
     classes = class_order(p.name for p in root.iterdir()
                           if p.is_dir() and not p.name.startswith("."))
     if not classes:

@@ -217,7 +217,7 @@ def _nc_summary(r: DetectionResult, target: int) -> dict:
 def load_clean_encoder(cfg: ProtocolConfig, source: str, root: Path | None) -> nn.Module:
     """The clean encoder from a run id (its `encoder` checkpoint) or a weights file."""
     path = Path(source)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a broken link is named as a file
         path = Run.open(source, root=root).checkpoint_path("encoder")
     encoder = cfg.encoder.build()
     state, _ = load_weights(path)

@@ -162,7 +162,7 @@ def _load_resume(run: Run) -> MetaTrainState | None:
 def load_meta_model(model: str, cfg: Config, device, root: Path | None = None) -> dict:
     """θ* from a run id (its best checkpoint) or a weights file; checked against CNN4's shapes."""
     path = Path(model)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a broken link is named as a file
         path = Run.open(model, root=root).checkpoint_path("model")
     state, _ = load_weights(path)
     hidden = cfg.model.hidden

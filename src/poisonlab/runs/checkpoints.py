@@ -117,6 +117,9 @@ def load_weights(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.is_dir():
         raise ModelFileError(f"model file {path} is a folder, not a weights file")
     if not path.exists():
+        if path.is_symlink():
+            raise ModelFileError(f"model file {path} is a symlink that leads nowhere (dangling, "
+                                 "or a loop)")
         raise ModelFileError(f"model file not found: {path}")
     if not path.is_file():  # a FIFO would block the read, a device such as /dev/zero fill memory
         raise ModelFileError(f"model file {path} is not a regular file (a FIFO, socket or device?)")
