@@ -116,3 +116,20 @@ def test_numbers_inside_lists_of_constrained_numbers_are_checked_too(experiment,
         resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={value}"])
     ok = "[0.3]" if key == "attack.epsilons" else "[[30, 0.5]]"
     resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={ok}"])
+
+
+@pytest.mark.parametrize("experiment, key, value, words", [
+    ("badencoder", "downstream.hidden", "[-3, 256]", "greater than or equal to 1"),
+    ("badencoder", "downstream.hidden", "[0, 256]", "greater than or equal to 1"),
+    ("backdoor-defense", "defense.finetune.lr_steps", "[[0, 0.1], [-5, 0.01]]", "ascending"),
+    ("backdoor-defense", "defense.finetune.lr_steps", "[[0, 0.1], [3, 0.01], [3, 0.001]]",
+     "ascending"),
+    ("membership", "train.milestones", "[0, 5]", "greater than or equal to 1"),
+])
+def test_widths_schedules_and_milestones_that_cannot_work_are_refused(experiment, key, value,
+                                                                     words):
+    """A hidden width of -3 crashed after pre-training, 0 trained a zero-width MLP to chance,
+    and an unsorted fine-tuning schedule silently dropped a step (sixth re-sweep)."""
+    exp = get_experiment(experiment)
+    with pytest.raises(ConfigError, match=rf"{key}.*{words}"):
+        resolve_config(exp.Config, exp.PRESETS, "smoke", overrides=[f"{key}={value}"])

@@ -56,6 +56,9 @@ class FineTuneConfig(Settings):
     def _schedule(cls, steps: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
         if not steps or steps[0][0] != 0:
             raise ValueError("must be non-empty and start at epoch 0")
+        starts = [start for start, _ in steps]
+        if starts != sorted(set(starts)):  # a later step would hide an earlier one
+            raise ValueError(f"the start epochs {starts} must be ascending, each once")
         if any(lr <= 0 for _, lr in steps):
             raise ValueError("learning rates must be > 0")
         return steps

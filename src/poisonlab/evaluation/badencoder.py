@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -75,7 +75,8 @@ class DownstreamConfig(Settings):
     epochs: int = Field(500, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
-    hidden: tuple[int, int] = (512, 256)
+    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], Annotated[int, Field(ge=1, le=65536)]] = (
+        512, 256)
     dropout: float = Field(0.5, ge=0, lt=1)
     shuffle: bool = True
     feature_batch_size: int = Field(256, ge=1)

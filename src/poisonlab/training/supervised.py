@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -43,7 +43,7 @@ class TrainConfig(Settings):
     weight_decay: float = Field(5e-4, ge=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     schedule: Literal["cosine", "onecycle", "step", "none"] = "cosine"
-    milestones: tuple[int, ...] = ()
+    milestones: tuple[Annotated[int, Field(ge=1)], ...] = ()  # epoch 0 or below never fires
     gamma: float = Field(0.1, gt=0)
     warmup: float = Field(0.15, ge=0, lt=1)
     augment: bool = False
