@@ -252,6 +252,7 @@ def test_an_index_row_holding_a_blob_is_damage_and_rebuilt(tmp_path, capsys):
 
 
 def test_written_files_are_ordinary_and_non_utf8_names_do_not_fail_the_write(tmp_path):
+    from poisonlab.attacks.poisons import Poisons
     from poisonlab.runs.checkpoints import save_weights
     from poisonlab.runs.layout import atomic_write_text
 
@@ -260,10 +261,12 @@ def test_written_files_are_ordinary_and_non_utf8_names_do_not_fail_the_write(tmp
         text, weights = tmp_path / "r.html", tmp_path / "w.safetensors"
         atomic_write_text(text, "model m\udcff.pt")  # a surrogate: a file name in Latin-1
         save_weights(weights, {"w": torch.zeros(2)})
+        poisons = Poisons(torch.tensor([0]), torch.zeros(1, 1, 2, 2)).save(tmp_path / "p.st")
     finally:
         os.umask(umask)
     assert text.read_text() == "model m\\udcff.pt"
     assert stat.S_IMODE(text.stat().st_mode) == stat.S_IMODE(weights.stat().st_mode) == 0o644
+    assert stat.S_IMODE(poisons.stat().st_mode) == 0o644  # a crafted poisons file was 0600
 
 
 @pytest.mark.parametrize("text", ["a: &x [*x]\n",

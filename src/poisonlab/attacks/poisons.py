@@ -21,12 +21,13 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
+from poisonlab.runs.checkpoints import save_weights
 
 FORMAT = "poisonlab-poisons-v1"
 
@@ -118,10 +119,7 @@ class Poisons:
             history = self.history
         header = {"format": FORMAT, "color_space": self.color_space,
                   "history": json.dumps(history), "meta": json.dumps(meta or {})}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
-        return path
+        return save_weights(path, tensors, header)  # atomic, with the usual file permissions
 
     @classmethod
     def load(cls, path: str | Path) -> Poisons:
