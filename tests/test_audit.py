@@ -310,3 +310,21 @@ def test_a_model_of_fewer_than_three_labels_is_never_judged_clean(norms):
                                         f"{len(norms)} label"), check.verdict
     three = DetectionResult([], torch.tensor([[1.0, 300.0, 310.0]]), threshold=2.0)
     assert three.judgeable and three.flagged == [0]
+
+
+def test_purify_never_returns_non_finite_weights(glyphs14, backdoored, monkeypatch):  # noqa: F811
+    """--ce-weight 1e30 made MCL diverge and purify wrote NaN weights as the purified model."""
+    import copy
+
+    from poisonlab.defenses import mcl as mcl_module
+
+    def diverged(self, model, clean, target, progress=None):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            next(broken.parameters()).fill_(float("nan"))
+        return type("Out", (), {"model": broken})()
+
+    monkeypatch.setattr(mcl_module.MCL, "purify", diverged)
+    train, _ = glyphs14
+    with pytest.raises(ConfigError, match=r"MCL diverged: 1 of \d+ tensors .* not finite"):
+        purify(backdoored, train.subset(torch.arange(50)), target=TARGET)

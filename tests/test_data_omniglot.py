@@ -217,3 +217,20 @@ def test_a_zip_member_that_cannot_be_unpacked_is_named(tmp_path, field, value, m
     with pytest.raises(DataError, match=rf"cannot unpack zip member .*\.png of .*"
                                         rf"images_background\.zip: .*{message}"):
         load_omniglot(root)
+
+
+def test_a_fifo_among_extracted_drawings_is_refused_not_read(tmp_path):
+    """An extracted release with a FIFO named like a drawing blocked the loader for ever."""
+    import os
+
+    root = _tiny_release(tmp_path / "r")
+    folder = tmp_path / "folders"
+    for set_name in omniglot.SETS:
+        with zipfile.ZipFile(root / f"{set_name}.zip") as zf:
+            zf.extractall(folder)
+    bad = folder / "images_evaluation/Script10/character01/0000_03.png"
+    bad.unlink()
+    os.mkfifo(bad)
+    with pytest.raises(DataError, match=r"cannot read Omniglot image .*0000_03\.png: not a "
+                                         r"regular file"):
+        load_omniglot(folder, workers=1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from poisonlab.attacks.backdoor_injection import attack_success_rate
@@ -123,5 +124,11 @@ def purify(model: nn.Module, clean: ImageSet, *, target: int | None = None,
     with progress_bar(method.steps(), "MCL", enabled=progress) as bar:
         purified = method.purify(model, clean, target,
                                  progress=lambda status: bar.advance(status=status)).model
+    broken = [k for k, v in purified.state_dict().items()
+              if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # never hand back (or let the CLI write) weights that are no model
+        raise ConfigError(f"MCL diverged: {len(broken)} of {len(purified.state_dict())} tensors "
+                          f"of the purified model are not finite (e.g. {broken[0]}); lower "
+                          "--ce-weight / --distill-weight or the learning rate")
     return PurifyReport(purified, int(target), len(clean), before,
                         measure(purified, test, trigger, target), detection)

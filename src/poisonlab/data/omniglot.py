@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from poisonlab.config import read_small_bytes
 from poisonlab.data.archive import ArchiveBudget
 from poisonlab.data.cache import Expected, file_digest, load_cached, make_key, save_cached
 from poisonlab.data.image_folder import default_workers, open_image, run_chunks, split_chunks
@@ -126,8 +127,14 @@ _MEMBER_LIMIT, _TOTAL_LIMIT = 2**20, 256 * 2**20
 
 def _read_bytes(src: _Source, characters: list[_Character]) -> list[tuple[str, bytes]]:
     files = [f for _, fs in characters for f in fs]
-    if not src.is_zip:
-        return [(name, Path(loc).read_bytes()) for name, loc in files]
+    if not src.is_zip:  # regular files of at most a member's size: a FIFO blocked for ever
+        items = []
+        for name, loc in files:
+            try:
+                items.append((name, read_small_bytes(Path(loc), _MEMBER_LIMIT, "an Omniglot image")))
+            except OSError as exc:
+                raise DataError(f"cannot read Omniglot image {loc}: {exc.strerror or exc}") from None
+        return items
     items = []
     budget = ArchiveBudget(src.path, "Omniglot", _MEMBER_LIMIT, _TOTAL_LIMIT)
     with _open_zip(src.path) as zf:
