@@ -79,6 +79,16 @@ def _tiny_release(root: Path, per_class: int = 20, odd_size: str | None = None) 
     return root
 
 
+def _extracted_release(tmp_path: Path) -> Path:
+    """The tiny release's zips extracted into one folder, as a user unpacks them."""
+    root = _tiny_release(tmp_path / "r")
+    folder = tmp_path / "folders"
+    for set_name in omniglot.SETS:
+        with zipfile.ZipFile(root / f"{set_name}.zip") as zf:
+            zf.extractall(folder)
+    return folder
+
+
 def test_tiny_release_from_zips_and_folders_agree(tmp_path):
     zips = _tiny_release(tmp_path / "zips")
     data = load_omniglot(zips)
@@ -139,11 +149,7 @@ def test_wrong_drawing_count_names_the_character(tmp_path):
 
 
 def test_corrupt_png_names_the_file(tmp_path):
-    root = _tiny_release(tmp_path / "r")
-    folder = tmp_path / "folders"
-    for set_name in omniglot.SETS:
-        with zipfile.ZipFile(root / f"{set_name}.zip") as zf:
-            zf.extractall(folder)
+    folder = _extracted_release(tmp_path)
     bad = folder / "images_evaluation/Script10/character01/0000_03.png"
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(DataError, match=r"cannot decode image .*0000_03\.png"):
@@ -223,11 +229,7 @@ def test_a_fifo_among_extracted_drawings_is_refused_not_read(tmp_path):
     """An extracted release with a FIFO named like a drawing blocked the loader for ever."""
     import os
 
-    root = _tiny_release(tmp_path / "r")
-    folder = tmp_path / "folders"
-    for set_name in omniglot.SETS:
-        with zipfile.ZipFile(root / f"{set_name}.zip") as zf:
-            zf.extractall(folder)
+    folder = _extracted_release(tmp_path)
     bad = folder / "images_evaluation/Script10/character01/0000_03.png"
     bad.unlink()
     os.mkfifo(bad)
