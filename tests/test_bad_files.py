@@ -144,7 +144,7 @@ def test_craft_refuses_two_images_of_one_stem_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "0.jpg and" in err and "0.png would both be written as a/0.png" in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # a refused craft leaves no empty --out behind
 
 
 def test_symlink_loops_are_named_not_internal_errors(tmp_path, capsys):
@@ -214,6 +214,22 @@ def test_a_checkpoint_that_is_a_fifo_is_named_on_resume(tmp_path):
     os.mkfifo(run.checkpoint_path("target"))
     with pytest.raises(ModelFileError, match="is not a regular file"):
         run.load_checkpoint("target")
+
+
+def test_a_resume_refuses_a_checkpoint_that_is_no_regular_file(tmp_path, capsys, monkeypatch):
+    """A FIFO as checkpoints/model.safetensors: the resume finished from later checkpoints
+    without reading it and left it where the run's weights belong."""
+    from poisonlab.experiments.membership import PRESETS, Config
+    from poisonlab.runs.record import Run
+
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path))
+    run = Run.create("membership", Config(**PRESETS["smoke"]), tmp_path)
+    run.save_checkpoint("later", {"x": torch.zeros(1)})
+    os.mkfifo(run.checkpoint_path("model"))
+    assert main(["run", "membership", "--resume", run.id, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"run {run.id} cannot be resumed:" in err and "model.safetensors is not a regular" in err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_input_shape_metadata_contradicting_the_weights_is_blamed(tmp_path):
@@ -332,3 +348,42 @@ def test_input_sizes_past_the_largest_a_model_may_declare_are_refused():
     with pytest.raises(ConfigError, match="--image-size must be 1 to 4096"):
         input_shape("small_cnn", {}, 10**23, 1)
     assert input_shape("small_cnn", {"input_shape": "[1, 4096, 28]"}, None, 1) == (1, 4096, 28)
+
+
+def test_a_model_file_with_a_one_class_head_is_blamed_by_name(tmp_path):
+    """It said "num_classes must be at least 2, got 1", naming neither the file nor its head."""
+    from poisonlab.audit import load_model
+    from poisonlab.audit.encoder import load_encoder
+    from poisonlab.models import build_model
+
+    state = build_model("tiny_cnn", 2, 1).state_dict()
+    state = {k: (v[:1] if k.startswith("head.") else v) for k, v in state.items()}
+    path = tmp_path / "one-class.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    for load in (load_model, load_encoder):
+        with pytest.raises(ModelFileError, match=r"one-class\.safetensors: its 'head.weight' "
+                                                 r"has 1 output\(s\)"):
+            load(path, "tiny_cnn")
+
+
+def test_a_huge_budget_is_echoed_as_given_not_as_a_rounded_integer():
+    from poisonlab.cli.craft import budget_count
+
+    with pytest.raises(ConfigError, match=r"--budget 1e\+23 is more than the 500 training"):
+        budget_count(1e23, 500)
+    assert budget_count(500, 500) == 500 and budget_count(0.01, 500) == 5
+
+
+def test_a_data_dir_for_the_embedded_glyphs_is_refused_not_ignored(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The few-shot smoke preset names the glyphs: --data-dir was silently ignored, and a user
+    who meant their Omniglot got results on the glyphs."""
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
+    for args in (["run", "fewshot-backdoor", "--preset", "smoke", "-q"],
+                 ["scan", str(tmp_path / "m.safetensors"), "--arch", "tiny_cnn", "--dataset",
+                  "glyphs"]):
+        assert main([*args, "--data-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--data-dir {tmp_path} is not used: the data set is the embedded glyphs" in err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p.is_dir() for p in runs.iterdir()), "work was started"

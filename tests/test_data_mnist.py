@@ -145,3 +145,26 @@ def test_dimensions_whose_product_wraps_around_are_named(tmp_path):
         struct.pack(">IIII", 0x803, 2**22, 2**22, 2**20))  # 2^64 bytes declared, 16 present
     with pytest.raises(DataError, match=r"has 16 bytes, expected 18446744073709551632"):
         load_mnist(tmp_path)
+
+
+def test_a_sparse_file_larger_than_any_mnist_file_is_refused_before_it_is_read(tmp_path):
+    """A sparse 3 GiB file costs nothing on disk; it was hashed for the cache key and read
+    whole (3 GiB of memory) before its size was compared with its header."""
+    _write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    with open(path, "r+b") as f:
+        f.truncate(3 * 2**30)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is 3,221,225,472 bytes, "
+                                        r"larger than any MNIST file"):
+        load_mnist(tmp_path)
+
+
+def test_an_mnist_file_that_is_a_fifo_is_refused_not_waited_for(tmp_path):
+    import os
+
+    _write_mnist(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        mnist.read_idx(path, 1)

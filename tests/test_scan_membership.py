@@ -205,3 +205,18 @@ def test_bad_inputs_are_one_line_errors(files, capsys, tmp_path, members, extra,
 def test_one_record_set_alone_is_an_error(files, capsys, tmp_path):
     assert main(scan(files, tmp_path, "--members", str(files["members"]))) == 2
     assert "needs --non-members" in capsys.readouterr().err
+
+
+def test_a_tpr_at_an_fpr_the_non_members_cannot_measure_is_a_dash_not_a_number():
+    """The verdict said "TPR at 0.1% FPR not measurable with 200 non-members" while the table
+    beside it showed a number there (the TPR at zero false positives)."""
+    from types import SimpleNamespace
+
+    from poisonlab.report.audit import membership_section
+
+    attack = SimpleNamespace(attack="loss_threshold", reason="r", p_value=0.01, metrics={
+        "auc": 0.7, "tpr_at_fpr_0.001": 0.05, "tpr_at_fpr_0.01": 0.1, "attack_accuracy": 0.6})
+    for non_members, cells in [(200, [None, 0.1]), (1000, [0.05, 0.1]), (99, [None, None])]:
+        section = membership_section("v", [attack], 200, "m", non_members, "n", None)
+        assert section.tables[0].columns[2:4] == ["TPR at 0.1% FPR", "TPR at 1% FPR"]
+        assert section.tables[0].rows[0][2:4] == cells, non_members

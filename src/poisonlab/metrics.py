@@ -42,6 +42,13 @@ def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 MEMBERSHIP_FPRS = (0.001, 0.01)
 
 
+def tpr_measurable(fpr: float, negatives: int) -> bool:
+    """Whether the TPR at false-positive rate `fpr` can be read off `negatives` non-members:
+    with fewer than 1/fpr, the smallest FPR above zero is 1/negatives, and "the TPR at 0.1%
+    FPR" would be the TPR at zero false positives, mislabelled."""
+    return negatives * fpr >= 1
+
+
 def _roc_inputs(scores, labels) -> tuple:
     """Scores and 0/1 labels as flat NumPy arrays, checked (one-line DataError on bad input)."""
     s = torch.as_tensor(scores).detach().double().flatten().cpu()

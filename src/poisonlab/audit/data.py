@@ -3,7 +3,7 @@ against the model's input shape, and the samples drawn from them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,8 +14,8 @@ from torch import nn
 from poisonlab.audit.model import InputShape
 from poisonlab.config import Settings
 from poisonlab.data.glyphs import load_glyph_supervised
-from poisonlab.data.image_folder import load_image_folder
-from poisonlab.data.registry import check_name, load_dataset
+from poisonlab.data.image_folder import load_image_folder, peek_image, scan_image_folder
+from poisonlab.data.registry import check_name, load_dataset, refuse_data_dir
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
 
@@ -43,13 +43,20 @@ class CleanSubset(Settings):
 
 
 def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, split: str,
-               seed: int) -> tuple[ImageSet, list[str]]:
+               seed: int, shape: Sequence[int] | None = None) -> tuple[ImageSet, list[str]]:
     """Clean labelled images and class names from an image folder or a named data set's
-    `split` ("train" or "test")."""
+    `split` ("train" or "test"). With `shape`, the model's (C, H, W) (H = 0: any size), a
+    folder whose images do not fit is refused from the image headers, before any is decoded
+    (a folder of huge images would otherwise fill memory first)."""
     if (data is None) == (dataset is None):
         raise ConfigError("give exactly one of a data folder (--data/--clean-data) or --dataset")
     if data is not None:
-        return load_image_folder(data)
+        if shape is None or not shape[1]:
+            return load_image_folder(data)
+        _, files = scan_image_folder(data)
+        check_shape(peek_image(str(files[0][0]), files[0][0]), shape, str(data))
+        return load_image_folder(data, image_size=(shape[1], shape[2]), channels=shape[0])
+    refuse_data_dir(str(dataset), data_dir)
     if dataset == "glyphs":
         sup = load_glyph_supervised(seed=seed)
     else:
@@ -57,13 +64,38 @@ def load_clean(data: Path | None, dataset: str | None, data_dir: Path | None, sp
     return (sup.train if split == "train" else sup.test), sup.classes
 
 
+def load_clean_for(load: Callable[[int | None], tuple[nn.Module, Sequence[int]]],
+                   data: Path | None, dataset: str | None, data_dir: Path | None, split: str,
+                   seed: int) -> tuple[ImageSet, list[str], nn.Module, Sequence[int]]:
+    """Clean images (`load_clean`) and the model they are for, `load(in_channels)` → (model,
+    input shape). For a folder the model comes first, built for the channels of the folder's
+    first image (read from its header), so that images the model cannot take are refused
+    before they are decoded; a named data set (of a known, small image size) comes first."""
+    if data is None:
+        images, classes = load_clean(None, dataset, data_dir, split, seed)
+        net, shape = load(int(images.x.shape[1]))
+        return images, classes, net, shape
+    if dataset is not None:
+        raise ConfigError("give exactly one of a data folder (--data/--clean-data) or --dataset")
+    _, files = scan_image_folder(data)
+    net, shape = load(peek_image(str(files[0][0]), files[0][0])[0])
+    images, classes = load_clean(data, None, data_dir, split, seed, shape=shape)
+    return images, classes, net, shape
+
+
 def check_images(images: ImageSet, shape: Sequence[int], source: str) -> None:
     """DataError when there are no images, ShapeError when they do not have the (C, H, W) the
-    model expects (H = 0: any size); a `shape` from load_model (an InputShape) adds why the
-    model expects it and which option changes it."""
-    got = tuple(images.x.shape[1:])
+    model expects (`check_shape`)."""
     if len(images) == 0:
         raise DataError(f"no images in {source}")
+    check_shape(tuple(images.x.shape[1:]), shape, source)
+
+
+def check_shape(got: Sequence[int], shape: Sequence[int], source: str) -> None:
+    """ShapeError when images of (C, H, W) `got` do not have the (C, H, W) the model expects
+    (H = 0: any size); a `shape` from load_model (an InputShape) adds why the model expects
+    it and which option changes it."""
+    got = tuple(got)
     if shape[1] and got != tuple(shape):
         why = shape.explain(got) if isinstance(shape, InputShape) else ""
         raise ShapeError(f"images in {source} are {got[0]}x{got[1]}x{got[2]} (CxHxW), but the "

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from poisonlab.audit.checks import verdict_text
-from poisonlab.audit.model import InputShape, Shape, input_shape, model_channels
+from poisonlab.audit.model import InputShape, Shape, head_classes, input_shape, model_channels
 from poisonlab.config import Settings, make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.encoder_scan import EncoderScan, EncoderScanResult
@@ -83,7 +83,8 @@ def load_encoder(path: Path | str, arch: str, *, in_channels: int | None = None,
     path = Path(path)
     state, meta = load_weights(path)
     head = state.get("head.weight")
-    classes = int(head.shape[0]) if head is not None and head.dim() == 2 else DUMMY_CLASSES
+    classes = (head_classes(head, path) if head is not None and head.dim() == 2
+               else DUMMY_CLASSES)
     channels = in_channels if in_channels is not None else _file_channels(state, arch, classes)
     model = build_model(arch, num_classes=classes, in_channels=channels)
     load_into(model, _with_model_head(state, model), name=arch, source=str(path))

@@ -31,7 +31,7 @@ from poisonlab.audit.data import check_images, load_clean
 from poisonlab.data.records import load_records
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ModelFileError, ShapeError
-from poisonlab.metrics import MEMBERSHIP_FPRS, membership_metrics
+from poisonlab.metrics import MEMBERSHIP_FPRS, membership_metrics, tpr_measurable
 from poisonlab.report.audit import membership_section, roc_figure
 from poisonlab.report.html import Section
 from poisonlab.training.supervised import predict_logits
@@ -249,10 +249,8 @@ class MembershipResult(CheckResult):
         state = ("DETECTED" if self.detected else "not detected" if self.testable else
                  "INCONCLUSIVE, too few records for the test to reach its level")
         best, negatives = self.attacks[0], len(self.sets.non_members)
-        # a TPR at FPR f needs at least 1/f non-members: with fewer, the smallest FPR above
-        # zero is 1/negatives and "TPR at 0.1% FPR" would be the TPR at 0% FPR, mislabelled
         rates = [f"TPR {100 * best.metrics[f'tpr_at_fpr_{fpr:g}']:.1f}% at {100 * fpr:g}% FPR"
-                 if negatives * fpr >= 1 else f"TPR at {100 * fpr:g}% FPR not measurable with "
+                 if tpr_measurable(fpr, negatives) else f"TPR at {100 * fpr:g}% FPR not measurable with "
                  f"{negatives} non-members" for fpr in MEMBERSHIP_FPRS]
         return (f"membership leakage: {state} ({best.attack} attack: AUC "
                 f"{best.metrics['auc']:.3f}, {', '.join(rates)}; "

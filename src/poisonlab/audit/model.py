@@ -94,7 +94,7 @@ def load_model(path: Path | str, arch: str, *, in_channels: int | None = None,
         raise ModelFileError(f"cannot tell the number of classes from {path}: it has no 2-D "
                              f"'head.weight' tensor, the {arch} classifier's head (its keys: "
                              f"{_few(sorted(state))}; {arch}'s: {_few(probe.state_dict())})")
-    classes = int(head.shape[0])
+    classes = head_classes(head, path)
     fixed = weight_channels(state, probe)
     channels = fixed or in_channels or 3
     shape = input_shape(arch, meta, image_size, channels, path, weights_fix_channels=bool(fixed))
@@ -105,6 +105,16 @@ def load_model(path: Path | str, arch: str, *, in_channels: int | None = None,
     model = build_model(arch, num_classes=classes, in_channels=channels, **kwargs)
     load_into(model, state, name=arch, source=str(path))
     return model.eval(), shape
+
+
+def head_classes(head: torch.Tensor, path: Path | str) -> int:
+    """The classes of a file's 2-D head weight; fewer than 2 is a ModelFileError naming the
+    file (no classifier has one class: build_model would refuse it without naming the file)."""
+    classes = int(head.shape[0])
+    if classes < 2:
+        raise ModelFileError(f"{path}: its 'head.weight' has {classes} output(s), but a "
+                             "classifier has at least 2 classes")
+    return classes
 
 
 def input_shape(arch: str, meta: Mapping[str, str], image_size: int | None, channels: int,

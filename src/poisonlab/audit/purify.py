@@ -21,7 +21,7 @@ from poisonlab.audit.trigger import TriggerSource
 from poisonlab.config import make_settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
-from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
+from poisonlab.defenses.neural_cleanse import MIN_LABELS, DetectionResult, NeuralCleanse
 from poisonlab.errors import ConfigError
 from poisonlab.progress import progress_bar
 from poisonlab.training.supervised import evaluate
@@ -77,6 +77,9 @@ def find_target(model: nn.Module, clean: ImageSet, *, config: NeuralCleanse.Conf
     target to purify. An inconclusive scan's candidate is the target (see `target_of`)."""
     config = config or ScanConfig().detection()
     k = num_classes(model, clean.x)
+    if k < MIN_LABELS:  # its verdict would be inconclusive, its candidate a coin toss
+        raise ConfigError(f"the model has {k} classes, and Neural Cleanse cannot pick a target "
+                          f"among fewer than {MIN_LABELS}: pass --target L")
     detector = NeuralCleanse(config=config, seed=seed)
     with progress_bar(config.inversion.steps, "neural cleanse", enabled=progress) as bar:
         detection = detector.detect(model, sample(clean, DETECT_SAMPLES, seed).x, k,

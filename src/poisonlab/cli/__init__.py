@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - typer on the click package
 from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
 from poisonlab.errors import ConfigError, PoisonlabError, printable
+from poisonlab.runs.layout import remove_unused_outputs
 from poisonlab.runs.record import sigterm_to_interrupt
 
 app = typer.Typer(
@@ -156,8 +157,13 @@ def _save_traceback(exc: BaseException) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
-    with _sigterm_as_interrupt(), _warnings_as_lines():
-        return _main(argv)
+    code = 1
+    try:
+        with _sigterm_as_interrupt(), _warnings_as_lines():
+            code = _main(argv)
+    finally:
+        remove_unused_outputs(failed=code != 0)
+    return code
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ from poisonlab.audit import (
     select_checks,
 )
 from poisonlab.audit.checks import CheckResult
-from poisonlab.audit.data import check_images, class_names
+from poisonlab.audit.data import check_images, class_names, load_clean_for
 from poisonlab.audit.membership import SPLITS
 from poisonlab.audit.model import DEFAULT_SIZE
 from poisonlab.audit.purify import target_of
@@ -230,10 +230,14 @@ def scan_command(
                             data_dir, config.records, seed)
     checks = select_checks(check, data is not None or dataset is not None, sets is not None,
                            suspect is not None)
-    images, classes = (load_clean(data, dataset, data_dir, "test", seed)
-                       if any(c in ON_CLEAN for c in checks) else (None, []))
-    channels = int(images.x.shape[1]) if images is not None else None
-    net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
+    def load(channels: int | None):
+        return load_model(model, arch, in_channels=channels, image_size=image_size)
+
+    images, classes = None, []
+    if any(c in ON_CLEAN for c in checks):
+        images, classes, net, shape = load_clean_for(load, data, dataset, data_dir, "test", seed)
+    else:
+        net, shape = load(None)
     clean_source = str(data or dataset)
     built = None
     if suspect is not None and images is not None:
@@ -340,10 +344,10 @@ def purify_command(
                                                            if scan_restarts is not None else {})},
                       PURIFY_OPTIONS).detection()
     subset = settings(CleanSubset, {"fraction": clean_fraction}, PURIFY_OPTIONS)
-    clean, classes = load_clean(clean_data, dataset, data_dir, "train", seed)
+    clean, classes, net, shape = load_clean_for(
+        lambda channels: load_model(model, arch, in_channels=channels, image_size=image_size),
+        clean_data, dataset, data_dir, "train", seed)
     clean = subset.draw(clean, seed, folder=clean_data is not None)
-    channels = int(clean.x.shape[1])
-    net, shape = load_model(model, arch, in_channels=channels, image_size=image_size)
     check_images(clean, shape, str(clean_data or dataset))
     test = _test_set(test_data, dataset, data_dir, seed, shape)
     known = known_trigger(suspect, tuple(clean.x.shape[1:]), seed)
@@ -381,7 +385,8 @@ def _print_check(check_result: CheckResult) -> None:
 def _test_set(test_data, dataset, data_dir, seed, shape) -> ImageSet | None:
     if test_data is None and dataset is None:
         return None
-    images, _ = load_clean(test_data, None if test_data else dataset, data_dir, "test", seed)
+    images, _ = load_clean(test_data, None if test_data else dataset, data_dir, "test", seed,
+                           shape=shape)
     check_images(images, shape, str(test_data or dataset))
     return images
 

@@ -33,7 +33,12 @@ from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
 from poisonlab.attacks.poisons import Poisons, select_poisons
 from poisonlab.config import check_seed, parse_override, replace, resolved
-from poisonlab.data.image_folder import load_image_folder, open_image, scan_image_folder
+from poisonlab.data.image_folder import (
+    load_image_folder,
+    open_image,
+    peek_image,
+    scan_image_folder,
+)
 from poisonlab.data.types import ImageSet
 from poisonlab.errors import ConfigError, DataError, ShapeError
 from poisonlab.models import build_model
@@ -54,21 +59,26 @@ def budget_count(budget: float, n_train: int) -> int:
         return max(1, round(budget * n_train))
     if budget != int(budget):
         raise ConfigError(f"--budget {budget}: give a fraction below 1 or a whole count")
+    if budget > n_train:  # before int(): 1e23 would be echoed as 99999999999999991611392
+        raise ConfigError(f"--budget {budget:g} is more than the {n_train} training images")
     return int(budget)
 
 
 def load_target(path: Path, like: ImageSet) -> torch.Tensor:
     """The target image [C, H, W] in [0, 1], of the training images' channels and size."""
-    if not path.is_file():
-        raise DataError(f"target image {path} does not exist")
+    if path.is_dir() or not path.exists():
+        raise DataError(f"target image {path} " + (
+            "is a folder, not an image" if path.is_dir() else "is a symlink that leads nowhere "
+            "(dangling, or a loop)" if path.is_symlink() else "does not exist"))
+    _, height, width = peek_image(str(path), path)  # its size from the header, before decoding
+    if (height, width) != tuple(like.x.shape[2:]):
+        raise ShapeError(f"target image {path} is {width}x{height}, the training "
+                         f"images are {like.x.shape[3]}x{like.x.shape[2]}")
     image = open_image(str(path), path)
     channels = int(like.x.shape[1])
     image = image.convert("L" if channels == 1 else "RGB")
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div(255)
     x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-    if tuple(x.shape[1:]) != tuple(like.x.shape[2:]):
-        raise ShapeError(f"target image {path} is {x.shape[2]}x{x.shape[1]}, the training "
-                         f"images are {like.x.shape[3]}x{like.x.shape[2]}")
     return x.contiguous()
 
 

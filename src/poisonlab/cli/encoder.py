@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from poisonlab.audit.data import load_clean
+from poisonlab.audit.data import load_clean_for
 from poisonlab.audit.encoder import EncoderAuditConfig, load_encoder, scan_encoder
 from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
@@ -62,9 +62,9 @@ def run_encoder_scan(model: Path, arch: str, config: EncoderAuditConfig, *, data
     """Load the clean images and the encoder, scan it, print and write the report."""
     if data is None and dataset is None:
         raise ConfigError("an encoder scan needs clean images: give --data DIR or --dataset NAME")
-    images, _ = load_clean(data, dataset, data_dir, "test", seed)
-    net, shape = load_encoder(model, arch, in_channels=int(images.x.shape[1]),
-                              image_size=image_size)
+    images, _, net, shape = load_clean_for(
+        lambda channels: load_encoder(model, arch, in_channels=channels, image_size=image_size),
+        data, dataset, data_dir, "test", seed)
     report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
                                 what="--report")
     result = scan_encoder(net, images, config=config, seed=seed, progress=not quiet,

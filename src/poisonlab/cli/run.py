@@ -84,6 +84,7 @@ def execute(name: str, preset: str | None = None, config: Path | None = None,
         if run.experiment != name:
             raise ConfigError(f"run {run.id} is a '{run.experiment}' run, not '{name}'")
         data_dir = _resumed_data_dir(run, data_dir)
+        run.check_checkpoints()
         cfg = validate_config(exp.Config, run.config)
     else:
         cfg = resolve_config(exp.Config, exp.PRESETS, preset, config, sets or [])

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from poisonlab.config import read_small_bytes
 from poisonlab.data.types import ImageSet
@@ -93,16 +93,20 @@ def split_chunks(items: Sequence[T], count: int) -> list[Sequence[T]]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def open_image(name: str, source: bytes | Path) -> Image.Image:
+def open_image(name: str, source: bytes | Path,
+               size: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode one image; unreadable or corrupt data is a DataError naming it, and
     so is an image past PIL's decompression-bomb limit (PIL only warns up to twice the limit:
-    a file of a few kB that decodes to gigabytes is refused, not decoded)."""
+    a file of a few kB that decodes to gigabytes is refused, not decoded). With `size`
+    ((width, height), Pillow's order), an image of another size is refused from its header,
+    before it is decoded."""
+    image = _open_lazily(name, source)
+    if size is not None and image.size != tuple(size):
+        raise DataError(f"image {name} is {image.size[0]}x{image.size[1]}, expected "
+                        f"{size[0]}x{size[1]}")
     try:
-        data = (source if isinstance(source, bytes)
-                else read_small_bytes(Path(source), IMAGE_FILE_LIMIT, "an image"))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
@@ -110,16 +114,35 @@ def open_image(name: str, source: bytes | Path) -> Image.Image:
     return image
 
 
+def peek_image(name: str, source: bytes | Path) -> tuple[int, int, int]:
+    """The (channels, height, width) an image decodes to, read from its header alone (a
+    grayscale mode is 1 channel, any other 3, as `decode_images` takes them)."""
+    image = _open_lazily(name, source)
+    return (1 if image.mode in _GRAY_MODES else 3, image.size[1], image.size[0])
+
+
+def _open_lazily(name: str, source: bytes | Path) -> Image.Image:
+    """The image with its header read and its pixels not yet decoded."""
+    try:
+        data = (source if isinstance(source, bytes)
+                else read_small_bytes(Path(source), IMAGE_FILE_LIMIT, "an image"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {name}: not an image format Pillow reads "
+                        "(truncated or not an image?)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise DataError(f"cannot decode image {name}: {exc}") from exc
+
+
 def _decode_chunk(job: tuple[Sequence[ImageItem], tuple[int, int], str]) -> np.ndarray:
     items, size, mode = job
     channels = 1 if mode == "L" else 3
     out = np.empty((len(items), size[1], size[0], channels), dtype=np.uint8)
     for i, (name, source) in enumerate(items):
-        image = open_image(name, source)
-        if image.size != size:
-            raise DataError(
-                f"image {name} is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}"
-            )
+        image = open_image(name, source, size)
         if image.mode != mode:
             try:
                 image = image.convert(mode)
@@ -147,9 +170,9 @@ def decode_images(
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     if image_size is None or channels is None:
-        first = open_image(*items[0])
-        image_size = image_size or (first.size[1], first.size[0])
-        channels = channels or (1 if first.mode in _GRAY_MODES else 3)
+        first = peek_image(*items[0])
+        image_size = image_size or first[1:]
+        channels = channels or first[0]
     size = (int(image_size[1]), int(image_size[0]))  # Pillow's (width, height)
     mode = "L" if channels == 1 else "RGB"
     jobs = [(c, size, mode) for c in split_chunks(items, 4 * default_workers())]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poisonlab.config import read_small_bytes
 from poisonlab.data.cache import cached_supervised, file_digest, make_key, supervised_layout
 from poisonlab.data.types import SupervisedData
 from poisonlab.errors import DataError
@@ -35,9 +36,14 @@ _FORMAT = "mnist-v1"
 
 
 def find_file(root: Path, base: str) -> Path:
-    """`<root>/<base>` or `<root>/<base>.gz`; a DataError naming both when neither exists."""
+    """`<root>/<base>` or `<root>/<base>.gz`; a DataError naming both when neither exists, and
+    one naming the file when it is larger than any MNIST file (checked before it is hashed or
+    read: a sparse file can declare gigabytes at no cost)."""
     for path in (root / base, root / f"{base}.gz"):
         if path.is_file():
+            if path.stat().st_size > MAX_IDX_BYTES:
+                raise DataError(f"{path} is {path.stat().st_size:,} bytes, larger than any "
+                                f"MNIST file ({MAX_IDX_BYTES // 2**20} MiB at most)")
             return path
     raise DataError(f"MNIST file {root / base} (or {base}.gz) is missing")
 
@@ -67,8 +73,8 @@ def _gunzip(raw: bytes, path: Path) -> bytes:
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of uint8 data with `ndim` dimensions, gzipped or not, as a NumPy array."""
-    try:
-        raw = path.read_bytes()
+    try:  # no larger than the largest unpacked file (a gzipped one is smaller still)
+        raw = read_small_bytes(path, MAX_IDX_BYTES, "an MNIST file")
         if raw[:2] == b"\x1f\x8b":
             raw = _gunzip(raw, path)
     except (OSError, EOFError, zlib.error) as exc:

@@ -17,7 +17,7 @@ from poisonlab.data.glyphs import load_glyph_supervised, load_glyphs
 from poisonlab.data.mnist import load_mnist
 from poisonlab.data.omniglot import load_omniglot
 from poisonlab.data.types import FewShotData, SupervisedData
-from poisonlab.errors import DataError
+from poisonlab.errors import ConfigError, DataError
 
 DATASETS = ("omniglot", "cifar10", "mnist", "glyphs")
 DOWNLOADABLE = ("omniglot", "cifar10", "mnist")
@@ -51,10 +51,21 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
     return path
 
 
+def refuse_data_dir(name: str, data_dir: str | Path | None) -> None:
+    """A ConfigError when a data folder is given for the embedded glyph set, which reads no
+    files: the folder would be silently ignored (a user who meant to run on their data would
+    get results on the glyphs)."""
+    if name == "glyphs" and data_dir is not None:
+        raise ConfigError(f"--data-dir {data_dir} is not used: the data set is the embedded "
+                          "glyphs, which reads no files (name a data set that does, e.g. "
+                          "--set data.dataset=..., or drop --data-dir)")
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None) -> FewShotData | SupervisedData:
     """Load a data set by name: omniglot and glyphs are few-shot banks, cifar10 and mnist
     supervised train/test sets."""
     check_name(name)
+    refuse_data_dir(name, data_dir)
     if name == "glyphs":
         return load_glyphs()
     path = resolve_data_dir(name, data_dir)
@@ -109,6 +120,7 @@ def load_supervised(name: str, data_dir: str | Path | None = None, *, seed: int 
     """A supervised train/test set by name: cifar10 or mnist from `data_dir`, or the embedded
     glyph set (no files; its splits are shuffled by `seed`)."""
     check_name(name, SUPERVISED)
+    refuse_data_dir(name, data_dir)
     if name == "glyphs":
         return load_glyph_supervised(seed=seed)
     return load_dataset(name, data_dir)

@@ -23,7 +23,7 @@ from pydantic import Field
 from poisonlab.config import BaseConfig, Seed, Settings
 from poisonlab.data.glyphs import load_glyphs
 from poisonlab.data.omniglot import load_omniglot, split_omniglot_classes
-from poisonlab.data.registry import resolve_data_dir
+from poisonlab.data.registry import refuse_data_dir, resolve_data_dir
 from poisonlab.data.types import FewShotData
 from poisonlab.device import default_device, seed_everything
 from poisonlab.errors import ConfigError, ModelFileError
@@ -99,6 +99,7 @@ def load_bank(cfg: Config, data_dir: Path | None) -> tuple[FewShotData, str]:
     dataset = cfg.data.dataset
     if dataset == "auto":
         dataset = "omniglot" if data_dir is not None else "glyphs"
+    refuse_data_dir(dataset, data_dir)
     if dataset == "glyphs":
         return load_glyphs(num_classes=cfg.data.glyph_classes, seed=cfg.data.split_seed), dataset
     return load_omniglot(resolve_data_dir("omniglot", data_dir)), dataset

@@ -16,7 +16,7 @@ import torch
 
 from poisonlab.defenses.mm_bd import MMBDResult
 from poisonlab.defenses.neural_cleanse import DetectionResult
-from poisonlab.metrics import roc_auc, roc_points
+from poisonlab.metrics import roc_auc, roc_points, tpr_measurable
 from poisonlab.report.html import Section, Table
 from poisonlab.report.style import new_figure, save_figure
 
@@ -112,14 +112,22 @@ def membership_section(verdict: str, attacks: Sequence[ScoredAttack], members: i
     """The membership verdict, where the records came from, why each attack ran, the table of
     its metrics, the caveats and the ROC figure."""
     table = Table(["attack", *MEMBERSHIP_COLUMNS.values(), "p-value"],
-                  [[a.attack, *(a.metrics[k] for k in MEMBERSHIP_COLUMNS), a.p_value]
-                   for a in attacks])
+                  [[a.attack, *(_membership_cell(a, k, non_members) for k in MEMBERSHIP_COLUMNS),
+                    a.p_value] for a in attacks])
     paragraphs = [verdict, f"{members} members from {members_source}, {non_members} "
                   f"non-members from {non_members_source}.",
                   *(f"{a.attack} attack: {a.reason}." for a in attacks),
                   membership_caveats(non_members)]
     return Section("Membership leakage", paragraphs, [table],
                    [figure] if figure is not None else [])
+
+
+def _membership_cell(attack: ScoredAttack, key: str, non_members: int) -> float | None:
+    """The metric, or None (shown as "–") for a TPR at an FPR too small for the non-members
+    to measure, as the verdict says."""
+    if key.startswith("tpr_at_fpr_") and not tpr_measurable(float(key[11:]), non_members):
+        return None
+    return attack.metrics[key]
 
 
 def membership_caveats(non_members: int) -> str:
@@ -129,8 +137,8 @@ def membership_caveats(non_members: int) -> str:
             "as the members, otherwise the AUC measures the shift between them.")
     if non_members < 1000:
         text += (f" With {non_members} non-members the smallest non-zero FPR is "
-                 f"{1 / non_members:.2%}, so TPR at 0.1% FPR is the TPR at zero false "
-                 "positives.")
+                 f"{1 / non_members:.2%}, so a TPR at a smaller FPR cannot be measured (shown "
+                 "as –).")
     return text
 
 

@@ -6,6 +6,7 @@ record both build on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -148,6 +149,22 @@ def resolve_run_dir(run_id_or_path: str | Path, root: Path | str | None = None) 
     raise RunError(f"no run '{key}' under {base}")
 
 
+# The folders prepare_output created for the command running now, outermost first: a command
+# that then fails removes those still empty (`remove_unused_outputs`), so a refused command
+# leaves no empty --out or --report folder behind.
+_MADE: list[Path] = []
+
+
+def remove_unused_outputs(*, failed: bool) -> None:
+    """After a command: if it `failed`, remove the folders prepare_output created for it that
+    are still empty (innermost first; one holding anything stays); forget them either way."""
+    if failed:
+        for folder in reversed(_MADE):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    _MADE.clear()
+
+
 def prepare_output(path: Path | str, *, directory: bool, what: str = "--out") -> Path:
     """Check an output path before any work starts, so nothing computed is lost at the end: not
     a dangling or looping symlink, of the right kind (a folder, or a file that is not a folder),
@@ -165,7 +182,9 @@ def prepare_output(path: Path | str, *, directory: bool, what: str = "--out") ->
         raise ConfigError(f"{what} {path} is a folder, not a file name")
     folder = path if directory else path.parent
     try:
+        made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
         folder.mkdir(parents=True, exist_ok=True)
+        _MADE.extend(reversed(made))
         fd, probe = tempfile.mkstemp(prefix=".poisonlab-write-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)

@@ -183,6 +183,23 @@ class Run:
         tensors, header = load_checked(path, f"checkpoint {path}")
         return tensors, json.loads(header.get(_META_KEY) or "{}")
 
+    def check_checkpoints(self) -> None:
+        """RunError naming the first entry of checkpoints/ that is not a regular file (a FIFO,
+        device or folder), before a resume: it could finish without reading that checkpoint
+        and leave it where the run's weights should be."""
+        folder = self.path / "checkpoints"
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if entry.name.startswith("."):
+                continue  # a temporary file of an atomic write
+            try:
+                regular = entry.is_file()
+            except OSError:
+                regular = False
+            if not regular:
+                raise RunError(f"run {self.id} cannot be resumed: {entry} is not a regular file "
+                               "(a FIFO, device, folder or broken link?); remove it, and the "
+                               "resume redoes what it held")
+
     def save_state(self, name: str, state: Any) -> Path:
         """Save a nested training state (state dicts, optimizer state, counters) for resuming."""
         return self.state_file(name).save(state)
