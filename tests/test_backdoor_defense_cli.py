@@ -161,6 +161,12 @@ def test_run_backdoor_defense_smoke(capsys, tmp_path):
     assert (run_dir / "report.html").exists()
     assert (run_dir / "figures" / "triggers.png").exists()
     assert (run_dir / "figures" / "features.png").exists()
+    # its classifiers carry their input size: `scan` of one ran on 28x28 glyphs without it
+    from poisonlab.runs.checkpoints import load_weights
+
+    for name in ("model-badnets", "model-badnets-mcl", "model-clean"):
+        header = load_weights(run_dir / "checkpoints" / f"{name}.safetensors")[1]
+        assert header["input_shape"] == "[1, 14, 14]", name
     # Resuming the finished run reloads the models and results instead of recomputing them.
     assert main(["run", "backdoor-defense", "--resume", run_dir.name, "--out", str(tmp_path),
                  "--json", "--quiet"]) == 0

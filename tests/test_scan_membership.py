@@ -67,7 +67,8 @@ def test_members_leak_and_the_report_shows_the_roc(files, capsys, tmp_path):
     assert (mia["members"], mia["non_members"], mia["records"]) == (N, N, 2 * N)
     assert mia["auc"] > 0.6 and mia["attack_accuracy"] > 0.6
     assert mia["leakage_detected"] and mia["p_value"] < 1e-4 and mia["testable"]
-    assert 0 <= mia["tpr_at_fpr_0.001"] <= mia["tpr_at_fpr_0.01"] <= 1
+    assert mia["tpr_at_fpr_0.001"] is None  # 200 non-members cannot measure a 0.1% FPR
+    assert mia["tpr_at_fpr_0.01"] == mia["attacks"][0]["tpr_at_fpr_0.01"] is not None
     assert "membership leakage: DETECTED (loss_threshold attack" in out
     report = tmp_path / "r"
     assert (report / "membership_roc.png").stat().st_size > 5000

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -39,6 +40,7 @@ C = TypeVar("C", bound=BaseModel)
 
 SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
 INT_LIMIT = 2**63  # every integer setting: torch indexes and counts in int64
+FLOAT32_MAX = 3.4028234663852886e38  # every float setting: the computations are float32
 
 
 class Settings(BaseModel):
@@ -60,6 +62,7 @@ class Settings(BaseModel):
         return value
 
     def __init__(self, **data: Any) -> None:
+        _refuse_bad_text(data)
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -98,7 +101,41 @@ def _not_a_number(value: Any) -> str | None:
     if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
         return ("expected a number that fits 64 bits (below 2^63): no count, size or seed is "
                 "larger")
+    if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        return ("expected a number that fits a float32 (at most 3.4e38 in size): the "
+                "computations run in float32, where it would overflow")
     return None
+
+
+def _bad_text(value: Any, where: str = "") -> str | None:
+    """The dotted key of the first string in `value` (keys included) that is not valid text —
+    a lone UTF-16 surrogate such as "\\ud800", which a JSON or YAML escape can write and no
+    encoder can store — or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "a value"
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            found = _bad_text(key, name) or _bad_text(item, name)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _bad_text(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _refuse_bad_text(data: Any) -> None:
+    key = _bad_text(data)
+    if key is not None:
+        raise ConfigError(f"{key} holds a character that is not valid text (a lone UTF-16 "
+                          "surrogate, such as \\ud800)")
 
 
 def check_seed(seed: int) -> int:
@@ -170,6 +207,7 @@ def validate_config(cls: type[C], data: Mapping[str, Any]) -> C:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config must be a mapping of keys to values, not "
                           f"{type(data).__name__}")
+    _refuse_bad_text(data)
     try:
         return cls.model_validate(dict(data))
     except ValidationError as exc:
@@ -299,7 +337,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-# YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 and every user as a number.
+# Numbers as YAML 1.2 reads them. PyYAML's YAML 1.1 reads 1e-3 as a string, 010 as the octal 8
+# and 1:30 as the base-60 90: its int and float resolvers are replaced.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_TreeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_TreeLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0x", "0o")):
+        return int(text[2:], 16 if text[1] == "x" else 8)
+    return int(text, 10)  # 010 is ten, as YAML 1.2 reads it (YAML 1.1: eight)
+
+
+_TreeLoader.add_constructor(_INT, _construct_int)
 _TreeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

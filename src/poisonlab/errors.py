@@ -9,9 +9,10 @@ import unicodedata
 
 def printable(text: str) -> str:
     """`text` with its control and format characters (newlines, ANSI escapes, bidirectional
-    overrides: from a folder or file name, say) written as escapes, so it prints as it is."""
+    overrides: from a folder or file name, say) and lone surrogates (a Latin-1 byte of a file
+    name, which no terminal encoding can print) written as escapes, so it prints as it is."""
     return "".join(c.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+                   if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in text)
 
 
 class PoisonlabError(Exception):

@@ -33,4 +33,6 @@ def entry() -> None:
         sys.exit(130)
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-    sys.exit(main())
+    from poisonlab.cli import exit_quietly
+
+    exit_quietly(main())

@@ -266,12 +266,22 @@ class MembershipResult(CheckResult):
                                   len(s.non_members), s.non_members_source, self.figure)
 
     def to_dict(self) -> dict[str, Any]:
+        """The first attack's numbers, then every attack's; a TPR at an FPR the non-members
+        cannot measure is null (as the verdict says "not measurable")."""
         s = self.sets
-        return {**self.attacks[0].to_dict(), "records": len(s.members) + len(s.non_members),
+
+        def measured(attack: AttackResult) -> dict[str, Any]:
+            out = attack.to_dict()
+            for fpr in MEMBERSHIP_FPRS:
+                if not tpr_measurable(fpr, len(s.non_members)):
+                    out[f"tpr_at_fpr_{fpr:g}"] = None
+            return out
+
+        return {**measured(self.attacks[0]), "records": len(s.members) + len(s.non_members),
                 "members": len(s.members), "non_members": len(s.non_members),
                 "testable": self.testable, "members_source": s.members_source,
                 "non_members_source": s.non_members_source,
-                "attacks": [a.to_dict() for a in self.attacks]}
+                "attacks": [measured(a) for a in self.attacks]}
 
 
 def membership_check(ctx: ScanContext) -> MembershipResult:

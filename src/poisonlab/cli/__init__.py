@@ -39,7 +39,7 @@ from poisonlab import __version__
 from poisonlab.cli import audit, craft, data, run, runs, sweep
 from poisonlab.errors import ConfigError, PoisonlabError, printable
 from poisonlab.runs.layout import remove_unused_outputs
-from poisonlab.runs.record import sigterm_to_interrupt
+from poisonlab.runs.record import STOPPING, sigterm_to_interrupt
 
 app = typer.Typer(
     name="poisonlab",
@@ -158,6 +158,7 @@ def _save_traceback(exc: BaseException) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (see the module docstring)."""
     code = 1
+    STOPPING.clear()
     try:
         with _sigterm_as_interrupt(), _warnings_as_lines():
             code = _main(argv)
@@ -199,6 +200,8 @@ def _sigterm_as_interrupt():
 
 
 def _main(argv: list[str] | None) -> int:
+    if not (sys.argv[1:] if argv is None else argv):
+        argv = ["--help"]  # a bare `poisonlab` asks for the help: exit 0 (click's way is 2, silent)
     command = typer.main.get_command(app)
     check_values(command)
     try:
@@ -231,4 +234,12 @@ def _main(argv: list[str] | None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    exit_quietly(main())
+
+
+def exit_quietly(code: int) -> None:
+    """sys.exit(code); after a SIGTERM, one more during the interpreter's shutdown is ignored
+    (its default action ended the process with 143 instead of 130)."""
+    if STOPPING:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

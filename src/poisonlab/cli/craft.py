@@ -51,6 +51,14 @@ PARTIAL = ".poisoned.partial"  # the poisoned folder while it is written
 OUTPUTS = {"poisoned", "poisons.safetensors", "manifest.json", PARTIAL}
 
 
+# Settings that craft's own options set, refused as a --set when the option is given (a --set
+# would silently beat it), and those its options replace, always refused (the number of poisons
+# and their choice are --budget and --random-poisons: a --set was recorded and not applied).
+OPTION_KEYS = {"epsilon": "--epsilon", "craft_steps": "--steps", "iterations": "--steps",
+               "ensemble": "--ensemble", "budget": "--budget", "poison_choice": "--random-poisons"}
+NOT_SETTABLE = {"budget", "poison_choice"}
+
+
 def budget_count(budget: float, n_train: int) -> int:
     """`budget` as a number of poisons: a fraction of the set when < 1, else a count."""
     if budget <= 0:
@@ -166,6 +174,9 @@ def craft(attack: Attack, data_dir: Path, target: Path, adv_class: int, budget: 
     classes, files = scan_image_folder(data_dir)
     names = png_names(files, classes)
     train, _ = load_image_folder(data_dir)
+    if len(classes) < 2:
+        raise DataError(f"image folder {data_dir} has {len(classes)} class: poisoning needs a "
+                        "target of one class and poisons of another")
     if not 0 <= adv_class < len(classes):
         raise ConfigError(f"--adv-class {adv_class} is out of range: {data_dir} has "
                           f"{len(classes)} classes")
@@ -258,7 +269,12 @@ def register(app: typer.Typer) -> None:
             if attack != "metapoison":
                 raise ConfigError("--ensemble is a MetaPoison option")
             settings["ensemble"] = ensemble
-        settings.update(parse_override(item) for item in sets or [])
+        given = set(settings)  # the options given (--epsilon always is: it has a default)
+        for key, value in (parse_override(item) for item in sets or []):
+            if key.split(".")[0] in given | NOT_SETTABLE:
+                raise ConfigError(f"--set {key}: {OPTION_KEYS[key.split('.')[0]]} sets it (an "
+                                  "option and a --set of one key would silently disagree)")
+            settings[key] = value
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,
                         surrogate_epochs=surrogate_epochs, random_poisons=random_poisons,

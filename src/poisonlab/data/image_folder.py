@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from itertools import pairwise
 from pathlib import Path
 from typing import TypeVar
 
@@ -101,6 +102,9 @@ def open_image(name: str, source: bytes | Path,
     ((width, height), Pillow's order), an image of another size is refused from its header,
     before it is decoded."""
     image = _open_lazily(name, source)
+    if image.mode.startswith(("I", "F")):  # Pillow's convert to 8 bits clips, not scales, them
+        raise DataError(f"image {name} has {image.mode} pixels (16-bit, 32-bit or float): "
+                        "convert it to 8 bits per channel")
     if size is not None and image.size != tuple(size):
         raise DataError(f"image {name} is {image.size[0]}x{image.size[1]}, expected "
                         f"{size[0]}x{size[1]}")
@@ -197,17 +201,39 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int
         what = ("is a file, not a folder" if root.exists() else "is a symlink that leads "
                 "nowhere (dangling, or a loop)" if root.is_symlink() else "does not exist")
         raise DataError(f"image folder {root} {what}")
-    classes = class_order(p.name for p in root.iterdir()
+    folders = class_order(p.name for p in root.iterdir()
                           if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    if not folders:
         raise DataError(f"image folder {root} has no class sub-folders")
+    labels, classes = folder_labels(root, folders)
     files: list[tuple[Path, int]] = []
-    for label, name in enumerate(classes):
+    for label, name in zip(labels, folders, strict=True):
         images = sorted(p for p in (root / name).iterdir() if _is_image_file(p))
         if not images:
             raise DataError(f"class folder {root / name} has no images")
         files.extend((p, label) for p in images)
     return classes, files
+
+
+LARGEST_LABEL = 99_999  # a numbered class folder: past it, a model would need absurdly many outputs
+
+
+def folder_labels(root: Path, folders: list[str]) -> tuple[list[int], list[str]]:
+    """The label of each class folder (in `class_order`) and the class names by label. Folders
+    named by numbers are those labels (folders 3, 5 and 7 hold labels 3, 5 and 7, and the
+    classes are "0" .. "7", so a model's label 3 is folder 3 even when folders are missing);
+    otherwise label i is the i-th name."""
+    if not all(n.isdecimal() for n in folders):
+        return list(range(len(folders))), list(folders)
+    labels = [int(n) for n in folders]
+    for a, b in pairwise(folders):
+        if int(a) == int(b):
+            raise DataError(f"class folders {root / a} and {root / b} are the same label "
+                            f"{int(a)}: rename one")
+    if labels[-1] > LARGEST_LABEL:
+        raise DataError(f"class folder {root / folders[-1]}: numbered folders are labels, and "
+                        f"label {labels[-1]} is past {LARGEST_LABEL}")
+    return labels, [str(i) for i in range(labels[-1] + 1)]
 
 
 def _is_image_file(path: Path) -> bool:

@@ -100,8 +100,4 @@ def _labels(y: torch.Tensor, x: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 def _load_folder(root: Path) -> tuple[ImageSet, list[str]]:
-    images, classes = load_image_folder(root)
-    if all(name.isdecimal() for name in classes):
-        mapping = torch.tensor([int(name) for name in classes], dtype=torch.long)
-        images = ImageSet(images.x, mapping[images.y])
-    return images, classes
+    return load_image_folder(root)  # numbered folders are their labels (folder_labels)

@@ -41,7 +41,7 @@ from poisonlab.evaluation.backdoor_results import (
 )
 from poisonlab.evaluation.pieces import run_pieces
 from poisonlab.executors import Executor
-from poisonlab.models import Arch, build_model
+from poisonlab.models import Arch, build_model, check_fits
 from poisonlab.progress import progress_bar
 from poisonlab.runs import Run, StateFile
 from poisonlab.training.supervised import (
@@ -118,6 +118,9 @@ def load_data(cfg: ProtocolConfig, data_dir: Path | None) -> SupervisedData:
     if cfg.attack.target >= data.num_classes:
         raise ConfigError(f"attack.target={cfg.attack.target} is not a label of {name} "
                           f"({data.num_classes} classes)")
+    shape = tuple(train.x.shape[1:])
+    check_fits(build_model(cfg.arch, num_classes=data.num_classes, in_channels=shape[0]), shape,
+               cfg.arch)
     return SupervisedData(train, test, data.classes)
 
 

@@ -33,7 +33,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.evaluation.membership_config import StudyConfig
 from poisonlab.evaluation.membership_pieces import ModelPiece, train_pieces
 from poisonlab.executors import Executor
-from poisonlab.models import build_model
+from poisonlab.models import build_model, check_fits
 from poisonlab.runs import Run
 from poisonlab.training.supervised import RunCheckpoint, place, predict_logits, train_classifier
 
@@ -102,7 +102,7 @@ def check_feasible(cfg: StudyConfig, data: SupervisedData) -> None:
     archs |= {(a, dropout) for a in cfg.matrix.targets if cfg.matrix.dropout}
     archs |= {(cfg.arch, dropout)} if "dropout" in cfg.defense.defenses else set()
     for arch, p in sorted(archs):
-        build(arch, data, p)
+        check_fits(build(arch, data, p), tuple(data.train.x.shape[1:]), arch)
     if "dp_sgd" in cfg.defense.defenses:
         dp_compatible(build(cfg.arch, data))
     k = cfg.defense.top_k.k

@@ -91,6 +91,7 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, model: str | None =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_data(cfg, data_dir)
+    run.input_shape = tuple(data.train.x.shape[1:])
     clean = clean_subset(data.train, cfg.data.clean_fraction, cfg.seed)
     run.log(f"data: {cfg.data.dataset}, train {len(data.train)}, test {len(data.test)}, "
             f"clean subset {len(clean)}, device {default_device()}")

@@ -91,6 +91,7 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = Tr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, dataset = load_data(cfg, data_dir, cfg.seed)
+    run.input_shape = tuple(data.train.x.shape[1:])
     check_feasible(cfg, data)
     result = evaluate(cfg, run, data, dataset, seed=cfg.seed, progress=progress,
                       executor=executor, cpus=cfg.threads or 1)

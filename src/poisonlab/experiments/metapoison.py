@@ -96,6 +96,7 @@ def run(cfg: Config, run: Run, data_dir: Path | None = None, progress: bool = Tr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_data(cfg.data, data_dir, cfg.seed)
+    run.input_shape = tuple(data.train.x.shape[1:])
     check_feasible(cfg, data)
     result = evaluate(cfg, run, data, seed=cfg.seed, progress=progress, executor=executor)
     metrics = result.metrics()

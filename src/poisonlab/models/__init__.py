@@ -19,8 +19,10 @@ from poisonlab.models.registry import (
     Builder,
     available_models,
     build_model,
+    check_fits,
     known_arch,
     register_model,
 )
 
-__all__ = ["Arch", "Builder", "available_models", "build_model", "known_arch", "register_model"]
+__all__ = ["Arch", "Builder", "available_models", "build_model", "check_fits", "known_arch",
+           "register_model"]

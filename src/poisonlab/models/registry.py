@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
+import torch
 from pydantic import AfterValidator
 from torch import nn
 
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, ShapeError
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -48,3 +49,20 @@ def known_arch(name: str) -> str:
 
 # A settings field naming an architecture: validated against the registry when the config is built.
 Arch = Annotated[str, AfterValidator(known_arch)]
+
+
+def check_fits(model: nn.Module, image_shape: tuple[int, ...], arch: str) -> nn.Module:
+    """`model` if it takes images of (C, H, W) `image_shape` (a forward pass of zeros), else a
+    ShapeError: images shrunk below an architecture's poolings (a large downsample factor)
+    failed inside torch only once training began."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *image_shape))  # 2: batch-statistics norms need >1
+    except RuntimeError as exc:
+        c, h, w = image_shape
+        raise ShapeError(f"{arch} cannot take images of {c}x{h}x{w} (CxHxW): "
+                         f"{str(exc).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    return model

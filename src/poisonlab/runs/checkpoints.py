@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,25 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from None
 
 
+def _check_archive(path: Path) -> None:
+    """A torch zip file stores its tensors uncompressed; one whose members inflate past its own
+    size (a deflated gigabyte of zeros in a 2 MB file) is refused before torch inflates them."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: torch reads it as a stream of the file's own length
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read {path}: {_first_line(exc)}") from None
+    size = path.stat().st_size
+    if inflated > 2 * size + 2**20:
+        raise ModelFileError(f"refusing to load {path}: its archive inflates to {inflated:,} "
+                             f"bytes from {size:,} (torch writes tensors uncompressed: a "
+                             "corrupt or hostile file)")
+
+
 def _load_pickled(path: Path) -> Any:
+    _check_archive(path)
     try:
         with warnings.catch_warnings():  # a note about pickle protocols, not about the file
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -282,10 +301,12 @@ def _fit_problems(
         got = state[key]
         if tuple(got.shape) != tuple(want.shape):
             problem = f"{key} has shape {_shape(got)}, expected {_shape(want)}"
-        elif want.is_floating_point() and not got.is_floating_point():
-            # load_state_dict would cast int8 or bool weights silently into a broken model
+        elif (want.is_floating_point() or got.is_floating_point()) and \
+                got.dtype not in WEIGHT_DTYPES:
+            # load_state_dict would cast int8 or bool weights silently into a broken model;
+            # float8 has too few bits for weights (and no kernels to check them with)
             problem = (f"{key} has dtype {str(got.dtype).removeprefix('torch.')}, "
-                       "expected floating-point weights")
+                       "expected floating-point weights (float16, bfloat16, float32, float64)")
         elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
             # a NaN or inf weight makes every output NaN: every check of it passes vacuously
             problem = f"{key} holds NaN or infinite values"
@@ -298,6 +319,9 @@ def _fit_problems(
         problems += [("unexpected", f"{key} is not part of the model")
                      for key in state if key not in expected]
     return problems
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t: Tensor) -> str:

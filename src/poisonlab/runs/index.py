@@ -210,13 +210,16 @@ def list_runs(root: Path | str | None = None, experiment: str | None = None,
             sql += " WHERE " + " AND ".join(f"{column} = ?" for column in where)
         return conn.execute(sql + " ORDER BY started, rowid", tuple(where.values())).fetchall()
 
+    def indexed(conn: sqlite3.Connection) -> set[str]:  # every run's, not only those asked for
+        return {r[0] for r in conn.execute("SELECT path FROM runs").fetchall()}
+
     rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
     on_disk = {str(p.parent.resolve()) for p in root.glob("*/run.json")}
-    missing = on_disk - {row["path"] for row in rows}
+    missing = on_disk - _with_retry(indexed, root)
     if missing:  # the index is a mirror: an emptied or stale one is rebuilt from the directories
         rebuild_index(root)
         rows = [dict(zip(COLUMNS, r, strict=True)) for r in _with_retry(read, root)]
-        unreadable = sorted(missing - {row["path"] for row in rows})
+        unreadable = sorted(missing - _with_retry(indexed, root))
         if len(unreadable) < len(missing):
             print(f"warning: the run index {index_path(root)} lacked {len(missing)} run "
                   "directories; rebuilt from the directories", file=sys.stderr)

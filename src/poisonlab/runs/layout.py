@@ -19,14 +19,19 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from poisonlab.config import load_yaml_tree, read_small_text
-from poisonlab.errors import ConfigError, RunError
+from poisonlab.errors import ConfigError, RunError, printable
 
 
 def runs_root(root: Path | str | None = None) -> Path:
-    """`root`, else $POISONLAB_RUNS, else ./runs."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("POISONLAB_RUNS") or "runs")
+    """`root`, else $POISONLAB_RUNS, else ./runs; a RunError when its name is not valid
+    UTF-8 (a Latin-1 byte in a folder name): the run index, SQLite, stores only UTF-8 text."""
+    path = Path(root) if root is not None else Path(os.environ.get("POISONLAB_RUNS") or "runs")
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RunError(f"folder of runs {printable(str(path))}: its name is not valid UTF-8, "
+                       "which the run index cannot store (rename it)") from None
+    return path
 
 
 def to_jsonable(value: Any) -> Any:

@@ -34,9 +34,13 @@ def compare_runs(root: Path | str | None, run_ids: Sequence[str]) -> dict[str, A
     ("metrics.asr.mean"; missing → None), then the config keys whose values differ
     ("config.attack.epsilon").
     """
-    if not run_ids:
-        raise RunError("compare needs at least one run id")
+    if len(run_ids) < 2:
+        raise RunError("compare needs two or more run ids (`runs show ID` shows one run)")
     runs = [get_run(root, rid) for rid in run_ids]
+    ids = [r["id"] for r in runs]
+    twice = next((i for i in ids if ids.count(i) > 1), None)
+    if twice is not None:
+        raise RunError(f"run {twice} is named twice: compare different runs")
     rows: list[list[Any]] = [
         ["experiment", *(r["experiment"] for r in runs)],
         ["status", *(r["status"] for r in runs)],

@@ -77,6 +77,9 @@ class Run:
         self.path = Path(path)
         self.info = info
         self.config = config
+        # The (C, H, W) its classifiers take, when the experiment sets it: written into the
+        # header of every classifier checkpoint, so `scan` and `purify` of one know its size.
+        self.input_shape: tuple[int, ...] | None = None
         self.resumed = resumed
         self.id: str = info["id"]
         self.experiment: str = info["experiment"]
@@ -173,6 +176,9 @@ class Run:
     ) -> Path:
         """Save tensors to checkpoints/<name>.safetensors atomically; `meta` is JSON in the header."""
         header = {_META_KEY: json.dumps(to_jsonable(dict(meta or {})))}
+        head = tensors.get("head.weight")
+        if self.input_shape is not None and isinstance(head, Tensor) and head.dim() == 2:
+            header["input_shape"] = json.dumps([int(v) for v in self.input_shape])
         return save_checked(self.checkpoint_path(name), tensors, header)
 
     def load_checkpoint(self, name: str) -> tuple[dict[str, Tensor], dict] | None:
@@ -349,7 +355,17 @@ class StateFile:
         self.path.unlink(missing_ok=True)
 
 
+# Set by the first SIGTERM of a command (poisonlab.cli.main clears it when a command starts).
+STOPPING: list[int] = []
+
+
 def sigterm_to_interrupt(signum, frame) -> None:
+    """The first SIGTERM ends the command as Ctrl-C does; a further one while its clean-up runs
+    (a second `kill`, a supervisor that repeats it) is ignored: raised inside the clean-up it
+    broke it, and after it the default action killed the process with exit code 143."""
+    if STOPPING:
+        return
+    STOPPING.append(signum)
     raise KeyboardInterrupt("terminated by SIGTERM")
 
 

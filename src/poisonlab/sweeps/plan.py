@@ -74,6 +74,10 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
                               "e.g. attack.epsilon=0.1,0.3")
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice")
+        for other in grid:  # attack and attack.epochs: one would overwrite the other's values
+            if key.startswith(other + ".") or other.startswith(key + "."):
+                raise ConfigError(f"--grid {key} and --grid {other} overlap (one is inside the "
+                                  "other): sweep the inner keys, or only the section")
         try:
             values = load_yaml_tree(f"[{raw}]") if raw.strip() else []
         except RecursionError:

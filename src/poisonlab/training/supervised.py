@@ -225,6 +225,10 @@ def train_classifier(
                 bar.advance(status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}")
 
             loss, acc, _ = _epoch(model, train, cfg, opt, gen, device, epoch * steps, steps, tick)
+            if not math.isfinite(loss):  # every later number of this model would be NaN
+                raise ConfigError(f"training diverged: the loss is {loss} in epoch {epoch + 1} "
+                                  f"of {cfg.epochs} (lr {cfg.lr:g} with {cfg.optimizer}: too "
+                                  "large?)")
             history["loss"].append(loss)
             history["train_acc"].append(acc)
             history["lr"].append(lr_at(cfg, epoch * steps, steps))
