@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "poisonlab"
 
 # Bottom to top: a module may import from its own layer and the layers below it.
 LAYERS: list[set[str]] = [
-    {"", "errors", "device", "progress", "config"},
+    {"", "errors", "device", "progress", "config", "yaml_tree"},
     {"executors"},
     {"data", "models"},
     {"metrics"},
