@@ -226,8 +226,8 @@ def _fail_fast_or_sleep(chunk):
 def test_a_failing_decode_chunk_stops_the_other_workers_and_returns_at_once():
     """A chunk failing in one worker while another decodes: the error is raised within seconds
     and the other worker is stopped. (CI once hung 900 s in the pool's shutdown after such a
-    failure, with Ray threads in the process; that race is not reproduced here, only the
-    prompt return that `_stop` now guarantees without joining the pool's manager thread.)"""
+    failure, with Ray threads in the process and the cores loaded; that race is not reproduced
+    here.)"""
     import time
 
     from poisonlab.data.image_folder import run_chunks

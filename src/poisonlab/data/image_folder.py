@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -62,41 +61,21 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
                                initializer=_default_sigterm)
     try:
-        results = list(pool.map(fn, chunks))
+        return list(pool.map(fn, chunks))
     except BrokenProcessPool:
         # A worker died (killed, out of memory): decode here instead. multiprocessing.Pool
         # waited for the lost chunk for ever in that case; the executor notices.
-        pool.shutdown(wait=True, cancel_futures=True)
         return [fn(c) for c in chunks]
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or failed: stop the workers now. Leaving the pool's
         # `with` block waits for them to finish their chunks, each a share of the whole data
-        # set, and a killed parent left them decoding as orphans.
-        _stop(pool)
+        # set, and a killed parent left them decoding as orphans. The executor has no public
+        # terminate before Python 3.14.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
         raise
-    pool.shutdown(wait=True)
-    return results
-
-
-def _stop(pool: ProcessPoolExecutor, patience: float = 10.0) -> None:
-    """Kill the pool's workers and leave without joining its manager thread. The executor has
-    no public terminate before Python 3.14, and `shutdown(wait=True)` after killing workers
-    could wait for ever: its manager thread kept handing stop sentinels to a full queue while
-    a worker it had started after the kill (or one stuck since the fork) stayed alive."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        processes = dict(getattr(pool, "_processes", None) or {})  # the manager may add one
-        alive = [process for process in processes.values() if process.is_alive()]
-        if not alive:
-            return
-        late = time.monotonic() > deadline - patience / 2  # SIGTERM first, then SIGKILL
-        for process in alive:
-            if late:
-                process.kill()
-            else:
-                process.terminate()
-        time.sleep(0.05)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _default_sigterm() -> None:
