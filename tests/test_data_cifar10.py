@@ -425,3 +425,31 @@ def test_shared_references_cannot_expand_a_small_pickle_without_bound():
         safe_loads(pickle.dumps(deep, protocol=2))
     fine = {b"label_names": [b"cat"] * 2000, b"labels": list(range(2000))}  # legit sharing
     assert safe_loads(pickle.dumps(fine, protocol=2))[b"labels"][-1] == 1999
+
+
+def _die_half_way_through_sending(fn, chunks, writer):
+    import os
+    import struct
+
+    # the header of a 1 MiB message, a few of its bytes, and then the worker is gone
+    os.write(writer.fileno(), struct.pack("!i", 2**20) + b"half a message")
+    os._exit(1)
+
+
+def test_a_worker_that_dies_half_way_through_sending_does_not_hang_decoding(monkeypatch):
+    """A worker stopped while it sends its result leaves half a message on its pipe. The
+    parent must see the end of the file (only the worker holds the writing end) and decode
+    that worker's chunks itself; ProcessPoolExecutor's shared result pipe waited for the rest
+    of the message for ever (CI hung 900 s in its shutdown)."""
+    import time
+
+    from poisonlab.data import image_folder
+
+    monkeypatch.setattr(image_folder, "_work", _die_half_way_through_sending)
+    start = time.monotonic()
+    assert image_folder.run_chunks(_double, [[1, 2], [3], [4, 5]], workers=2) == [[2, 4], [6], [8, 10]]
+    assert time.monotonic() - start < 30
+
+
+def _double(chunk):
+    return [2 * v for v in chunk]

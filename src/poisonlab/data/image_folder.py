@@ -16,8 +16,6 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from itertools import pairwise
 from pathlib import Path
 from typing import TypeVar
@@ -52,36 +50,89 @@ def run_chunks(fn: Callable[[T], R], chunks: Sequence[T], workers: int | None = 
     `fn` must be a module-level function that touches no torch state (forked children only
     decode with Pillow/NumPy). The exception of the first failing chunk, in order, is re-raised
     here, so errors name the same file as a serial run would.
+
+    Worker w takes chunks w, w + n, w + 2n, ... and sends each result back on a pipe of its own,
+    whose writing end only it holds. A worker that dies (killed, out of memory), even half-way
+    through sending, is then an end of file on its pipe, and its chunks are decoded here
+    instead. (ProcessPoolExecutor shares one result pipe whose writing end the parent also
+    holds: a worker stopped while sending left its manager thread waiting for the rest of the
+    message, and shutdown hung.)
     """
     workers = default_workers() if workers is None else workers
     can_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
     if workers <= 1 or len(chunks) <= 1 or not can_fork:
         return [fn(c) for c in chunks]
     ctx = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx,
-                               initializer=_default_sigterm)
+    count = min(workers, len(chunks))
+    processes, pipes = [], []
     try:
-        return list(pool.map(fn, chunks))
-    except BrokenProcessPool:
-        # A worker died (killed, out of memory): decode here instead. multiprocessing.Pool
-        # waited for the lost chunk for ever in that case; the executor notices.
-        return [fn(c) for c in chunks]
-    except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or failed: stop the workers now. Leaving the pool's
-        # `with` block waits for them to finish their chunks, each a share of the whole data
-        # set, and a killed parent left them decoding as orphans. The executor has no public
-        # terminate before Python 3.14.
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        raise
+        for w in range(count):
+            reader, writer = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_work, args=(fn, chunks[w::count], writer), daemon=True)
+            process.start()
+            writer.close()  # before the next fork, so that no other process holds it
+            processes.append(process)
+            pipes.append(reader)
+        results = []
+        for i, chunk in enumerate(chunks):
+            outcome = _receive(pipes[i % count])
+            if outcome is None:  # the worker is gone: this chunk and its others decode here
+                pipes[i % count] = None
+                results.append(fn(chunk))
+                continue
+            ok, value = outcome
+            if not ok:
+                raise value
+            results.append(value)
+        return results
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Done, failed or interrupted (Ctrl-C, SIGTERM): stop the workers now. Waiting for them
+        # to finish their chunks, each a share of the whole data set, is slow, and a killed
+        # parent left them decoding as orphans.
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for pipe in pipes:
+            if pipe is not None:
+                pipe.close()
+
+
+def _receive(pipe):
+    """The next (ok, value) a worker sent, or None once it is gone."""
+    if pipe is None:
+        return None
+    try:
+        return pipe.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _work(fn: Callable[[T], R], chunks: Sequence[T], writer) -> None:
+    """A worker: each chunk's (True, result), or (False, exception) and stop."""
+    _default_sigterm()
+    for chunk in chunks:
+        try:
+            outcome = (True, fn(chunk))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the parent
+            outcome = (False, exc)
+        try:
+            writer.send(outcome)
+        except Exception as exc:  # noqa: BLE001 - an exception that does not pickle
+            writer.send((False, DataError(str(exc) if outcome[0] else str(outcome[1]))))
+        if not outcome[0]:
+            break
+    writer.close()
 
 
 def _default_sigterm() -> None:
-    """Forked workers must not inherit a run's SIGTERM→KeyboardInterrupt handler: the pool
-    stops them with SIGTERM, and the inherited handler printed a traceback for each. A Ctrl-C
-    reaches the whole process group: the parent handles it and stops the pool, so the workers
+    """Forked workers must not inherit a run's SIGTERM→KeyboardInterrupt handler: they are
+    stopped with SIGTERM, and the inherited handler printed a traceback for each. A Ctrl-C
+    reaches the whole process group: the parent handles it and stops the workers, so they
     ignore SIGINT (each printed a KeyboardInterrupt traceback)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
