@@ -275,6 +275,26 @@ def test_ray_actors_larger_than_the_local_instance_are_refused(ray_local):
         RayExecutor().start_actors(Tally, TALLY_INITS, shared={"scale": torch.ones(1)})
 
 
+def test_rays_token_authentication_notice_reaches_no_one(ray_local):
+    """Starting a local instance, Ray enables token authentication and logs a WARNING line to
+    stderr saying so; a run's stderr carries only poisonlab's own lines. Ray's own notice, emitted
+    by Ray's own function, reaches none of its logger's handlers; its other warnings do."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    setup.logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()
+        setup.logger.warning("another warning")
+    finally:
+        setup.logger.removeHandler(handler)
+    assert seen == ["another warning"]
+
+
 @pytest.fixture(scope="module")
 def membership_runs(ray_local, tmp_path_factory):
     """The cut-down membership study run locally, then on ray: (root, run dirs, metrics)."""

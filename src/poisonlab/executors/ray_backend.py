@@ -175,6 +175,10 @@ class RayActors:
         self.close()
 
 
+def _not_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 class RayExecutor:
     """Pieces as Ray tasks; see the module docstring."""
 
@@ -199,6 +203,10 @@ class RayExecutor:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING,
                  "include_dashboard": False}
+        # Ray enables token authentication (for a new local cluster, or when a token is on
+        # disk) and says so in a WARNING line on stderr: the choice stays Ray's, the line goes.
+        logging.getLogger("ray._private.authentication.authentication_token_setup"
+                          ).addFilter(_not_token_auth_notice)
         try:
             if address is None:
                 self._ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
