@@ -387,3 +387,36 @@ def test_a_data_dir_for_the_embedded_glyphs_is_refused_not_ignored(tmp_path, cap
         assert f"--data-dir {tmp_path} is not used: the data set is the embedded glyphs" in err
     runs = tmp_path / "runs"
     assert not runs.exists() or not any(p.is_dir() for p in runs.iterdir()), "work was started"
+
+
+@pytest.mark.parametrize("reader", ["records", "trigger", "poisons"])
+def test_a_fifo_given_as_a_safetensors_input_is_refused_not_opened(tmp_path, reader):
+    """`scan --members FIFO.safetensors` blocked in open() until someone wrote to the FIFO: every
+    reader of a user's safetensors file refuses a FIFO by its kind (run in a thread, so a
+    regression fails the test instead of hanging the suite)."""
+    import threading
+
+    from poisonlab.attacks.poisons import Poisons
+    from poisonlab.audit.trigger import TriggerSource
+    from poisonlab.data.records import load_records
+
+    fifo = tmp_path / "input.safetensors"
+    os.mkfifo(fifo)
+    read = {"records": load_records, "trigger": TriggerSource.parse, "poisons": Poisons.load}
+    raised: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            read[reader](str(fifo) if reader == "trigger" else fifo)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it below
+            raised.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # unblock the reader so the thread can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail(f"the {reader} reader blocked on a FIFO")
+    assert raised and isinstance(raised[0], DataError), raised
+    assert "not a regular file" in str(raised[0])

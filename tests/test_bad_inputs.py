@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer.main
 
 from poisonlab.models import build_model
 from poisonlab.runs.checkpoints import save_weights
@@ -447,3 +448,17 @@ def test_sigterm_while_the_command_starts_is_one_line_and_exit_130(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)
+
+
+def test_an_interrupt_while_the_cli_builds_its_commands_is_one_line_and_exit_130(
+        monkeypatch, capsys):
+    """A SIGTERM or Ctrl-C while typer builds the command tree (seconds under load) came out as
+    a traceback: that step ran before the error boundary."""
+    from poisonlab.cli import main
+
+    def interrupted(app):
+        raise KeyboardInterrupt("terminated by SIGTERM")
+
+    monkeypatch.setattr(typer.main, "get_command", interrupted)
+    assert main(["runs", "list"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

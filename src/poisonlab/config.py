@@ -22,8 +22,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import UnionType
@@ -32,7 +30,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, require_regular_file
 from poisonlab.yaml_tree import load_yaml_tree  # noqa: F401 (re-exported: config readers use it)
 
 C = TypeVar("C", bound=BaseModel)
@@ -255,8 +253,7 @@ def read_small_bytes(path: Path, limit: int, what: str = "a settings file") -> b
     a device such as /dev/zero would fill memory, and neither is a settings, record or image
     file.
     """
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError("not a regular file (a FIFO, socket or device?)")
+    require_regular_file(path)
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -4,6 +4,8 @@ Raise one of these at every boundary where input from outside (a file, a config 
 command-line argument) can be wrong. The message names the bad file, key or value.
 """
 
+import os
+import stat
 import unicodedata
 
 
@@ -42,3 +44,11 @@ class DownloadError(PoisonlabError):
 
 class RunError(PoisonlabError):
     """An unknown run id, or a run directory that cannot be used."""
+
+
+def require_regular_file(path: "os.PathLike[str] | str") -> None:
+    """OSError unless `path` (symlinks followed) is a regular file: opening a FIFO blocks until
+    someone writes to it, a device such as /dev/zero never ends. Every reader of a user's file
+    calls this before opening it, inside its own error handling."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a FIFO, socket or device?)")

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from poisonlab.attacks.recolor import Recolor
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import ConfigError, DataError, ShapeError
+from poisonlab.errors import ConfigError, DataError, ShapeError, require_regular_file
 from poisonlab.runs.checkpoints import save_weights
 
 FORMAT = "poisonlab-poisons-v1"
@@ -132,6 +132,7 @@ class Poisons:
         """(poisons, the `meta` given to `save`)."""
         path = Path(path)
         try:
+            require_regular_file(path)
             tensors = load_file(str(path))
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")

@@ -38,7 +38,7 @@ from poisonlab.attacks.triggers import (
     make_trigger,
 )
 from poisonlab.audit.checks import CheckResult, ScanContext
-from poisonlab.errors import ConfigError, DataError, ShapeError
+from poisonlab.errors import ConfigError, DataError, ShapeError, require_regular_file
 from poisonlab.report.html import Section, Table
 from poisonlab.report.style import new_figure, save_figure
 from poisonlab.training.supervised import predict_logits
@@ -75,6 +75,9 @@ class TriggerSource:
                                   f"the named trigger '{trigger}'")
             return cls(trigger)
         path = Path(trigger)
+        if path.exists() and not path.is_file():
+            raise DataError(f"--trigger {trigger}: not a regular file (a folder, FIFO, socket or "
+                            "device?)")
         if not path.is_file():
             raise DataError(f"--trigger {trigger}: neither a known trigger "
                             f"({', '.join(sorted(TRIGGERS))}) nor a file")
@@ -141,6 +144,7 @@ def _read_image(path: Path, option: str, gray: bool = False) -> torch.Tensor:
 def _read_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`pattern` and `mask` of a .safetensors trigger file, checked."""
     try:
+        require_regular_file(path)
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"--trigger {path}: not a readable safetensors file ({_reason(exc)})"

@@ -202,9 +202,11 @@ def _sigterm_as_interrupt():
 def _main(argv: list[str] | None) -> int:
     if not (sys.argv[1:] if argv is None else argv):
         argv = ["--help"]  # a bare `poisonlab` asks for the help: exit 0 (click's way is 2, silent)
-    command = typer.main.get_command(app)
-    check_values(command)
     try:
+        # inside the boundary: building the command takes seconds under load, and a SIGTERM or
+        # Ctrl-C then must be "error: interrupted" too, not a traceback
+        command = typer.main.get_command(app)
+        check_values(command)
         code = command.main(args=argv, prog_name="poisonlab", standalone_mode=False)
         if isinstance(code, int) and code:  # typer turns Ctrl-C into exit code 130, returned
             if code == 130:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from poisonlab.data.image_folder import load_image_folder
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import DataError
+from poisonlab.errors import DataError, require_regular_file
 
 RECORD_SUFFIX = ".safetensors"
 FORMAT_HINT = ("a .safetensors file with 'images' [N, C, H, W] and 'labels' [N], or an image "
@@ -53,6 +53,7 @@ def save_records(path: str | Path, records: ImageSet, dtype: torch.dtype = torch
 
 def _load_safetensors(path: Path) -> ImageSet:
     try:
+        require_regular_file(path)
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types, OSError and ValueError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
