@@ -28,7 +28,15 @@ from types import UnionType
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from poisonlab.errors import ConfigError, require_regular_file
 from poisonlab.yaml_tree import load_yaml_tree  # noqa: F401 (re-exported: config readers use it)
@@ -39,6 +47,21 @@ C = TypeVar("C", bound=BaseModel)
 SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2^63
 INT_LIMIT = 2**63  # every integer setting: torch indexes and counts in int64
 FLOAT32_MAX = 3.4028234663852886e38  # every float setting: the computations are float32
+
+
+def _distinct(values: Any) -> Any:
+    seen: list[Any] = []
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{value!r} appears twice: each entry names one piece of work")
+        seen.append(value)
+    return values
+
+
+# A list whose entries each name a piece of work (attacks, architectures, ε values): a repeat is
+# refused, as --grid and --seeds refuse one (the results are keyed by the entry: one would be
+# wasted work or overwrite the other). Use as Annotated[list[X], Distinct].
+Distinct = AfterValidator(_distinct)
 
 
 class Settings(BaseModel):

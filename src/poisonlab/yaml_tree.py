@@ -68,6 +68,19 @@ _TreeLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in a "
+        "config (it holds names, numbers, true/false and lists and mappings of them)",
+        node.start_mark)
+
+
+# Bytes, sets and ordered pairs are no setting's value, yet pydantic would coerce some of them
+# (the bytes of `!!binary dGlueV9jbm4=` become the text "tiny_cnn"): refused by their tag.
+for _tag in ("binary", "set", "omap", "pairs"):
+    _TreeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+
+
 def load_yaml_tree(text: str) -> Any:
     """Safe YAML that is a tree: no aliases, no repeated or unhashable keys (_TreeLoader)."""
     return yaml.load(text, Loader=_TreeLoader)  # noqa: S506 - a SafeLoader subclass

@@ -19,7 +19,7 @@ from torch import Tensor
 from poisonlab.config import Settings, make_settings, validate_config
 from poisonlab.training.maml import Params, TaskForward, adapt, expand_params
 
-Epsilon = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Epsilon = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # images are in [0, 1]
 """An L∞ budget ε: finite and >= 0 (also the element type of an experiment's sweep of ε)."""
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from torch import nn
 
-from poisonlab.config import Settings
+from poisonlab.config import Distinct, Settings
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mm_bd import MMBD
 from poisonlab.defenses.neural_cleanse import InversionConfig, NeuralCleanse
@@ -50,7 +50,7 @@ class ScanConfig(Settings):
     threshold: float = Field(2.0, gt=0, allow_inf_nan=False)
     restarts: int = Field(3, ge=1, le=100)
     band: float = Field(0.5, ge=0, allow_inf_nan=False)
-    detectors: tuple[str, ...] = tuple(DETECTORS)
+    detectors: Annotated[tuple[str, ...], Distinct] = tuple(DETECTORS)
     mm_bd: MMBD.Config = Field(default_factory=MMBD.Config)
     records: int | None = Field(None, ge=1)
     label_only: bool = False

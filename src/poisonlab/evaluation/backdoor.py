@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -23,7 +23,7 @@ from torch import nn
 
 from poisonlab.attacks.backdoor_injection import BackdoorInjection, backdoor_metrics
 from poisonlab.attacks.triggers import AdditiveTrigger, MaskTrigger, Trigger, make_trigger
-from poisonlab.config import BaseConfig, Settings, validate_config
+from poisonlab.config import BaseConfig, Distinct, Settings, validate_config
 from poisonlab.data.registry import load_supervised
 from poisonlab.data.types import ImageSet, SupervisedData
 from poisonlab.defenses.finetuning import FineTuning, NCUnlearning
@@ -71,7 +71,7 @@ class AttackConfig(BackdoorInjection.Config):
     trigger. blend_alpha: Blend's mixing ratio. clean_control: also train and scan a model on the
     unpoisoned data."""
 
-    attacks: list[Literal["badnets", "blend", "grid", "trojan"]] = Field(
+    attacks: Annotated[list[Literal["badnets", "blend", "grid", "trojan"]], Distinct] = Field(
         default_factory=lambda: ["badnets", "blend", "grid"], min_length=1)
     blend_alpha: float = Field(0.2, gt=0, le=1)
     clean_control: bool = True

@@ -32,7 +32,7 @@ returns a `FewShotResult`; `FewShotResult.metrics()` is the run's metrics.json p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 from pydantic import Field, field_validator
@@ -41,7 +41,7 @@ from torch import Tensor
 from poisonlab.attacks.adversarial_support import AdversarialSupportPoisoning
 from poisonlab.attacks.support_backdoor import SupportBackdoor, SupportBackdoorConfig, TriggerBatch
 from poisonlab.attacks.support_pgd import Epsilon, SupportAttackConfig
-from poisonlab.config import replace
+from poisonlab.config import Distinct, replace
 from poisonlab.data.episodes import Episodes, EpisodeSampler
 from poisonlab.data.types import FewShotData
 from poisonlab.errors import ConfigError
@@ -82,13 +82,13 @@ class FewShotEvalConfig(SupportBackdoorConfig):
     """
 
     trigger_batch: TriggerBatch | None = None  # type: ignore[assignment]
-    epsilons: list[Epsilon] = Field(
+    epsilons: Annotated[list[Epsilon], Distinct] = Field(
         default_factory=lambda: [0.01, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5], min_length=1)
     protocol: Protocol = "transductive"
     tasks: int = Field(2000, ge=1)
     task_batch: int = Field(4, ge=1)
     asp: bool = True
-    asp_epsilons: list[Epsilon] | None = None
+    asp_epsilons: Annotated[list[Epsilon], Distinct] | None = None
 
     @field_validator("iterations")
     @classmethod

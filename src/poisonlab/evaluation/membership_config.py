@@ -8,12 +8,12 @@ the section extends the technique's Config by those fields, so every setting is 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from poisonlab.attacks.membership import LabelOnlyAttack, LiRA, ShadowModelAttack, ThresholdAttack
-from poisonlab.config import Settings
+from poisonlab.config import Distinct, Settings
 from poisonlab.defenses.dp_sgd import DPSGD
 from poisonlab.defenses.membership_outputs import Rounding, TopK
 from poisonlab.models import Arch
@@ -71,7 +71,7 @@ class DefenseConfig(Settings):
     learning-rate schedule) cut to this many epochs. rounding, top_k: the output defences'
     settings. dp: DP-SGD's."""
 
-    defenses: list[DefenseName] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
+    defenses: Annotated[list[DefenseName], Distinct] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
     attack: Literal["shadow", "threshold"] = "shadow"
     dropout: float = Field(0.5, gt=0, lt=1)
     early_stopping_epochs: int = Field(25, ge=1)
@@ -84,8 +84,8 @@ class MatrixConfig(Settings):
     """Target × shadow architectures of the shadow attack; with dropout: again with
     dropout-trained targets (rate defense.dropout)."""
 
-    targets: list[Arch] = Field(default_factory=lambda: list(RESNETS))
-    shadows: list[Arch] = Field(default_factory=lambda: list(RESNETS))
+    targets: Annotated[list[Arch], Distinct] = Field(default_factory=lambda: list(RESNETS))
+    shadows: Annotated[list[Arch], Distinct] = Field(default_factory=lambda: list(RESNETS))
     dropout: bool = True
 
 
@@ -94,7 +94,7 @@ class StudyConfig(Settings):
     it). train: the recipe of the target and of every shadow and reference model (the seed's
     target overfits: no augmentation)."""
 
-    attacks: list[AttackName] = Field(default_factory=lambda: list(ATTACKS), min_length=1)
+    attacks: Annotated[list[AttackName], Distinct] = Field(default_factory=lambda: list(ATTACKS), min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     arch: Arch = "resnet20"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, channels_last=True))

@@ -10,13 +10,13 @@ trials of 200 epochs with the surrogates' plain-SGD recipe.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
-from poisonlab.config import Settings
+from poisonlab.config import Distinct, Settings
 from poisonlab.models import Arch
 from poisonlab.training.supervised import TrainConfig
 
@@ -70,7 +70,8 @@ class VictimConfig(Settings):
     train: the from-scratch recipe (also the recipe of gradient matching's surrogate on the clean
     subset)."""
 
-    archs: tuple[Arch, ...] = ("convnet_bn", "resnet20", "small_cnn")
+    archs: Annotated[tuple[Arch, ...], Distinct] = Field(
+        ("convnet_bn", "resnet20", "small_cnn"), min_length=1)
     trials: int = Field(8, ge=1)
     transfer_trials: int | None = Field(None, ge=1)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
@@ -95,11 +96,11 @@ class StudyConfig(Settings):
     data: DataConfig = Field(default_factory=DataConfig)
     targets: TargetConfig = Field(default_factory=TargetConfig)
     victims: VictimConfig = Field(default_factory=VictimConfig)
-    surrogates: tuple[Arch, ...] = ("convnet_bn",)
+    surrogates: Annotated[tuple[Arch, ...], Distinct] = ("convnet_bn",)
     metapoison: MetaPoison.Config = Field(default_factory=MetaPoison.Config)
     gradient_matching: GradientMatching.Config = Field(
         default_factory=lambda: GradientMatching.Config(epsilon=8 / 255))
-    attacks: tuple[Literal["metapoison", "gradient_matching"], ...] = (
+    attacks: Annotated[tuple[Literal["metapoison", "gradient_matching"], ...], Distinct] = (
         "metapoison", "gradient_matching")
 
     @model_validator(mode="after")

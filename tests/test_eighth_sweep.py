@@ -1,0 +1,46 @@
+"""Inputs found by the eighth bad-input sweep, each now refused in one line before any work.
+
+In-process and small, as test_odd_inputs.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from poisonlab.cli import main
+from poisonlab.config import load_yaml_tree
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize(("experiment", "override", "needle"), [
+    # an empty victim list crafted everything, then failed with an IndexError (exit 1)
+    ("metapoison", "victims.archs=[]", "victims.archs: Tuple should have at least 1 item"),
+    # a repeated entry was wasted work whose results overwrote each other's
+    ("backdoor-defense", "attack.attacks=[badnets,badnets]", "'badnets' appears twice"),
+    ("fewshot-backdoor", "attack.epsilons=[0.1,0.1]", "0.1 appears twice"),
+    ("metapoison", "victims.archs=[convnet_bn,convnet_bn]", "'convnet_bn' appears twice"),
+    # ε is a perturbation of images in [0, 1]
+    ("fewshot-backdoor", "attack.epsilons=[2]", "attack.epsilons.0: Input should be less than "
+                                                "or equal to 1"),
+])
+def test_settings_that_name_no_work_or_the_same_work_twice_are_refused(
+        tmp_path, monkeypatch, capsys, experiment, override, needle):
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
+    assert main(["run", experiment, "--preset", "smoke", "-q", "--set", override]) == 2
+    assert needle in _one_line(capsys)
+    assert not [p for p in (tmp_path / "runs").glob("*") if p.is_dir()]  # no run was started
+
+
+@pytest.mark.parametrize("text", ["!!binary dGlueV9jbm4=", "!!set {a: null}",
+                                  "!!omap [a: 1]", "!!pairs [a: 1]"])
+def test_yaml_tags_that_build_bytes_sets_or_pairs_are_refused(text):
+    """pydantic turned the bytes of `arch=!!binary dGlueV9jbm4=` into the text 'tiny_cnn'."""
+    import yaml
+
+    with pytest.raises(yaml.YAMLError, match=r"the tag !!\w+ is not allowed in a config"):
+        load_yaml_tree(text)
+    assert load_yaml_tree("[tiny_cnn, 2]") == ["tiny_cnn", 2]
