@@ -148,6 +148,8 @@ def test_only_the_ray_backend_imports_ray():
     (["--backend", "nope"], ["unknown backend 'nope'", "local, ray"]),
     (["--ray-address", "127.0.0.1:6379"], ["--ray-address needs --backend ray"]),
     (["--ray-cpus", "2"], ["--ray-cpus needs --backend ray"]),
+    # Ray took half a minute to fail to start a node of 10^11 CPUs: an internal error, exit 1
+    (["--backend", "ray", "--ray-cpus", "99999999999"], ["--ray-cpus must be between 1 and"]),
 ])
 def test_bad_backend_options_are_one_line_exit_2_without_a_run(tmp_path, capsys, args, words):
     code = main([*MEMBERSHIP, "--out", str(tmp_path), *args])

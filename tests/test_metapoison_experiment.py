@@ -109,16 +109,18 @@ def test_ray_slices_interrupted_and_resumed_give_the_local_slices_poisons_and_me
     (path,) = [p for p in ray_root.iterdir() if p.is_dir()]
     assert (path / "checkpoints" / "craft-metapoison-convnet_bn-t0.safetensors").exists()
 
-    started, mapped = [], []
+    started, mapped, bars = [], [], []
     start_actors, map_pieces = RayExecutor.start_actors, RayExecutor.map
     monkeypatch.setattr(RayExecutor, "start_actors", lambda self, cls, inits, **kw: (
         started.append([list(i["members"]) for i in inits]) or start_actors(self, cls, inits, **kw)))
     monkeypatch.setattr(RayExecutor, "map", lambda self, fn, items, **kw: (
-        mapped.extend(items) or map_pieces(self, fn, items, **kw)))
+        mapped.extend(items) or bars.append(kw.get("description", "")) or
+        map_pieces(self, fn, items, **kw)))
     assert main(["run", "metapoison", "--resume", path.name, "--out", str(ray_root), "-q",
                  "--backend", "ray"]) == 0
     assert started == [[[0], [1]], [[0], [1]]]  # targets 0 (resumed) and 1, two actors each
     assert mapped and not [key for key in mapped if key.startswith("metapoison-")]
+    assert set(bars) == {""}  # -q: no progress bar from the Ray backend either (it drew three)
     for target in (0, 1):
         name = f"poisons-metapoison-convnet_bn-t{target}.safetensors"
         got, want = Poisons.load(path / "checkpoints" / name), Poisons.load(done / "checkpoints" / name)

@@ -397,7 +397,7 @@ def evaluate_defences(cfg: ProtocolConfig, run: Run, data: SupervisedData, clean
                      load=lambda name: recorded(cfg, run, jobs[name], data, sources),
                      save=lambda name, outcome: record(cfg, run, jobs[name], outcome),
                      shared={"cfg": cfg, "data": data, "clean": clean, "progress": inner},
-                     description="backdoor models")
+                     description="backdoor models" if progress else "")
     for name in cfg.attack.attacks:
         results.attacks[name] = out[name].result
     if cfg.attack.clean_control:

@@ -257,7 +257,7 @@ def evaluate_attacks(
         results = run_pieces(executor, chunk_piece, items, shared=shared,
                              load=lambda key: _load_piece(run, key),
                              save=None if run is None else lambda key, r: _save_piece(run, key, r),
-                             done=lambda key, r: bar.advance(), description="few-shot chunks")
+                             done=lambda key, r: bar.advance())  # the bar above
     clean = [results[f"clean-c{start}"] for start in starts]
     outcomes = {eps: [results[f"attack-c{start}-e{e}"] for start in starts]
                 for e, eps in enumerate(cfg.epsilons)}

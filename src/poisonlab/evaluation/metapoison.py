@@ -228,7 +228,7 @@ class Study:
 
         out = run_pieces(self.executor, victim_piece, jobs, load=load, save=save,
                          shared=self._shared(train=self.cfg.victims.train),
-                         description="MetaPoison victims")
+                         description="MetaPoison victims" if self.progress else "")
         return {name: (r[0], float(r[1])) for name, r in out.items()}
 
     def _victim_job(self, name: str, arch: str, trial: int, poisons: Poisons | None,
@@ -289,7 +289,7 @@ class Study:
                          save=save, shared={**shared, "progress": self.progress})
         out |= run_pieces(self.executor, craft_piece,
                           {key: job for key, job in jobs.items() if key not in sliced}, load=load,
-                          save=save, shared=shared, description="MetaPoison crafting")
+                          save=save, shared=shared, description="MetaPoison crafting" if self.progress else "")
         return {key: out[key][0] for key in jobs}
 
     def surrogates(self, js: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -309,7 +309,7 @@ class Study:
 
         out = run_pieces(self.executor, surrogate_piece, jobs, load=load, save=save,
                          shared=self._shared(train=self.cfg.victims.train),
-                         description="gradient-matching surrogates")
+                         description="gradient-matching surrogates" if self.progress else "")
         return {j: out[f"surrogate-{self.cfg.surrogates[j]}"] for j in js}
 
     # ---- the protocol ----------------------------------------------------------------------

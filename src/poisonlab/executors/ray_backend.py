@@ -52,6 +52,16 @@ GiB = 1 << 30
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's head before giving up
 
 
+# A local Ray instance's CPUs are a logical count: more than the cores queue pieces on them (and
+# a count Ray cannot start a node for failed after half a minute, as an internal error).
+OVERSUBSCRIBE = 16
+
+
+def max_local_cpus() -> int:
+    """The largest --ray-cpus of a local Ray instance on this machine."""
+    return OVERSUBSCRIBE * (os.cpu_count() or 1)
+
+
 def _import_ray():
     try:
         import ray
@@ -186,8 +196,10 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, *,
                  max_retries: int = 3) -> None:
-        if num_cpus is not None and num_cpus < 1:
-            raise ConfigError(f"--ray-cpus must be at least 1, got {num_cpus}")
+        if num_cpus is not None and not 1 <= num_cpus <= max_local_cpus():
+            raise ConfigError(f"--ray-cpus must be between 1 and {max_local_cpus()} (a local "
+                              f"Ray instance of at most {OVERSUBSCRIBE}× this machine's "
+                              f"{os.cpu_count() or 1} cores), got {num_cpus}")
         self._ray = _import_ray()
         self.address, self.max_retries = address, max_retries
         self._owned = False  # this executor called ray.init (and so calls ray.shutdown)
@@ -215,7 +227,8 @@ class RayExecutor:
             else:
                 quiet.pop("include_dashboard")
                 self._ray.init(address=address, **quiet)
-        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for a node that
+            # did not start, besides ConnectionError, TimeoutError, RuntimeError and ValueError
             where = f"at --ray-address {address}" if address else "on this machine"
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"cannot start or join a Ray cluster {where}: {first}") from None
