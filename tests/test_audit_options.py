@@ -133,7 +133,7 @@ def test_a_size_the_weights_do_not_fix_is_an_error_naming_image_size(tmp_path, c
     path = save_weights(tmp_path / "cifar_cnn.safetensors",
                         build_model("small_cnn", 10, 3).state_dict())
     data = image_folder(tmp_path / "cifar", 32)
-    report = ["--report", str(tmp_path / "r")]
+    report = ["--report", str(tmp_path / "r"), "--overwrite"]  # one folder for every scan
     assert main(["scan", str(path), "--arch", "small_cnn", "--data", str(data), *report,
                  *QUICK_SCAN]) == 2
     err = one_line_error(capsys)
@@ -155,7 +155,7 @@ def test_a_size_the_weights_fix_is_read_from_them(tmp_path, capsys):
                         build_model("convnet_bn", 10, 3, image_size=64).state_dict())
     model, shape = load_model(path, "convnet_bn")
     assert shape == (3, 64, 64) and model(torch.rand(2, 3, 64, 64)).shape == (2, 10)
-    report = ["--report", str(tmp_path / "r")]
+    report = ["--report", str(tmp_path / "r"), "--overwrite"]  # one folder for every scan
     big = image_folder(tmp_path / "big", 64)
     assert main(["scan", str(path), "--arch", "convnet_bn", "--data", str(big), *report,
                  *QUICK_SCAN]) == 0, capsys.readouterr().err

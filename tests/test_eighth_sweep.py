@@ -44,3 +44,23 @@ def test_yaml_tags_that_build_bytes_sets_or_pairs_are_refused(text):
     with pytest.raises(yaml.YAMLError, match=r"the tag !!\w+ is not allowed in a config"):
         load_yaml_tree(text)
     assert load_yaml_tree("[tiny_cnn, 2]") == ["tiny_cnn", 2]
+
+
+def test_options_of_a_check_that_does_not_run_are_refused(tmp_path, capsys):
+    """scan --label-only / --records with no membership check, and craft metapoison
+    --surrogate-epochs (a gradient-matching option, even at -1), were silently ignored."""
+    from poisonlab.models import build_model
+    from poisonlab.runs.checkpoints import save_weights
+
+    model = save_weights(tmp_path / "m.safetensors", build_model("tiny_cnn", 3).state_dict())
+    for option in (["--label-only"], ["--records", "5"]):
+        assert main(["scan", str(model), "--arch", "tiny_cnn", "--data", str(tmp_path), "-q",
+                     "--report", str(tmp_path / "r"), *option]) == 2
+        assert "applies only to the membership check" in _one_line(capsys)
+    assert not (tmp_path / "r" / "report.html").exists()
+    for attack, value, needle in [("metapoison", "3", "is a gradient-matching option"),
+                                  ("gradient-matching", "-1", "must be at least 1, got -1")]:
+        assert main(["craft", attack, "--data", str(tmp_path), "--target", str(model),
+                     "--adv-class", "1", "--out", str(tmp_path / "c"), "--surrogate-epochs",
+                     value]) == 2
+        assert needle in _one_line(capsys)

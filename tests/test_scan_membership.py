@@ -122,7 +122,8 @@ def test_image_folder_records_score_like_the_safetensors_file(files, capsys, tmp
     args = ["--non-members", str(files["non_members"])]
     assert main(scan(files, tmp_path, "--members", str(folder), *args)) == 0
     from_folder = last_json(capsys)["membership"]["auc"]
-    assert main(scan(files, tmp_path, "--members", str(files["members"]), *args)) == 0
+    assert main(scan(files, tmp_path, "--members", str(files["members"]), "--overwrite",
+                     *args)) == 0
     assert from_folder == pytest.approx(last_json(capsys)["membership"]["auc"], abs=1e-9)
 
 
@@ -221,3 +222,18 @@ def test_a_tpr_at_an_fpr_the_non_members_cannot_measure_is_a_dash_not_a_number()
         section = membership_section("v", [attack], 200, "m", non_members, "n", None)
         assert section.tables[0].columns[2:4] == ["TPR at 0.1% FPR", "TPR at 1% FPR"]
         assert section.tables[0].rows[0][2:4] == cells, non_members
+
+
+def test_a_report_folder_holding_a_report_is_refused_unless_overwrite(files, tmp_path, capsys):
+    """scan --report replaced the report.html already in the folder (a user's own, or an
+    earlier scan's) without a word."""
+    own = tmp_path / "r" / "report.html"
+    own.parent.mkdir()
+    own.write_text("MY OWN REPORT")
+    args = ["--members", str(files["members"]), "--non-members", str(files["non_members"])]
+    assert main(scan(files, tmp_path, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "already holds report.html" in err and "--overwrite" in err
+    assert own.read_text() == "MY OWN REPORT" and not (own.parent / "scan.json").exists()
+    assert main(scan(files, tmp_path, *args, "--overwrite")) == 0
+    assert own.read_text() != "MY OWN REPORT" and (own.parent / "scan.json").exists()

@@ -74,7 +74,7 @@ from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.runs.checkpoints import save_weights
-from poisonlab.runs.layout import prepare_output
+from poisonlab.runs.layout import prepare_output, report_folder
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -175,7 +175,10 @@ def scan_command(
                                                "labels it sends there).")] = None,
     image_size: ImageSizeOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Report folder (default: "
-                                                "./scan-<model name>).")] = None,
+                                                "./scan-<model name>); one that holds an "
+                                                "earlier report needs --overwrite.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the report files of "
+                                            "an earlier scan in the --report folder.")] = False,
     check: Annotated[list[str] | None, typer.Option("--check", help=f"Checks to run: "
                                                     f"{', '.join(CHECKS)} (default: every check "
                                                     "whose inputs are given).")] = None,
@@ -212,7 +215,8 @@ def scan_command(
             samples=samples, steps=steps, batch_size=batch_size, threshold=threshold,
             restarts=restarts, similarity=similarity), ENCODER_OPTIONS)
         run_encoder_scan(model, arch, enc_config, data=data, dataset=dataset, data_dir=data_dir,
-                         image_size=image_size, report=report, seed=seed, as_json=as_json,
+                         image_size=image_size, report=report, overwrite=overwrite, seed=seed,
+                         as_json=as_json,
                          quiet=quiet)
         return
     refuse_options({"--similarity": similarity}, ENCODER_ONLY)
@@ -230,6 +234,9 @@ def scan_command(
                             data_dir, config.records, seed)
     checks = select_checks(check, data is not None or dataset is not None, sets is not None,
                            suspect is not None)
+    if "membership" not in checks:  # as --similarity without --encoder: never silently unused
+        refuse_options({"--records": records, "--label-only": label_only},
+                       "applies only to the membership check (give --members and --non-members)")
     def load(channels: int | None):
         return load_model(model, arch, in_channels=channels, image_size=image_size)
 
@@ -243,8 +250,7 @@ def scan_command(
     if suspect is not None and images is not None:
         check_images(images, shape, clean_source)  # the images' shape is the model's
         built = suspect.build(tuple(images.x.shape[1:]), seed)
-    report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
-                                what="--report")
+    report_dir = report_folder(report or Path(f"scan-{model.stem}"), overwrite)
     result = scan(net, clean=images, records=sets, checks=checks, classes=classes,
                   config=config, seed=seed, progress=not quiet, report_dir=report_dir,
                   input_shape=shape, name=str(model), arch=arch, clean_source=clean_source,

@@ -251,7 +251,9 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(None, "--steps", help="Craft steps / iterations."),
         ensemble: int = typer.Option(None, "--ensemble", help="MetaPoison: surrogates M."),
         surrogate: str = typer.Option("convnet_bn", "--surrogate", help="Surrogate architecture."),
-        surrogate_epochs: int = typer.Option(20, "--surrogate-epochs", help="Gradient matching."),
+        surrogate_epochs: int = typer.Option(None, "--surrogate-epochs", help="Gradient "
+                                             "matching: the surrogate's training epochs "
+                                             "(default 20)."),
         random_poisons: bool = typer.Option(False, "--random-poisons", help="Seeded choice."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier craft."),
         seed: int = typer.Option(0, "--seed", callback=check_seed),
@@ -269,6 +271,11 @@ def register(app: typer.Typer) -> None:
             if attack != "metapoison":
                 raise ConfigError("--ensemble is a MetaPoison option")
             settings["ensemble"] = ensemble
+        if surrogate_epochs is not None and attack == "metapoison":
+            raise ConfigError("--surrogate-epochs is a gradient-matching option (MetaPoison's "
+                              "surrogates train inside the crafting)")
+        if surrogate_epochs is not None and surrogate_epochs < 1:
+            raise ConfigError(f"--surrogate-epochs must be at least 1, got {surrogate_epochs}")
         given = set(settings)  # the options given (--epsilon always is: it has a default)
         for key, value in (parse_override(item) for item in sets or []):
             if key.split(".")[0] in given | NOT_SETTABLE:
@@ -277,7 +284,8 @@ def register(app: typer.Typer) -> None:
             settings[key] = value
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,
-                        surrogate_epochs=surrogate_epochs, random_poisons=random_poisons,
+                        surrogate_epochs=20 if surrogate_epochs is None else surrogate_epochs,
+                        random_poisons=random_poisons,
                         seed=seed, overwrite=overwrite, progress=not quiet)
         print(f"{len(poisons)} poisons crafted; poisoned training set: {out / 'poisoned'}, "
               f"poisons: {out / 'poisons.safetensors'}")

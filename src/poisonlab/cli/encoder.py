@@ -23,7 +23,7 @@ from poisonlab.audit.encoder import EncoderAuditConfig, load_encoder, scan_encod
 from poisonlab.errors import ConfigError
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
-from poisonlab.runs.layout import prepare_output
+from poisonlab.runs.layout import report_folder
 
 # Settings key → the scan command's option, for one-line errors naming the option.
 ENCODER_OPTIONS = {"samples": "--samples", "scan.steps": "--steps",
@@ -58,15 +58,15 @@ def refuse_options(given: Mapping[str, Any], why: str = NOT_FOR_ENCODERS) -> Non
 
 def run_encoder_scan(model: Path, arch: str, config: EncoderAuditConfig, *, data: Path | None,
                      dataset: str | None, data_dir: Path | None, image_size: int | None,
-                     report: Path | None, seed: int, as_json: bool, quiet: bool) -> None:
+                     report: Path | None, overwrite: bool, seed: int, as_json: bool,
+                     quiet: bool) -> None:
     """Load the clean images and the encoder, scan it, print and write the report."""
     if data is None and dataset is None:
         raise ConfigError("an encoder scan needs clean images: give --data DIR or --dataset NAME")
     images, _, net, shape = load_clean_for(
         lambda channels: load_encoder(model, arch, in_channels=channels, image_size=image_size),
         data, dataset, data_dir, "test", seed)
-    report_dir = prepare_output(report or Path(f"scan-{model.stem}"), directory=True,
-                                what="--report")
+    report_dir = report_folder(report or Path(f"scan-{model.stem}"), overwrite)
     result = scan_encoder(net, images, config=config, seed=seed, progress=not quiet,
                           report_dir=report_dir, input_shape=shape, name=str(model), arch=arch,
                           source=str(data or dataset))

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,26 @@ def prepare_output(path: Path | str, *, directory: bool, what: str = "--out") ->
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{what} {path}: cannot write there ({reason})") from None
     return path
+
+
+REPORT_FILES = ("report.html", "scan.json", "encoder_scan.json")
+
+
+def refuse_replacing(folder: Path, names: Sequence[str], *, what: str, overwrite: bool) -> None:
+    """A one-line ConfigError when `folder` already holds a file of `names` (an earlier report,
+    or the user's own file of that name) and `overwrite` is not set: nothing is replaced unasked."""
+    found = [name for name in names if os.path.lexists(Path(folder) / name)]
+    if found and not overwrite:
+        raise ConfigError(f"{what} {folder} already holds {', '.join(found)}: pass --overwrite "
+                          "to replace it, or pick another folder")
+
+
+def report_folder(report: Path | str, overwrite: bool) -> Path:
+    """A scan's --report folder, checked before any work: writable (prepare_output), and
+    holding no earlier report unless `overwrite` (a user's own report.html was replaced)."""
+    folder = prepare_output(report, directory=True, what="--report")
+    refuse_replacing(folder, REPORT_FILES, what="--report", overwrite=overwrite)
+    return folder
 
 
 class _NoLock:
