@@ -155,3 +155,13 @@ def test_a_huge_noise_multiplier_prints_no_accountant_warning(glyphs):
                         _cfg(epochs=1, lr=1e-6, noise_multiplier=1e4))
     assert 0 < result.epsilon < 0.1
     assert not [w for w in caught if "Optimal order" in str(w.message)]
+
+
+def test_a_noise_that_wrecks_the_weights_is_named_where_it_happens(glyphs):
+    """noise_multiplier 1e30 left the weights non-finite; the run trained on and failed minutes
+    later in the attack ("membership scores contain NaN"), naming no setting."""
+    train, _ = glyphs
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match=r"DP-SGD diverged: .* after epoch 1 of 2 \(noise "
+                                          r"multiplier 1e\+30"):
+        _train(build_model("tiny_cnn", 10, 1), train, _cfg(epochs=2, noise_multiplier=1e30))

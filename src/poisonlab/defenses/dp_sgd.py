@@ -185,6 +185,7 @@ class DPSGD:
             for epoch in range(start, cfg.epochs):
                 t0 = time.perf_counter()
                 loss, acc, step = _epoch(private, dp_opt, loader, cfg, device, step, total, bar)
+                _check_finite(net, loss, epoch, cfg, float(dp_opt.noise_multiplier))
                 history["loss"].append(loss)
                 history["train_acc"].append(acc)
                 history["epsilon"].append(float(engine.get_epsilon(delta)))
@@ -198,6 +199,19 @@ class DPSGD:
         trained.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
         return DPSGDResult(trained.eval(), epsilon, delta, float(dp_opt.noise_multiplier),
                            float(loader.sample_rate), step, history)
+
+
+def _check_finite(net: nn.Module, loss: float, epoch: int, cfg: DPSGD.Config,
+                  noise: float) -> None:
+    """ConfigError naming the settings when an epoch left the loss or the weights non-finite:
+    every later number of this model would be NaN (it surfaced as "membership scores contain
+    NaN" minutes later, naming nothing)."""
+    if math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights are not finite"
+    raise ConfigError(f"DP-SGD diverged: {what} after epoch {epoch + 1} of {cfg.epochs} "
+                      f"(noise multiplier {noise:g}, max grad norm {cfg.max_grad_norm:g}, lr "
+                      f"{cfg.lr:g}: the noise or the step too large?)")
 
 
 def _epoch(private, dp_opt, loader, cfg, device, step, total, bar) -> tuple[float, float, int]:
