@@ -64,3 +64,20 @@ def test_options_of_a_check_that_does_not_run_are_refused(tmp_path, capsys):
                      "--adv-class", "1", "--out", str(tmp_path / "c"), "--surrogate-epochs",
                      value]) == 2
         assert needle in _one_line(capsys)
+
+
+def test_a_runs_folder_that_is_a_file_and_an_unknown_experiment_are_named(
+        tmp_path, monkeypatch, capsys):
+    """POISONLAB_RUNS naming a file gave 'error: <path>: File exists'; `runs list -e bogus`
+    said 'no runs' and exit 0, as if the experiment existed."""
+    afile = tmp_path / "runs.yaml"
+    afile.write_text("x: 1\n")
+    monkeypatch.setenv("POISONLAB_RUNS", str(afile))
+    for args in (["runs", "list"], ["run", "membership", "--preset", "smoke", "-q"]):
+        assert main(args) == 2
+        assert f"$POISONLAB_RUNS {afile} is not a folder" in _one_line(capsys)
+    assert main(["runs", "list", "--out", str(afile)]) == 2
+    assert f"--out {afile} is not a folder" in _one_line(capsys)
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
+    assert main(["runs", "list", "-e", "bogus"]) == 2
+    assert "unknown experiment 'bogus' (known: backdoor-defense" in _one_line(capsys)

@@ -325,8 +325,12 @@ def test_cli_list(two_runs, capsys):
     assert main(["runs", "list", "--out", str(root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["run_id"] for r in data["runs"]] == [a, b]
-    assert main(["runs", "list", "--out", str(root), "-e", "other"]) == 0
+    assert main(["runs", "list", "--out", str(root), "-e", "membership"]) == 0
     assert "no runs under" in capsys.readouterr().out
+    assert main(["runs", "list", "--out", str(root), "-e", "demo"]) == 0  # a name of its own
+    assert a in capsys.readouterr().out
+    assert main(["runs", "list", "--out", str(root), "-e", "other"]) == 2
+    assert "unknown experiment 'other' (known: backdoor-defense" in capsys.readouterr().err
 
 
 def test_cli_show(two_runs, capsys):

@@ -15,6 +15,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from poisonlab.errors import ConfigError
+from poisonlab.experiments import EXPERIMENTS
 from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
 from poisonlab.runs import compare_runs, flatten_numbers, get_run, list_runs, runs_root
@@ -66,6 +67,12 @@ def list_command(
     if sweep is not None:
         sweep = resolve_sweep(root, sweep)
     rows = list_runs(root, experiment=experiment, sweep=sweep)
+    if not rows and experiment is not None and experiment not in EXPERIMENTS:
+        # a typo listed "no runs", as if the experiment existed (a run made from Python under
+        # an experiment name of its own is listed by that name)
+        present = sorted({row["experiment"] for row in list_runs(root)} - set(EXPERIMENTS))
+        raise ConfigError(f"unknown experiment '{experiment}' (known: "
+                          f"{', '.join([*sorted(EXPERIMENTS), *present])})")
     if as_json:
         _emit_json({"root": str(root), "runs": rows} | ({"sweep": sweep} if sweep else {}))
         return

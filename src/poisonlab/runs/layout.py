@@ -26,6 +26,11 @@ def runs_root(root: Path | str | None = None) -> Path:
     """`root`, else $POISONLAB_RUNS, else ./runs; a RunError when its name is not valid
     UTF-8 (a Latin-1 byte in a folder name): the run index, SQLite, stores only UTF-8 text."""
     path = Path(root) if root is not None else Path(os.environ.get("POISONLAB_RUNS") or "runs")
+    if os.path.lexists(path) and not path.is_dir():
+        where = ("--out" if root is not None else "$POISONLAB_RUNS"
+                 if os.environ.get("POISONLAB_RUNS") else "the default folder of runs")
+        raise RunError(f"{where} {printable(str(path))} is not a folder (a file, or a symlink "
+                       "that leads nowhere): the runs need a folder")
     try:
         str(path.absolute()).encode("utf-8")
     except UnicodeEncodeError:
