@@ -81,3 +81,26 @@ def test_a_runs_folder_that_is_a_file_and_an_unknown_experiment_are_named(
     monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
     assert main(["runs", "list", "-e", "bogus"]) == 2
     assert "unknown experiment 'bogus' (known: backdoor-defense" in _one_line(capsys)
+
+
+def test_craft_overwrite_replaces_only_what_a_craft_wrote(tmp_path, capsys):
+    """A user's own manifest.json in --out was taken for an earlier craft and replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("my own manifest\n")
+    (tmp_path / "data").mkdir()
+    assert main(["craft", "metapoison", "--data", str(tmp_path / "data"), "--target",
+                 str(tmp_path / "t.png"), "--adv-class", "1", "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "is not empty (it holds manifest.json)" in _one_line(capsys)
+    assert (out / "manifest.json").read_text() == "my own manifest\n"
+
+
+def test_paths_in_success_lines_print_escaped(tmp_path, monkeypatch, capsys):
+    """A runs folder named with a newline split the final `run ...: PATH` line in two, and a
+    right-to-left override printed raw; error lines were escaped, success lines were not."""
+    root = tmp_path / "a\nb\u202e"
+    monkeypatch.setenv("POISONLAB_RUNS", str(root))
+    assert main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "a\\nb\\u202e" in out and "a\nb" not in out and "\u202e" not in out

@@ -70,7 +70,7 @@ from poisonlab.data.cache import CACHE_LOCATION
 from poisonlab.data.registry import DATA_LOCATION
 from poisonlab.data.types import ImageSet
 from poisonlab.defenses.mcl import MCL
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, printable
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.runs.checkpoints import save_weights
@@ -257,7 +257,7 @@ def scan_command(
                   trigger=built, target=target if built is not None else None)
     for check_result in result.checks.values():
         _print_check(check_result)
-    terminal().print(f"report: {report_dir / 'report.html'}")
+    terminal().print(f"report: {printable(str(report_dir / 'report.html'))}")
     if as_json:
         print(json.dumps(result.to_dict()))
 
@@ -400,7 +400,7 @@ def _test_set(test_data, dataset, data_dir, seed, shape) -> ImageSet | None:
 def _print_purify(result: dict) -> None:
     console = terminal()
     console.print(f"purified for target label {result['target']} with "
-                  f"{result['clean_images']} clean images -> {result['out']}")
+                  f"{result['clean_images']} clean images -> {printable(str(result['out']))}")
     for key in ("benign_accuracy", "attack_success_rate"):
         if key in result["before"]:
             console.print(f"  {key.replace('_', ' ')}: {100 * result['before'][key]:.2f}% -> "

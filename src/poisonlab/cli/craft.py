@@ -32,7 +32,7 @@ from PIL import Image
 from poisonlab.attacks.gradient_matching import GradientMatching
 from poisonlab.attacks.metapoison import MetaPoison
 from poisonlab.attacks.poisons import Poisons, select_poisons
-from poisonlab.config import check_seed, parse_override, replace, resolved
+from poisonlab.config import check_seed, parse_override, read_small_text, replace, resolved
 from poisonlab.data.image_folder import (
     load_image_folder,
     open_image,
@@ -40,7 +40,7 @@ from poisonlab.data.image_folder import (
     scan_image_folder,
 )
 from poisonlab.data.types import ImageSet
-from poisonlab.errors import ConfigError, DataError, ShapeError
+from poisonlab.errors import ConfigError, DataError, ShapeError, printable
 from poisonlab.models import build_model
 from poisonlab.progress import progress_bar
 from poisonlab.runs.layout import atomic_write_text, prepare_output
@@ -49,6 +49,7 @@ from poisonlab.training.supervised import TrainConfig, train_classifier
 Attack = Literal["metapoison", "gradient-matching"]
 PARTIAL = ".poisoned.partial"  # the poisoned folder while it is written
 OUTPUTS = {"poisoned", "poisons.safetensors", "manifest.json", PARTIAL}
+CRAFTS = ("metapoison", "gradient-matching")
 
 
 # Settings that craft's own options set, refused as a --set when the option is given (a --set
@@ -127,7 +128,7 @@ def _apart(out: Path, data: Path) -> None:
 def _fresh(out: Path, overwrite: bool) -> None:
     """--out is empty or missing, or holds only an earlier craft and `overwrite` is set."""
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    others = [name for name in entries if name not in OUTPUTS]
+    others = [name for name in entries if not _of_a_craft(out / name)]
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise ConfigError(f"--out {out} is not empty (it holds {shown}): write the poisons to "
@@ -135,6 +136,27 @@ def _fresh(out: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise ConfigError(f"--out {out} holds an earlier craft: pass --overwrite to replace it, "
                           "or pick another folder")
+
+
+def _of_a_craft(path: Path) -> bool:
+    """Whether `path` is what a craft writes, by its name and content: a user's own
+    manifest.json or poisons.safetensors is not replaced as if it were an earlier craft's."""
+    if path.name not in OUTPUTS or path.is_symlink():
+        return False
+    if path.name in ("poisoned", PARTIAL):
+        return path.is_dir()
+    if path.name == "manifest.json":
+        try:
+            manifest = json.loads(read_small_text(path))
+        except (OSError, ValueError):
+            return False
+        return isinstance(manifest, dict) and manifest.get("attack") in CRAFTS and \
+            isinstance(manifest.get("poisons"), list)
+    try:
+        Poisons.load(path)
+    except DataError:
+        return False
+    return True
 
 
 def png_names(files: list[tuple[Path, int]], classes: list[str]) -> list[str]:
@@ -287,5 +309,6 @@ def register(app: typer.Typer) -> None:
                         surrogate_epochs=20 if surrogate_epochs is None else surrogate_epochs,
                         random_poisons=random_poisons,
                         seed=seed, overwrite=overwrite, progress=not quiet)
-        print(f"{len(poisons)} poisons crafted; poisoned training set: {out / 'poisoned'}, "
-              f"poisons: {out / 'poisons.safetensors'}")
+        print(f"{len(poisons)} poisons crafted; poisoned training set: "
+              f"{printable(str(out / 'poisoned'))}, "
+              f"poisons: {printable(str(out / 'poisons.safetensors'))}")

@@ -22,6 +22,7 @@ from poisonlab.data.registry import (
     describe_dataset,
     load_dataset,
 )
+from poisonlab.errors import printable
 
 data_app = typer.Typer(
     name="data", no_args_is_help=True,
@@ -88,7 +89,7 @@ def download_command(
     dest = data_dir if data_dir is not None else default_data_dir(name)
     for action in download_dataset(name, dest, base_url=mirror):
         print(action)
-    print(f"{name}: files in {dest}")
+    print(f"{name}: files in {printable(str(dest))}")
 
 
 def register(app: typer.Typer) -> None:

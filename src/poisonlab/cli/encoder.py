@@ -20,7 +20,7 @@ from typing import Any
 
 from poisonlab.audit.data import load_clean_for
 from poisonlab.audit.encoder import EncoderAuditConfig, load_encoder, scan_encoder
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, printable
 from poisonlab.progress import terminal
 from poisonlab.report.html import rich_table
 from poisonlab.runs.layout import report_folder
@@ -75,7 +75,7 @@ def run_encoder_scan(model: Path, arch: str, config: EncoderAuditConfig, *, data
     for table in section.tables:
         console.print(rich_table(table, title=section.heading))
     console.print(result.text())
-    console.print(f"inverted trigger: {result.figure}")
-    console.print(f"report: {report_dir / 'report.html'}")
+    console.print(f"inverted trigger: {printable(str(result.figure))}")
+    console.print(f"report: {printable(str(report_dir / 'report.html'))}")
     if as_json:
         print(json.dumps(result.to_dict()))

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from poisonlab.config import replace, resolve_config, resolved, validate_config
-from poisonlab.errors import ConfigError, DataError, PoisonlabError
+from poisonlab.errors import ConfigError, DataError, PoisonlabError, printable
 from poisonlab.executors import BACKENDS, Executor, get_executor
 from poisonlab.experiments import EXPERIMENTS, get_experiment
 from poisonlab.experiments.trial import accepts, run_trial
@@ -144,8 +144,9 @@ def choose_executor(name: str, backend: str, address: str | None, cpus: int | No
 def show(run: Run, metrics: dict, exp, as_json: bool) -> None:
     console = terminal()
     console.print(exp.render(metrics))
-    console.print(f"run {run.id}: {run.path}" + (f"  report: {run.path / 'report.html'}"
-                                                 if (run.path / "report.html").exists() else ""))
+    console.print(f"run {run.id}: {printable(str(run.path))}" + (
+        f"  report: {printable(str(run.path / 'report.html'))}"
+        if (run.path / "report.html").exists() else ""))
     if as_json:
         print(json.dumps(to_jsonable(metrics)))
 

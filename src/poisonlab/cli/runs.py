@@ -14,7 +14,7 @@ import yaml
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from poisonlab.errors import ConfigError
+from poisonlab.errors import ConfigError, printable
 from poisonlab.experiments import EXPERIMENTS
 from poisonlab.progress import terminal
 from poisonlab.report.html import format_value, rich_table
@@ -78,8 +78,9 @@ def list_command(
         return
     console = terminal()
     if not rows:
-        console.print(f"no runs under {root}" + (f" for '{experiment}'" if experiment else "")
-                      + ("" if root.exists() else " (the folder does not exist)"))
+        console.print(f"no runs under {printable(str(root))}" + (
+            f" for '{printable(experiment)}'" if experiment else "")
+            + ("" if root.exists() else " (the folder does not exist)"))
         return
     title = f"runs under {root}" + (f", sweep {sweep}" if sweep else "")
     table = RichTable(title=title)
