@@ -75,9 +75,9 @@ def test_a_runs_folder_that_is_a_file_and_an_unknown_experiment_are_named(
     monkeypatch.setenv("POISONLAB_RUNS", str(afile))
     for args in (["runs", "list"], ["run", "membership", "--preset", "smoke", "-q"]):
         assert main(args) == 2
-        assert f"$POISONLAB_RUNS {afile} is not a folder" in _one_line(capsys)
+        assert f"$POISONLAB_RUNS {afile} is not a folder of runs" in _one_line(capsys)
     assert main(["runs", "list", "--out", str(afile)]) == 2
-    assert f"--out {afile} is not a folder" in _one_line(capsys)
+    assert f"--out {afile} is not a folder of runs" in _one_line(capsys)
     monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
     assert main(["runs", "list", "-e", "bogus"]) == 2
     assert "unknown experiment 'bogus' (known: backdoor-defense" in _one_line(capsys)

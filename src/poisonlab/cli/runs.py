@@ -43,11 +43,9 @@ def _emit_json(obj: Any) -> None:
 
 
 def _root(out: Path | None) -> Path:
-    """The runs folder of --out (or its default); a file there is refused, not shown empty."""
-    root = runs_root(out)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out {root} is not a folder of runs")
-    return root
+    """The runs folder of --out (or its default); a file there is refused (runs_root), not
+    shown empty."""
+    return runs_root(out)
 
 
 @runs_app.command("list")

@@ -29,8 +29,8 @@ def runs_root(root: Path | str | None = None) -> Path:
     if os.path.lexists(path) and not path.is_dir():
         where = ("--out" if root is not None else "$POISONLAB_RUNS"
                  if os.environ.get("POISONLAB_RUNS") else "the default folder of runs")
-        raise RunError(f"{where} {printable(str(path))} is not a folder (a file, or a symlink "
-                       "that leads nowhere): the runs need a folder")
+        raise RunError(f"{where} {printable(str(path))} is not a folder of runs (a file, or a "
+                       "symlink that leads nowhere)")
     try:
         str(path.absolute()).encode("utf-8")
     except UnicodeEncodeError:
