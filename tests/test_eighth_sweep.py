@@ -104,3 +104,41 @@ def test_paths_in_success_lines_print_escaped(tmp_path, monkeypatch, capsys):
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out
     assert "a\\nb\\u202e" in out and "a\nb" not in out and "\u202e" not in out
+
+
+# --- found by the ninth sweep ---------------------------------------------------------------
+
+def test_a_sweep_refuses_a_set_of_a_grid_axis(tmp_path, capsys):
+    """`--grid train.lr=0.01,0.02 --set train.lr=0.5`: every point silently took the grid's."""
+    assert main(["sweep", "membership", "--preset", "smoke", "-q", "--out", str(tmp_path),
+                 "--grid", "train.lr=0.01,0.02", "--set", "train.lr=0.5"]) == 2
+    assert "--set train.lr and --grid train.lr set the same setting" in _one_line(capsys)
+    assert main(["sweep", "membership", "--preset", "smoke", "-q", "--out", str(tmp_path),
+                 "--grid", "train.lr=0.01,0.02", "--set", "train={epochs: 2}"]) == 2
+    assert "--set train and --grid train.lr" in _one_line(capsys)
+
+
+@pytest.mark.parametrize(("experiment", "override", "needle"), [
+    ("badencoder", "downstream.tasks=[synthetic,synthetic]", "'synthetic' appears twice"),
+    ("backdoor-defense", "train.milestones=[3,1]", "milestones must ascend strictly"),
+    ("backdoor-defense", "train.milestones=[2,2]", "milestones must ascend strictly"),
+])
+def test_more_settings_that_name_work_twice_or_out_of_order_are_refused(
+        tmp_path, monkeypatch, capsys, experiment, override, needle):
+    monkeypatch.setenv("POISONLAB_RUNS", str(tmp_path / "runs"))
+    assert main(["run", experiment, "--preset", "smoke", "-q", "--set", override]) == 2
+    assert needle in _one_line(capsys)
+
+
+def test_backdoor_options_without_the_backdoor_check_are_refused(tmp_path, capsys):
+    """--detectors, --steps, --threshold, ... on a membership-only scan had no effect."""
+    from poisonlab.models import build_model
+    from poisonlab.runs.checkpoints import save_weights
+
+    model = save_weights(tmp_path / "m.safetensors", build_model("tiny_cnn", 3).state_dict())
+    for option in (["--detectors", "nc"], ["--steps", "3"], ["--threshold", "1.5"]):
+        assert main(["scan", str(model), "--arch", "tiny_cnn", "--members", str(tmp_path / "a"),
+                     "--non-members", str(tmp_path / "b"), "-q", "--report",
+                     str(tmp_path / "r"), *option]) == 2
+        assert f"{option[0]} applies only to the backdoor check" in _one_line(capsys)
+

@@ -230,13 +230,23 @@ def scan_command(
         raise ConfigError("--trigger needs --target L" if target is None else
                           "--target applies only with --trigger (the label the trigger should "
                           "send images to)")
-    sets = load_record_sets(members, non_members, members_split, non_members_split, dataset,
-                            data_dir, config.records, seed)
-    checks = select_checks(check, data is not None or dataset is not None, sets is not None,
+    given_sets = any(g is not None for g in (members, non_members, members_split,
+                                             non_members_split))
+    checks = select_checks(check, data is not None or dataset is not None, given_sets,
                            suspect is not None)
+    if "backdoor" not in checks:
+        refuse_options({"--detectors": detectors, "--steps": steps, "--threshold": threshold,
+                        "--band": band, "--restarts": restarts},
+                       "applies only to the backdoor check (give clean images: --data DIR or "
+                       "--dataset NAME)")
+    if not any(c in ON_CLEAN for c in checks):
+        refuse_options({"--samples": samples}, "applies only to the checks on clean images "
+                       "(backdoor, trigger)")
     if "membership" not in checks:  # as --similarity without --encoder: never silently unused
         refuse_options({"--records": records, "--label-only": label_only},
                        "applies only to the membership check (give --members and --non-members)")
+    sets = load_record_sets(members, non_members, members_split, non_members_split, dataset,
+                            data_dir, config.records, seed)
     def load(channels: int | None):
         return load_model(model, arch, in_channels=channels, image_size=image_size)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from poisonlab.attacks.badencoder import BadEncoder, InjectionResult
 from poisonlab.attacks.triggers import Trigger, badencoder_patch
-from poisonlab.config import BaseConfig, Settings
+from poisonlab.config import BaseConfig, Distinct, Settings
 from poisonlab.data.types import SupervisedData
 from poisonlab.defenses.encoder_scan import EncoderScan, EncoderScanResult
 from poisonlab.defenses.neural_cleanse import DetectionResult, NeuralCleanse
@@ -119,7 +119,7 @@ class TasksConfig(DownstreamConfig):
     sub-folder per class) added as a task, `mnist_dir` where MNIST lives (default: the folder
     `mnist` beside --data-dir, else $POISONLAB_DATA/mnist)."""
 
-    tasks: list[Literal["cifar10", "mnist", "synthetic"]] = Field(
+    tasks: Annotated[list[Literal["cifar10", "mnist", "synthetic"]], Distinct] = Field(
         default_factory=lambda: ["cifar10", "mnist"])
     folder: Path | None = None
     mnist_dir: Path | None = None

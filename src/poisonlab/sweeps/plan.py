@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from poisonlab.config import (
     describe_validation_error,
     load_yaml_tree,
+    parse_override,
     resolve_config,
     set_dotted,
     validate_config,
@@ -119,6 +120,12 @@ class Sweep:
                  config: Path | str | None = None, sets: Sequence[str] = ()):
         self.experiment = experiment
         self.module = get_experiment(experiment)
+        for key in (parse_override(item)[0] for item in sets):
+            clash = [axis for axis in grid if axis == key or axis.startswith(f"{key}.")
+                     or key.startswith(f"{axis}.")]
+            if clash:  # the grid's value would silently replace the --set at every point
+                raise ConfigError(f"--set {key} and --grid {clash[0]} set the same setting: "
+                                  "give it on one of them")
         self.base: BaseModel = resolve_config(self.module.Config, self.module.PRESETS, preset,
                                               config, list(sets))
         if isinstance(seeds, str):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,6 +44,15 @@ class TrainConfig(Settings):
     optimizer: Literal["sgd", "adam"] = "sgd"
     schedule: Literal["cosine", "onecycle", "step", "none"] = "cosine"
     milestones: tuple[Annotated[int, Field(ge=1)], ...] = ()  # epoch 0 or below never fires
+
+    @field_validator("milestones")
+    @classmethod
+    def _ascending(cls, milestones: tuple[int, ...]) -> tuple[int, ...]:
+        """Strictly ascending, as every other schedule's steps (a repeat multiplies by gamma
+        twice at one epoch, out of order reads as a typo)."""
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+            raise ValueError(f"milestones must ascend strictly, got {list(milestones)}")
+        return milestones
     gamma: float = Field(0.1, gt=0)
     warmup: float = Field(0.15, ge=0, lt=1)
     augment: bool = False
