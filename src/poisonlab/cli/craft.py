@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from poisonlab.training.supervised import TrainConfig, train_classifier
 Attack = Literal["metapoison", "gradient-matching"]
 PARTIAL = ".poisoned.partial"  # the poisoned folder while it is written
 OUTPUTS = {"poisoned", "poisons.safetensors", "manifest.json", PARTIAL}
-CRAFTS = ("metapoison", "gradient-matching")
+CRAFTS = get_args(Attack)
 
 
 # Settings that craft's own options set, refused as a --set when the option is given (a --set
@@ -306,8 +306,9 @@ def register(app: typer.Typer) -> None:
             settings[key] = value
         poisons = craft(attack, data, target, adv_class, budget, out, poison_class=poison_class,
                         target_label=target_label, surrogate=surrogate, settings=settings,
-                        surrogate_epochs=20 if surrogate_epochs is None else surrogate_epochs,
                         random_poisons=random_poisons,
+                        **({} if surrogate_epochs is None else
+                           {"surrogate_epochs": surrogate_epochs}),
                         seed=seed, overwrite=overwrite, progress=not quiet)
         print(f"{len(poisons)} poisons crafted; poisoned training set: "
               f"{printable(str(out / 'poisoned'))}, "
