@@ -62,6 +62,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def nested(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` set the same setting: equal, or one inside the other
+    (`attack` holds `attack.epochs`)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     """`["attack.epsilon=0.1,0.3", ...]` → {"attack.epsilon": [0.1, 0.3]}: the values are
     parsed as one YAML flow list, so each is read like a `--set` value (`[0.1,0.3],[0.5]` is two
@@ -76,7 +82,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice")
         for other in grid:  # attack and attack.epochs: one would overwrite the other's values
-            if key.startswith(other + ".") or other.startswith(key + "."):
+            if key != other and nested(key, other):
                 raise ConfigError(f"--grid {key} and --grid {other} overlap (one is inside the "
                                   "other): sweep the inner keys, or only the section")
         try:
@@ -121,8 +127,7 @@ class Sweep:
         self.experiment = experiment
         self.module = get_experiment(experiment)
         for key in (parse_override(item)[0] for item in sets):
-            clash = [axis for axis in grid if axis == key or axis.startswith(f"{key}.")
-                     or key.startswith(f"{axis}.")]
+            clash = [axis for axis in grid if nested(key, axis)]
             if clash:  # the grid's value would silently replace the --set at every point
                 raise ConfigError(f"--set {key} and --grid {clash[0]} set the same setting: "
                                   "give it on one of them")
